@@ -1,0 +1,736 @@
+//! The control-plane state machine: connections, targets to dial, gossip
+//! (topology plus pluggable channels) and routes.
+//!
+//! Sans-IO: the caller owns sockets and clocks. Feed it with `handle_*(now, ..)`;
+//! after every call drain [`Router::poll_transmit`] (messages to send on a
+//! control connection) and [`Router::poll_event`] (things the shell must do:
+//! dial, close, reprogram the data path), then arm one timer at
+//! [`Router::poll_timeout`] and call [`Router::handle_timeout`] when it fires.
+
+use std::any::Any;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::topology::{ConnectionInfo, PeerInfo, Routes, Topology, TopologyError};
+use crate::PeerName;
+
+/// The name of the built-in topology channel.
+pub const TOPOLOGY_CHANNEL: &str = "topology";
+/// Hops a unicast gossip message may take.
+const UNICAST_TTL: u8 = 32;
+
+/// A connection handle, allocated by the shell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ConnId(pub u64);
+
+/// Messages carried on a control connection after the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMsg {
+    /// Keeps the connection alive; carries nothing.
+    Heartbeat,
+    /// Gossip for a channel: full state or a delta; merged and passed on.
+    Gossip {
+        /// Channel name ("topology", "ipam", ...).
+        channel: String,
+        /// Channel-specific encoding.
+        payload: Vec<u8>,
+    },
+    /// A message for one peer, relayed along unicast routes.
+    Unicast {
+        /// Originating peer.
+        src: PeerName,
+        /// Destination peer.
+        dst: PeerName,
+        /// Channel name.
+        channel: String,
+        /// Channel-specific encoding.
+        payload: Vec<u8>,
+        /// Hops left.
+        ttl: u8,
+    },
+    /// Whether the sender hears our sleeve heartbeats (the UDP path towards it works).
+    SleeveState {
+        /// True when heartbeats arrive.
+        receiving: bool,
+    },
+}
+
+/// A piece of replicated state that rides on gossip (IPAM, DNS, ...).
+pub trait GossipChannel: Any + Send {
+    /// The whole state, for anti-entropy and new neighbours.
+    fn encode_full(&self) -> Vec<u8>;
+    /// Merges a payload from a neighbour. Returns the encoded delta of what was
+    /// new (to pass on), `None` when nothing was, or a description of why the
+    /// payload was refused (nothing of it applied).
+    fn merge(&mut self, from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String>;
+    /// A message addressed to this peer alone.
+    fn handle_unicast(&mut self, _from: PeerName, _payload: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    /// For downcasting to the concrete type.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Static settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Our name.
+    pub name: PeerName,
+    /// Our nickname.
+    pub nickname: String,
+    /// Fresh on every start.
+    pub uid: u64,
+    /// First version of our topology entry. The shell passes the start time in
+    /// microseconds so a restarted peer's entries outrank its previous life's.
+    pub initial_version: u64,
+    /// Seed for every random choice (fan-out, jitter).
+    pub seed: u64,
+    /// Dial peers learned from other peers.
+    pub discovery: bool,
+    /// Period of anti-entropy gossip.
+    pub gossip_interval: Duration,
+    /// Neighbours each gossip goes to.
+    pub fanout: usize,
+    /// First reconnection delay; doubles per failure.
+    pub retry_initial: Duration,
+    /// Reconnection delay cap.
+    pub retry_max: Duration,
+}
+
+impl RouterConfig {
+    /// Defaults for a peer with this name.
+    pub fn new(name: PeerName, nickname: String, uid: u64, seed: u64) -> Self {
+        RouterConfig {
+            name,
+            nickname,
+            uid,
+            initial_version: 1,
+            seed,
+            discovery: true,
+            gossip_interval: Duration::from_secs(10),
+            fanout: 4,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the remote end said about itself once the handshake completed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Its name.
+    pub name: PeerName,
+    /// Its nickname.
+    pub nickname: String,
+    /// Its current UID.
+    pub uid: u64,
+    /// The TCP port it listens on (for discovery by others).
+    pub listen_port: u16,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// We dialed ourselves.
+    #[error("connected to ourselves")]
+    OurSelf,
+    /// Another connection to the same peer wins the tie-break.
+    #[error("duplicate connection to {0}: keeping the other one")]
+    Duplicate(PeerName),
+}
+
+/// Something the shell must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Dial this address.
+    Connect {
+        /// Where to dial.
+        addr: SocketAddr,
+    },
+    /// Close this connection.
+    Disconnect {
+        /// Which connection.
+        conn: ConnId,
+        /// Why (for the log).
+        reason: String,
+    },
+    /// Routes changed: reprogram the data path from [`Router::routes`].
+    RoutesChanged,
+    /// A channel the router does not know got a unicast message for us.
+    Unicast {
+        /// Sender.
+        from: PeerName,
+        /// Channel.
+        channel: String,
+        /// Body.
+        payload: Vec<u8>,
+    },
+}
+
+/// A message for one control connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The connection.
+    pub conn: ConnId,
+    /// The message.
+    pub msg: ControlMsg,
+}
+
+/// A live control connection.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// The remote peer.
+    pub peer: PeerName,
+    /// Its nickname.
+    pub nickname: String,
+    /// Its UID.
+    pub uid: u64,
+    /// Its socket address on this connection.
+    pub remote: SocketAddr,
+    /// Where it listens (remote IP, announced port).
+    pub listen_addr: SocketAddr,
+    /// Whether we dialed.
+    pub outbound: bool,
+    /// The target this connection serves, if we dialed one.
+    pub target: Option<SocketAddr>,
+    /// Whether the data path works both ways.
+    pub established: bool,
+    /// When it came up.
+    pub since: Instant,
+}
+
+/// State of an address we want a connection to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetState {
+    /// Waiting until the given time to dial.
+    Waiting(Instant),
+    /// Dialing now.
+    Connecting,
+    /// Connected by this connection.
+    Connected(ConnId),
+    /// Not dialed: the peer behind it is already connected another way, or it is us.
+    Idle,
+}
+
+/// An address to keep a connection to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Given by the operator (vs. learned from gossip).
+    pub configured: bool,
+    /// The peer behind it, once known.
+    pub peer: Option<PeerName>,
+    /// What is happening with it.
+    pub state: TargetState,
+    /// Failed attempts since the last success.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Counters the shell exports as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Gossip messages merged.
+    pub gossip_received: u64,
+    /// Gossip messages sent.
+    pub gossip_sent: u64,
+    /// Gossip payloads refused as malformed or invalid.
+    pub gossip_refused: u64,
+}
+
+/// The control-plane core. See the module docs for the calling convention.
+pub struct Router {
+    cfg: RouterConfig,
+    topology: Topology,
+    routes: Routes,
+    rng: StdRng,
+    conns: BTreeMap<ConnId, Connection>,
+    targets: BTreeMap<SocketAddr, Target>,
+    channels: BTreeMap<String, Box<dyn GossipChannel>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    next_gossip: Instant,
+    stats: Stats,
+}
+
+impl Router {
+    /// A router that knows only itself.
+    pub fn new(cfg: RouterConfig, now: Instant) -> Self {
+        let me = PeerInfo {
+            name: cfg.name,
+            nickname: cfg.nickname.clone(),
+            uid: cfg.uid,
+            version: cfg.initial_version,
+            connections: BTreeMap::new(),
+        };
+        let topology = Topology::new(me);
+        let routes = topology.routes();
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let first = jitter(&mut rng, cfg.gossip_interval);
+        Router {
+            cfg,
+            topology,
+            routes,
+            rng,
+            conns: BTreeMap::new(),
+            targets: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_gossip: now + first,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Our name.
+    pub fn name(&self) -> PeerName {
+        self.cfg.name
+    }
+
+    /// Our configuration.
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// The topology as we know it.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Current routes.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> &BTreeMap<ConnId, Connection> {
+        &self.conns
+    }
+
+    /// Addresses we keep connections to.
+    pub fn targets(&self) -> &BTreeMap<SocketAddr, Target> {
+        &self.targets
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Adds a gossip channel (IPAM, DNS, ...). Its state is pushed to new
+    /// neighbours and in anti-entropy rounds from now on.
+    pub fn register_channel(&mut self, name: &str, channel: Box<dyn GossipChannel>) {
+        self.channels.insert(name.to_owned(), channel);
+    }
+
+    /// A registered channel, downcast to its type.
+    pub fn channel_mut<T: GossipChannel>(&mut self, name: &str) -> Option<&mut T> {
+        self.channels.get_mut(name)?.as_any_mut().downcast_mut::<T>()
+    }
+
+    /// Announces a local change of a channel: `delta` goes to a bounded set of neighbours.
+    pub fn broadcast(&mut self, channel: &str, delta: Vec<u8>) {
+        self.spread(channel, delta, None);
+    }
+
+    /// Sends a message to one peer, relayed along unicast routes. Returns false
+    /// when the peer is unreachable.
+    pub fn send_unicast(&mut self, dst: PeerName, channel: &str, payload: Vec<u8>) -> bool {
+        let msg = ControlMsg::Unicast {
+            src: self.cfg.name,
+            dst,
+            channel: channel.to_owned(),
+            payload,
+            ttl: UNICAST_TTL,
+        };
+        self.forward_unicast(dst, msg)
+    }
+
+    /// Next outgoing control message.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next thing for the shell to do.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Router::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.next_gossip;
+        for target in self.targets.values() {
+            if let TargetState::Waiting(at) = target.state {
+                t = t.min(at);
+            }
+        }
+        t
+    }
+
+    /// Adds an address to keep a connection to (`weft launch PEER`, `weft connect`).
+    pub fn add_target(&mut self, now: Instant, addr: SocketAddr) {
+        let t = self.targets.entry(addr).or_insert_with(|| Target {
+            addr,
+            configured: true,
+            peer: None,
+            state: TargetState::Waiting(now),
+            attempts: 0,
+            last_error: None,
+        });
+        t.configured = true;
+        if t.state == TargetState::Idle && t.peer != Some(self.cfg.name) {
+            t.state = TargetState::Waiting(now);
+        }
+    }
+
+    /// Stops keeping a connection to `addr` and closes the connection we dialed
+    /// to it, if any. Returns whether it was a target.
+    pub fn forget_target(&mut self, addr: SocketAddr) -> bool {
+        let Some(t) = self.targets.remove(&addr) else { return false };
+        if let TargetState::Connected(c) = t.state {
+            self.events.push_back(Event::Disconnect { conn: c, reason: format!("forgot {addr}") });
+        }
+        true
+    }
+
+    /// A dial to `addr` failed before the handshake completed.
+    pub fn handle_connect_failed(&mut self, now: Instant, addr: SocketAddr, error: String) {
+        let (initial, max) = (self.cfg.retry_initial, self.cfg.retry_max);
+        if let Some(t) = self.targets.get_mut(&addr) {
+            t.attempts = t.attempts.saturating_add(1);
+            t.last_error = Some(error);
+            let d = backoff(&mut self.rng, initial, max, t.attempts);
+            t.state = TargetState::Waiting(now + d);
+        }
+    }
+
+    /// A control connection finished its handshake. `target` is the address we
+    /// dialed (outbound only). On `Err` the shell closes the connection.
+    pub fn handle_connection_up(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        remote: SocketAddr,
+        target: Option<SocketAddr>,
+        hello: Hello,
+    ) -> Result<(), Refusal> {
+        let outbound = target.is_some();
+        if hello.name == self.cfg.name {
+            if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
+                t.peer = Some(hello.name);
+                t.state = TargetState::Idle;
+                t.last_error = Some("this address is our own".into());
+            }
+            return Err(Refusal::OurSelf);
+        }
+        let existing = self.conns.iter().find(|(_, c)| c.peer == hello.name).map(|(id, c)| (*id, c.clone()));
+        if let Some((old_id, old)) = existing {
+            let keep_new = if old.uid != hello.uid {
+                true
+            } else {
+                // Deterministic on both ends: keep the connection dialed by the
+                // smaller name; with two from the same side, keep the older.
+                let winner = self.cfg.name.min(hello.name);
+                let initiator = |ob: bool| if ob { self.cfg.name } else { hello.name };
+                initiator(outbound) == winner && initiator(old.outbound) != winner
+            };
+            if !keep_new {
+                if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
+                    t.peer = Some(hello.name);
+                    t.state = TargetState::Idle;
+                    t.attempts = 0;
+                }
+                return Err(Refusal::Duplicate(hello.name));
+            }
+            let reason = if old.uid != hello.uid {
+                format!("peer {} restarted", hello.name)
+            } else {
+                format!("duplicate connection to {}", hello.name)
+            };
+            self.drop_conn(now, old_id, false);
+            if let Some(t) = old.target.and_then(|a| self.targets.get_mut(&a)) {
+                t.state = TargetState::Idle;
+            }
+            self.events.push_back(Event::Disconnect { conn: old_id, reason });
+        }
+        let listen_addr = SocketAddr::new(remote.ip(), hello.listen_port);
+        if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
+            t.peer = Some(hello.name);
+            t.state = TargetState::Connected(conn);
+            t.attempts = 0;
+            t.last_error = None;
+        }
+        self.conns.insert(
+            conn,
+            Connection {
+                peer: hello.name,
+                nickname: hello.nickname,
+                uid: hello.uid,
+                remote,
+                listen_addr,
+                outbound,
+                target,
+                established: false,
+                since: now,
+            },
+        );
+        // A new neighbour gets everything we know.
+        self.send_full(conn);
+        self.own_entry_changed(now);
+        Ok(())
+    }
+
+    /// The data path of a connection started or stopped working both ways.
+    pub fn handle_sleeve_state(&mut self, now: Instant, conn: ConnId, established: bool) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.established != established {
+                c.established = established;
+                self.own_entry_changed(now);
+            }
+        }
+    }
+
+    /// A control connection closed (or failed after the handshake).
+    pub fn handle_connection_down(&mut self, now: Instant, conn: ConnId, reason: &str) {
+        if let Some(c) = self.conns.get(&conn) {
+            if let Some(t) = c.target.and_then(|a| self.targets.get_mut(&a)) {
+                t.last_error = Some(reason.to_owned());
+            }
+        }
+        self.drop_conn(now, conn, true);
+    }
+
+    fn drop_conn(&mut self, now: Instant, conn: ConnId, retry: bool) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        let (initial, max) = (self.cfg.retry_initial, self.cfg.retry_max);
+        for t in self.targets.values_mut() {
+            let ours = t.state == TargetState::Connected(conn);
+            let waiting_on_peer = t.state == TargetState::Idle && t.peer == Some(c.peer);
+            if retry && (ours || waiting_on_peer) {
+                let d = if ours { backoff(&mut self.rng, initial, max, 1) } else { Duration::ZERO };
+                t.state = TargetState::Waiting(now + d);
+            }
+        }
+        self.own_entry_changed(now);
+    }
+
+    /// A message arrived on a control connection. `Err` describes a peer's
+    /// misbehaviour (malformed or invalid gossip): the shell logs it and counts
+    /// it; nothing of the message was applied.
+    pub fn handle_message(&mut self, now: Instant, conn: ConnId, msg: ControlMsg) -> Result<(), String> {
+        let Some(from) = self.conns.get(&conn).map(|c| c.peer) else { return Ok(()) };
+        match msg {
+            ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } => Ok(()),
+            ControlMsg::Gossip { channel, payload } => {
+                self.stats.gossip_received += 1;
+                if channel == TOPOLOGY_CHANNEL {
+                    match self.topology.merge_payload(&payload) {
+                        Ok(delta) if delta.is_empty() => Ok(()),
+                        Ok(delta) => {
+                            self.spread(TOPOLOGY_CHANNEL, Topology::encode(&delta), Some(conn));
+                            self.after_topology_change(now);
+                            Ok(())
+                        }
+                        Err(e @ (TopologyError::Malformed(_) | TopologyError::Invalid(_))) => {
+                            self.stats.gossip_refused += 1;
+                            Err(e.to_string())
+                        }
+                    }
+                } else if let Some(ch) = self.channels.get_mut(&channel) {
+                    match ch.merge(from, &payload) {
+                        Ok(Some(delta)) => {
+                            self.spread(&channel, delta, Some(conn));
+                            Ok(())
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => {
+                            self.stats.gossip_refused += 1;
+                            Err(format!("channel {channel}: {e}"))
+                        }
+                    }
+                } else {
+                    // A newer peer may run channels we do not have yet.
+                    Ok(())
+                }
+            }
+            ControlMsg::Unicast { src, dst, channel, payload, ttl } => {
+                if dst != self.cfg.name {
+                    if ttl > 1 {
+                        let msg = ControlMsg::Unicast { src, dst, channel, payload, ttl: ttl - 1 };
+                        self.forward_unicast(dst, msg);
+                    }
+                    return Ok(());
+                }
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.handle_unicast(src, &payload).map_err(|e| format!("channel {channel}: {e}"))
+                } else {
+                    self.events.push_back(Event::Unicast { from: src, channel, payload });
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Timers: anti-entropy gossip and reconnection attempts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_gossip {
+            self.next_gossip = now + jitter(&mut self.rng, self.cfg.gossip_interval);
+            let picked = self.pick_neighbours(None);
+            for conn in picked {
+                self.send_full(conn);
+            }
+        }
+        for t in self.targets.values_mut() {
+            if let TargetState::Waiting(at) = t.state {
+                if at <= now {
+                    t.state = TargetState::Connecting;
+                    self.events.push_back(Event::Connect { addr: t.addr });
+                }
+            }
+        }
+    }
+
+    fn forward_unicast(&mut self, dst: PeerName, msg: ControlMsg) -> bool {
+        // Prefer routes over confirmed connections; fall back to a direct control connection.
+        let hop = self.routes.next_hop(dst).or_else(|| self.conns.values().find(|c| c.peer == dst).map(|c| c.peer));
+        let Some(hop) = hop else { return false };
+        let Some(conn) = self.conns.iter().find(|(_, c)| c.peer == hop).map(|(id, _)| *id) else { return false };
+        self.transmits.push_back(Transmit { conn, msg });
+        true
+    }
+
+    fn send_full(&mut self, conn: ConnId) {
+        self.stats.gossip_sent += 1;
+        self.transmits.push_back(Transmit {
+            conn,
+            msg: ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: self.topology.encode_all() },
+        });
+        for (name, ch) in &self.channels {
+            self.stats.gossip_sent += 1;
+            self.transmits.push_back(Transmit {
+                conn,
+                msg: ControlMsg::Gossip { channel: name.clone(), payload: ch.encode_full() },
+            });
+        }
+    }
+
+    /// Sends `payload` to up to `fanout` random neighbours, never back to `except`.
+    fn spread(&mut self, channel: &str, payload: Vec<u8>, except: Option<ConnId>) {
+        for conn in self.pick_neighbours(except) {
+            self.stats.gossip_sent += 1;
+            self.transmits.push_back(Transmit {
+                conn,
+                msg: ControlMsg::Gossip { channel: channel.to_owned(), payload: payload.clone() },
+            });
+        }
+    }
+
+    fn pick_neighbours(&mut self, except: Option<ConnId>) -> Vec<ConnId> {
+        let ids: Vec<ConnId> = self.conns.keys().copied().filter(|c| Some(*c) != except).collect();
+        if ids.len() <= self.cfg.fanout {
+            return ids;
+        }
+        rand::seq::index::sample(&mut self.rng, ids.len(), self.cfg.fanout).into_iter().map(|i| ids[i]).collect()
+    }
+
+    /// Our own entry changed: rewrite it from the connections, gossip the delta.
+    fn own_entry_changed(&mut self, now: Instant) {
+        let conns: BTreeMap<PeerName, ConnectionInfo> = self
+            .conns
+            .values()
+            .map(|c| {
+                (c.peer, ConnectionInfo { addr: Some(c.listen_addr), outbound: c.outbound, established: c.established })
+            })
+            .collect();
+        if self.topology.set_my_connections(conns) {
+            let me = self.topology.my_info().clone();
+            // Every neighbour hears about our own connections at once: they are
+            // the only source of this entry, and routes depend on it.
+            let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+            let payload = Topology::encode(std::slice::from_ref(&me));
+            for conn in ids {
+                self.stats.gossip_sent += 1;
+                self.transmits.push_back(Transmit {
+                    conn,
+                    msg: ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: payload.clone() },
+                });
+            }
+        }
+        self.after_topology_change(now);
+    }
+
+    fn after_topology_change(&mut self, now: Instant) {
+        self.topology.gc();
+        let routes = self.topology.routes();
+        if routes != self.routes {
+            self.routes = routes;
+            self.events.push_back(Event::RoutesChanged);
+        }
+        if self.cfg.discovery {
+            self.discover(now);
+        }
+    }
+
+    /// Adds targets for peers we know of but are not connected to, and drops
+    /// learned targets whose peer is gone.
+    fn discover(&mut self, now: Instant) {
+        let connected: Vec<PeerName> = self.conns.values().map(|c| c.peer).collect();
+        let mut wanted: BTreeMap<SocketAddr, PeerName> = BTreeMap::new();
+        for p in self.topology.peers() {
+            for (other, ci) in &p.connections {
+                if *other == self.cfg.name || connected.contains(other) {
+                    continue;
+                }
+                if let Some(addr) = ci.addr {
+                    wanted.insert(addr, *other);
+                }
+            }
+        }
+        let me = self.cfg.name;
+        self.targets.retain(|addr, t| {
+            t.configured || wanted.contains_key(addr) || matches!(t.state, TargetState::Connected(_) | TargetState::Connecting)
+        });
+        for (addr, peer) in wanted {
+            if self.topology.get(peer).is_none() || peer == me {
+                continue;
+            }
+            let t = self.targets.entry(addr).or_insert_with(|| Target {
+                addr,
+                configured: false,
+                peer: Some(peer),
+                state: TargetState::Idle,
+                attempts: 0,
+                last_error: None,
+            });
+            if t.state == TargetState::Idle && t.peer != Some(me) {
+                // Immediate first try; later ones back off in handle_connect_failed.
+                t.state = TargetState::Waiting(now);
+            }
+        }
+        // Targets whose peer is now connected by another connection rest.
+        for t in self.targets.values_mut() {
+            if let (TargetState::Waiting(_), Some(p)) = (&t.state, t.peer) {
+                if connected.contains(&p) {
+                    t.state = TargetState::Idle;
+                }
+            }
+        }
+    }
+}
+
+fn jitter(rng: &mut StdRng, d: Duration) -> Duration {
+    d.mul_f64(rng.random_range(0.8..1.2))
+}
+
+fn backoff(rng: &mut StdRng, initial: Duration, max: Duration, attempts: u32) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
+    jitter(rng, exp.min(max))
+}

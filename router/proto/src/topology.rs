@@ -1,0 +1,423 @@
+//! Topology: who is connected to whom, as a CRDT that merges by gossip, and
+//! the routes computed from it.
+//!
+//! Each peer is the only writer of its own [`PeerInfo`]; an entry with a
+//! higher `(version, uid)` replaces an older one, so merging is a
+//! last-writer-wins map, which is commutative, associative and idempotent.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PeerName;
+
+/// Upper bound on peers kept from gossip; more is treated as a misbehaving peer.
+pub const MAX_PEERS: usize = 4096;
+/// Upper bound on connections one peer may announce.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4096;
+/// Upper bound on a nickname's length in bytes.
+pub const MAX_NICKNAME: usize = 64;
+
+/// One peer's own view of itself, as gossiped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Stable name.
+    pub name: PeerName,
+    /// Human-friendly name (hostname by default).
+    pub nickname: String,
+    /// Changes on every start of the router, so peers notice restarts.
+    pub uid: u64,
+    /// Bumped on every change of this entry by its owner.
+    pub version: u64,
+    /// Connections this peer has, keyed by the remote peer.
+    pub connections: BTreeMap<PeerName, ConnectionInfo>,
+}
+
+/// One connection as announced by the peer that holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    /// Where the remote peer listens, as far as this end knows; used for discovery.
+    pub addr: Option<SocketAddr>,
+    /// Whether this end dialed the connection.
+    pub outbound: bool,
+    /// Whether the data path (sleeve heartbeats) works both ways.
+    pub established: bool,
+}
+
+impl PeerInfo {
+    fn key(&self) -> (u64, u64) {
+        (self.version, self.uid)
+    }
+
+    fn validate(&self) -> Result<(), TopologyError> {
+        if self.nickname.len() > MAX_NICKNAME {
+            return Err(TopologyError::Invalid(format!(
+                "peer {} has a nickname of {} bytes (max {MAX_NICKNAME})",
+                self.name,
+                self.nickname.len()
+            )));
+        }
+        if self.connections.len() > MAX_CONNECTIONS_PER_PEER {
+            return Err(TopologyError::Invalid(format!(
+                "peer {} announces {} connections (max {MAX_CONNECTIONS_PER_PEER})",
+                self.name,
+                self.connections.len()
+            )));
+        }
+        if self.connections.contains_key(&self.name) {
+            return Err(TopologyError::Invalid(format!(
+                "peer {} announces a connection to itself",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Why a topology update was refused. Nothing of a refused update is applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TopologyError {
+    /// The payload did not decode.
+    #[error("malformed topology gossip: {0}")]
+    Malformed(String),
+    /// The payload decoded but breaks a limit or a rule.
+    #[error("invalid topology gossip: {0}")]
+    Invalid(String),
+}
+
+/// The set of known peers, including this one.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    me: PeerName,
+    peers: BTreeMap<PeerName, PeerInfo>,
+}
+
+impl Topology {
+    /// A topology that knows only `me`.
+    pub fn new(me: PeerInfo) -> Self {
+        let name = me.name;
+        let mut peers = BTreeMap::new();
+        peers.insert(name, me);
+        Topology { me: name, peers }
+    }
+
+    /// This peer's name.
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    /// This peer's own entry.
+    pub fn my_info(&self) -> &PeerInfo {
+        // Invariant: our own entry is inserted in `new` and never removed.
+        &self.peers[&self.me]
+    }
+
+    /// All known peers, ordered by name.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.peers.values()
+    }
+
+    /// One peer's entry.
+    pub fn get(&self, name: PeerName) -> Option<&PeerInfo> {
+        self.peers.get(&name)
+    }
+
+    /// Number of known peers, including this one.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Always false: a topology knows at least itself.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Replaces this peer's connection list, bumping the version when it changed.
+    /// Returns whether anything changed.
+    pub fn set_my_connections(&mut self, conns: BTreeMap<PeerName, ConnectionInfo>) -> bool {
+        let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
+        if me.connections == conns {
+            return false;
+        }
+        me.connections = conns;
+        me.version += 1;
+        true
+    }
+
+    /// Encodes entries for the wire.
+    pub fn encode(entries: &[PeerInfo]) -> Vec<u8> {
+        postcard::to_stdvec(entries).unwrap_or_default()
+    }
+
+    /// Encodes every known entry.
+    pub fn encode_all(&self) -> Vec<u8> {
+        let all: Vec<PeerInfo> = self.peers.values().cloned().collect();
+        Self::encode(&all)
+    }
+
+    /// Decodes and merges a gossip payload; returns the entries that were new
+    /// (the delta to pass on). A payload that fails to decode or validate is
+    /// refused whole and changes nothing.
+    pub fn merge_payload(&mut self, payload: &[u8]) -> Result<Vec<PeerInfo>, TopologyError> {
+        let entries: Vec<PeerInfo> =
+            postcard::from_bytes(payload).map_err(|e| TopologyError::Malformed(e.to_string()))?;
+        self.merge(entries)
+    }
+
+    /// Merges entries; returns those that were new. See [`Topology::merge_payload`].
+    pub fn merge(&mut self, entries: Vec<PeerInfo>) -> Result<Vec<PeerInfo>, TopologyError> {
+        if entries.len() > MAX_PEERS {
+            return Err(TopologyError::Invalid(format!(
+                "{} entries in one update (max {MAX_PEERS})",
+                entries.len()
+            )));
+        }
+        for e in &entries {
+            e.validate()?;
+        }
+        let mut delta = Vec::new();
+        for e in entries {
+            if e.name == self.me {
+                // An entry for us that outranks ours comes from a previous life of this
+                // peer (or a peer using our name). Our current entry must win, so jump
+                // past it and announce ourselves again.
+                let mine = &self.peers[&self.me];
+                if e.key() >= mine.key() && e.uid != mine.uid {
+                    let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
+                    me.version = e.version + 1;
+                    delta.push(me.clone());
+                }
+                continue;
+            }
+            match self.peers.get(&e.name) {
+                Some(old) if old.key() >= e.key() => {}
+                _ => {
+                    if !self.peers.contains_key(&e.name) && self.peers.len() >= MAX_PEERS {
+                        return Err(TopologyError::Invalid(format!(
+                            "topology would exceed {MAX_PEERS} peers"
+                        )));
+                    }
+                    self.peers.insert(e.name, e.clone());
+                    delta.push(e);
+                }
+            }
+        }
+        Ok(delta)
+    }
+
+    /// Removes peers that can no longer be reached from this one, following the
+    /// connections each peer announces. Returns the removed names.
+    pub fn gc(&mut self) -> Vec<PeerName> {
+        let mut seen = BTreeSet::new();
+        let mut queue = VecDeque::from([self.me]);
+        seen.insert(self.me);
+        while let Some(p) = queue.pop_front() {
+            if let Some(info) = self.peers.get(&p) {
+                for n in info.connections.keys() {
+                    if seen.insert(*n) {
+                        queue.push_back(*n);
+                    }
+                }
+            }
+        }
+        let gone: Vec<PeerName> = self.peers.keys().filter(|p| !seen.contains(p)).copied().collect();
+        for p in &gone {
+            self.peers.remove(p);
+        }
+        gone
+    }
+
+    /// Whether `a` and `b` both announce an established connection to each other.
+    pub fn confirmed(&self, a: PeerName, b: PeerName) -> bool {
+        let half = |x: PeerName, y: PeerName| {
+            self.peers
+                .get(&x)
+                .and_then(|i| i.connections.get(&y))
+                .is_some_and(|c| c.established)
+        };
+        half(a, b) && half(b, a)
+    }
+
+    /// Neighbours of `p` over confirmed connections, in name order.
+    fn confirmed_neighbours(&self, p: PeerName) -> Vec<PeerName> {
+        match self.peers.get(&p) {
+            Some(info) => info
+                .connections
+                .keys()
+                .copied()
+                .filter(|n| self.confirmed(p, *n))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Breadth-first tree from `root` over confirmed connections: the parent of
+    /// each reached peer. Neighbours are visited in name order so that every
+    /// peer holding the same topology computes the same tree.
+    fn bfs_tree(&self, root: PeerName) -> BTreeMap<PeerName, PeerName> {
+        let mut parent = BTreeMap::new();
+        let mut queue = VecDeque::from([root]);
+        parent.insert(root, root);
+        while let Some(p) = queue.pop_front() {
+            for n in self.confirmed_neighbours(p) {
+                if let std::collections::btree_map::Entry::Vacant(v) = parent.entry(n) {
+                    v.insert(p);
+                    queue.push_back(n);
+                }
+            }
+        }
+        parent
+    }
+
+    /// Computes unicast and broadcast routes for this peer.
+    pub fn routes(&self) -> Routes {
+        let tree = self.bfs_tree(self.me);
+        let mut unicast = BTreeMap::new();
+        for &dest in tree.keys() {
+            if dest == self.me {
+                continue;
+            }
+            // Walk up to the child of the root on the path to `dest`.
+            let mut hop = dest;
+            while tree[&hop] != self.me {
+                hop = tree[&hop];
+            }
+            unicast.insert(dest, hop);
+        }
+        let mut broadcast = BTreeMap::new();
+        for &src in tree.keys() {
+            let t = self.bfs_tree(src);
+            let children: Vec<PeerName> = t
+                .iter()
+                .filter(|(child, parent)| **parent == self.me && **child != src)
+                .map(|(c, _)| *c)
+                .collect();
+            broadcast.insert(src, children);
+        }
+        Routes { me: self.me, unicast, broadcast }
+    }
+}
+
+fn unreachable_entry(name: PeerName) -> PeerInfo {
+    PeerInfo { name, nickname: String::new(), uid: 0, version: 0, connections: BTreeMap::new() }
+}
+
+/// Where to send frames, as computed from one topology.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routes {
+    /// The peer these routes are for.
+    pub me: PeerName,
+    /// Destination peer → the directly connected peer to hand frames to.
+    pub unicast: BTreeMap<PeerName, PeerName>,
+    /// Source peer → the directly connected peers to pass its broadcasts to
+    /// (this peer's children in the source's tree).
+    pub broadcast: BTreeMap<PeerName, Vec<PeerName>>,
+}
+
+impl Routes {
+    /// Next hop towards `dest`, if reachable.
+    pub fn next_hop(&self, dest: PeerName) -> Option<PeerName> {
+        self.unicast.get(&dest).copied()
+    }
+
+    /// Peers to pass a broadcast from `src` on to.
+    pub fn broadcast_hops(&self, src: PeerName) -> &[PeerName] {
+        self.broadcast.get(&src).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(i: u64) -> PeerName {
+        PeerName::from_u64(i)
+    }
+
+    fn info(i: u64, version: u64, conns: &[u64]) -> PeerInfo {
+        PeerInfo {
+            name: n(i),
+            nickname: format!("p{i}"),
+            uid: i * 1000,
+            version,
+            connections: conns
+                .iter()
+                .map(|c| (n(*c), ConnectionInfo { addr: None, outbound: true, established: true }))
+                .collect(),
+        }
+    }
+
+    /// A line 1-2-3-4 as seen by peer `me`.
+    fn line(me: u64) -> Topology {
+        let mut t = Topology::new(info(me, 1, &[]));
+        let all = vec![info(1, 1, &[2]), info(2, 1, &[1, 3]), info(3, 1, &[2, 4]), info(4, 1, &[3])];
+        t.merge(all.iter().filter(|p| p.name != n(me)).cloned().collect()).expect("merge");
+        let mine = all.iter().find(|p| p.name == n(me)).expect("me").connections.clone();
+        t.set_my_connections(mine);
+        t
+    }
+
+    #[test]
+    fn newer_version_wins_and_delta_is_what_changed() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let d = t.merge(vec![info(2, 5, &[1])]).expect("merge");
+        assert_eq!(d.len(), 1);
+        assert!(t.merge(vec![info(2, 4, &[])]).expect("merge").is_empty());
+        assert!(t.merge(vec![info(2, 5, &[1])]).expect("merge").is_empty());
+        assert_eq!(t.get(n(2)).expect("p2").version, 5);
+    }
+
+    #[test]
+    fn stale_self_entry_from_previous_life_is_outranked() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let mut old = info(1, 9, &[2]);
+        old.uid = 42;
+        let d = t.merge(vec![old]).expect("merge");
+        assert_eq!(d.len(), 1);
+        assert_eq!(t.my_info().version, 10);
+        assert!(t.my_info().connections.is_empty());
+    }
+
+    #[test]
+    fn invalid_update_changes_nothing() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let mut bad = info(3, 1, &[]);
+        bad.nickname = "x".repeat(MAX_NICKNAME + 1);
+        assert!(t.merge(vec![info(2, 1, &[1]), bad]).is_err());
+        assert_eq!(t.len(), 1);
+        assert!(matches!(t.merge_payload(&[0xff, 0xff, 0xff]), Err(TopologyError::Malformed(_))));
+        assert!(t.merge(vec![info(2, 1, &[2])]).is_err(), "self-connection refused");
+    }
+
+    #[test]
+    fn routes_on_a_line() {
+        let t = line(1);
+        let r = t.routes();
+        assert_eq!(r.next_hop(n(4)), Some(n(2)));
+        assert_eq!(r.next_hop(n(2)), Some(n(2)));
+        assert_eq!(r.broadcast_hops(n(1)), &[n(2)]);
+        // Peer 2 passes 1's broadcasts on to 3 only.
+        assert_eq!(line(2).routes().broadcast_hops(n(1)), &[n(3)]);
+        assert!(line(4).routes().broadcast_hops(n(1)).is_empty());
+    }
+
+    #[test]
+    fn unconfirmed_connections_carry_no_traffic() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        t.merge(vec![info(2, 1, &[])]).expect("merge");
+        t.set_my_connections(info(1, 2, &[2]).connections);
+        assert_eq!(t.routes().next_hop(n(2)), None);
+    }
+
+    #[test]
+    fn gc_drops_unreachable_peers() {
+        let mut t = line(1);
+        // 2 drops its link to 3: 3 and 4 become unreachable from 1.
+        t.merge(vec![info(2, 2, &[1])]).expect("merge");
+        let mut gone = t.gc();
+        gone.sort();
+        assert_eq!(gone, vec![n(3), n(4)]);
+    }
+}
