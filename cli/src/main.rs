@@ -1,1 +1,404 @@
-fn main() {}
+//! `weft`: the command line for the weft mesh. `weft router` is the daemon;
+//! every other subcommand talks to a running router over its local API.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+mod client;
+mod output;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft: an encrypted mesh network for containers")]
+struct Cli {
+    /// The router's local API socket.
+    #[arg(long, global = true, env = "WEFT_API_SOCKET", default_value = "/run/weft/weft.sock")]
+    api_socket: PathBuf,
+    /// Print JSON instead of text (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the router in the foreground (for systemd or a Kubernetes DaemonSet).
+    Router(RouterArgs),
+    /// Start the router in the background and return once it is ready.
+    Launch(RouterArgs),
+    /// Stop the running router.
+    Stop,
+    /// Show the router's state: peers, connections, targets.
+    Status {
+        /// Only this part.
+        #[arg(value_parser = ["peers", "connections", "targets"])]
+        what: Option<String>,
+    },
+    /// Everything the router knows, as JSON.
+    Report,
+    /// Connect to more peers (HOST, HOST:PORT or IP).
+    Connect {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Stop connecting to peers given with launch or connect.
+    Forget {
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Join a network namespace (name under /run/netns, path, or PID) to the weft network.
+    Attach {
+        /// Network namespace: NAME, /path/to/netns or PID.
+        netns: String,
+        /// Addresses to give it, as IP/PREFIX.
+        #[arg(required = true)]
+        cidrs: Vec<String>,
+        /// Interface name inside the namespace.
+        #[arg(long, default_value = "ethwe")]
+        ifname: String,
+        /// MTU of the interface (default: the router's --mtu).
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
+    /// Remove a namespace's weft interface.
+    Detach {
+        netns: String,
+        #[arg(long, default_value = "ethwe")]
+        ifname: String,
+    },
+    /// Give this host an address on the weft network (on the bridge).
+    Expose { cidr: String },
+    /// Remove an address given with expose.
+    Hide { cidr: String },
+    /// A multi-host lab in network namespaces on this machine (needs root).
+    Lab {
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build hosts in namespaces, run a router on each, attach a container per host, ping across.
+    Demo {
+        /// Number of hosts.
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Network password for the lab mesh.
+        #[arg(long, default_value = "weft-lab-demo")]
+        password: String,
+        /// Run the lab without encryption.
+        #[arg(long)]
+        no_password: bool,
+        /// Leave the lab running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Remove namespaces and routers left behind by labs whose process died.
+    Cleanup,
+}
+
+#[derive(Args, Clone)]
+struct RouterArgs {
+    /// Peers to connect to: HOST, HOST:PORT or IP.
+    peers: Vec<String>,
+    /// Network password: peers must share it; traffic is encrypted with keys derived from it.
+    #[arg(long, env = "WEFT_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Read the network password from this file.
+    #[arg(long, conflicts_with = "password")]
+    password_file: Option<PathBuf>,
+    /// State directory (identity, logs).
+    #[arg(long, default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// Nickname shown to peers (default: hostname).
+    #[arg(long)]
+    nickname: Option<String>,
+    /// Peer name (default: random on first start, then kept in the state directory).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address for control connections (TCP) and the sleeve (UDP).
+    #[arg(long, default_value = "0.0.0.0:6783")]
+    listen: SocketAddr,
+    /// Status and Prometheus metrics address ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:6782")]
+    metrics_addr: String,
+    /// Bridge name.
+    #[arg(long, default_value = "weft")]
+    bridge: String,
+    /// Container MTU (fits the sleeve over a 1500-byte underlay).
+    #[arg(long, default_value_t = weft_router::DEFAULT_MTU)]
+    mtu: u32,
+    /// Largest sleeve UDP payload; lower it when the underlay MTU is below 1500.
+    #[arg(long, default_value_t = weft_router::DEFAULT_MAX_DATAGRAM)]
+    max_datagram: usize,
+    /// Do not connect to peers learned from other peers.
+    #[arg(long)]
+    no_discovery: bool,
+    /// Do not ask the kernel for TAP segmentation offload.
+    #[arg(long)]
+    no_offload: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let sock = cli.api_socket.clone();
+    let mut out = std::io::stdout().lock();
+    match cli.cmd {
+        Cmd::Router(args) => router(args, sock),
+        Cmd::Launch(args) => launch(args, &sock, cli.json, &mut out),
+        Cmd::Stop => {
+            client::call(&sock, "POST", "/v1/stop", None)?;
+            let t0 = Instant::now();
+            while sock.exists() && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            writeln!(out, "weft router stopped")?;
+            Ok(())
+        }
+        Cmd::Status { what } => {
+            let v = client::call(&sock, "GET", "/v1/status", None)?;
+            if cli.json {
+                let part = what.as_deref().map(|w| v[w].clone()).unwrap_or(v);
+                writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?;
+            } else {
+                output::status(&mut out, &v, what.as_deref())?;
+            }
+            Ok(())
+        }
+        Cmd::Report => {
+            let v = client::call(&sock, "GET", "/v1/status", None)?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            Ok(())
+        }
+        Cmd::Connect { peers } => simple(&sock, "/v1/connect", json!({ "peers": peers }), cli.json, &mut out, |v| {
+            format!("connecting to {}", list(&v["added"]))
+        }),
+        Cmd::Forget { peers } => simple(&sock, "/v1/forget", json!({ "peers": peers }), cli.json, &mut out, |v| {
+            format!("forgot {}", list(&v["forgotten"]))
+        }),
+        Cmd::Attach { netns, cidrs, ifname, mtu } => {
+            let body = json!({ "netns": netns, "cidrs": cidrs, "ifname": ifname, "mtu": mtu });
+            simple(&sock, "/v1/attach", body, cli.json, &mut out, |v| {
+                format!(
+                    "attached {} as {} ({}, mtu {}) with {}",
+                    v["netns"].as_str().unwrap_or(""),
+                    v["ifname"].as_str().unwrap_or(""),
+                    v["mac"].as_str().unwrap_or(""),
+                    v["mtu"],
+                    list(&v["addresses"])
+                )
+            })
+        }
+        Cmd::Detach { netns, ifname } => {
+            simple(&sock, "/v1/detach", json!({ "netns": netns, "ifname": ifname }), cli.json, &mut out, |v| {
+                format!("detached {}", v["detached"].as_str().unwrap_or(""))
+            })
+        }
+        Cmd::Expose { cidr } => simple(&sock, "/v1/expose", json!({ "cidr": cidr }), cli.json, &mut out, |v| {
+            format!("exposed {} on bridge {}", v["exposed"].as_str().unwrap_or(""), v["bridge"].as_str().unwrap_or(""))
+        }),
+        Cmd::Hide { cidr } => simple(&sock, "/v1/hide", json!({ "cidr": cidr }), cli.json, &mut out, |v| {
+            format!("hid {}", v["hidden"].as_str().unwrap_or(""))
+        }),
+        Cmd::Lab { cmd } => lab(cmd, &mut out),
+    }
+}
+
+fn list(v: &Value) -> String {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")).unwrap_or_default()
+}
+
+fn simple(
+    sock: &Path,
+    path: &str,
+    body: Value,
+    as_json: bool,
+    out: &mut impl Write,
+    human: impl Fn(&Value) -> String,
+) -> Result<()> {
+    let v = client::call(sock, "POST", path, Some(&body))?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        writeln!(out, "{}", human(&v))?;
+    }
+    Ok(())
+}
+
+fn password(args: &RouterArgs) -> Result<Option<String>> {
+    if let Some(f) = &args.password_file {
+        let p = std::fs::read_to_string(f).with_context(|| format!("reading password file {}", f.display()))?;
+        let p = p.trim_end_matches(['\n', '\r']).to_string();
+        if p.is_empty() {
+            bail!("password file {} is empty", f.display());
+        }
+        return Ok(Some(p));
+    }
+    match &args.password {
+        Some(p) if p.is_empty() => bail!("the password is empty: give a real one or none"),
+        p => Ok(p.clone()),
+    }
+}
+
+fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    if !weft_lab::is_root() {
+        bail!("the router needs root (it creates a bridge, a TAP device and veth pairs)");
+    }
+    let metrics_addr = match args.metrics_addr.as_str() {
+        "off" | "" => None,
+        a => Some(a.parse().with_context(|| format!("--metrics-addr {a:?} is not an address like 127.0.0.1:6782"))?),
+    };
+    let name = match &args.name {
+        Some(n) => Some(n.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?),
+        None => None,
+    };
+    let opts = weft_router::Options {
+        password: password(&args)?,
+        state_dir: args.state_dir,
+        api_socket,
+        metrics_addr,
+        bridge: args.bridge,
+        mtu: args.mtu,
+        listen: args.listen,
+        nickname: args.nickname,
+        name,
+        discovery: !args.no_discovery,
+        peers: args.peers,
+        max_datagram: args.max_datagram,
+        offload: !args.no_offload,
+    };
+    if opts.mtu < 576 || opts.mtu > 65_000 {
+        bail!("--mtu {} is out of range (576..=65000)", opts.mtu);
+    }
+    if opts.max_datagram < 576 || opts.max_datagram > 65_000 {
+        bail!("--max-datagram {} is out of range (576..=65000)", opts.max_datagram);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(weft_router::run(opts))
+}
+
+fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) -> Result<()> {
+    if sock.exists() && client::call(sock, "GET", "/v1/status", None).is_ok() {
+        bail!("a weft router is already running on {} (weft stop first)", sock.display());
+    }
+    let pw = password(&args)?;
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let log_path = args.state_dir.join("router.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the weft binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--api-socket").arg(sock).arg("router");
+    let a = &args;
+    cmd.args(["--state-dir"]).arg(&a.state_dir);
+    cmd.args(["--listen", &a.listen.to_string(), "--metrics-addr", &a.metrics_addr, "--bridge", &a.bridge]);
+    cmd.args(["--mtu", &a.mtu.to_string(), "--max-datagram", &a.max_datagram.to_string(), "--log-format", &a.log_format]);
+    if let Some(n) = &a.nickname {
+        cmd.args(["--nickname", n]);
+    }
+    if let Some(n) = &a.name {
+        cmd.args(["--name", n]);
+    }
+    if a.no_discovery {
+        cmd.arg("--no-discovery");
+    }
+    if a.no_offload {
+        cmd.arg("--no-offload");
+    }
+    cmd.args(&a.peers);
+    // The password goes through the environment, not argv (which `ps` shows).
+    cmd.env_remove("WEFT_PASSWORD");
+    if let Some(p) = &pw {
+        cmd.env("WEFT_PASSWORD", p);
+    }
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe; it detaches the router from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the router")?;
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the router exited during start-up ({status}); last log lines:\n{}", tail(&log_path, 15));
+        }
+        if let Ok(v) = client::call(sock, "GET", "/v1/status", None) {
+            let pid = child.id();
+            std::fs::write(args.state_dir.join("router.pid"), format!("{pid}\n")).ok();
+            if as_json {
+                writeln!(out, "{}", json!({"pid": pid, "name": v["name"], "log": log_path, "encryption": v["encryption"]}))?;
+            } else {
+                writeln!(out, "weft router started: pid {pid}, peer {} ({}), log {}", v["name"].as_str().unwrap_or("?"),
+                    v["nickname"].as_str().unwrap_or("?"), log_path.display())?;
+                if v["encryption"] != "enabled" {
+                    writeln!(out, "WARNING: no password set: traffic between hosts is NOT encrypted")?;
+                }
+            }
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("the router did not become ready within 20 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn lab(cmd: LabCmd, out: &mut impl Write) -> Result<()> {
+    match cmd {
+        LabCmd::Demo { hosts, password, no_password, keep } => {
+            let exe = std::env::current_exe().context("finding the weft binary")?;
+            let mut cfg = weft_lab::LabConfig::new(hosts, exe);
+            cfg.password = (!no_password).then_some(password);
+            cfg.keep = keep;
+            weft_lab::cleanup_stale()?;
+            weft_lab::demo(cfg, out)
+        }
+        LabCmd::Cleanup => {
+            let n = weft_lab::cleanup_stale()?;
+            writeln!(out, "removed {n} leftover lab namespaces")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Human-readable rendering of the router's status document.
+
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::Value;
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or("-")
+}
+
+/// Prints `weft status [what]`.
+pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Result<()> {
+    let empty = Vec::new();
+    let conns = v["connections"].as_array().unwrap_or(&empty);
+    let peers = v["peers"].as_array().unwrap_or(&empty);
+    let targets = v["targets"].as_array().unwrap_or(&empty);
+    if what.is_none() {
+        writeln!(out, "        Version: weft {}", s(&v["version"]))?;
+        writeln!(out, "        Peer: {} ({})", s(&v["name"]), s(&v["nickname"]))?;
+        let enc = s(&v["encryption"]);
+        if enc == "enabled" {
+            writeln!(out, "  Encryption: enabled (Noise XXpsk3 control, AES-256-GCM sleeve)")?;
+        } else {
+            writeln!(out, "  Encryption: DISABLED -- no password set, traffic between hosts is NOT encrypted")?;
+        }
+        let est = conns.iter().filter(|c| c["state"] == "established").count();
+        let reach = peers.iter().filter(|p| p["reachable"] == true).count();
+        writeln!(out, "       Peers: {} ({} reachable)", peers.len(), reach)?;
+        writeln!(out, " Connections: {} ({} established, {} pending)", conns.len(), est, conns.len() - est)?;
+        writeln!(out, "     Targets: {}", targets.len())?;
+        let sl = &v["sleeve"];
+        writeln!(
+            out,
+            "      Sleeve: UDP {}, offload {}, max datagram {}, bridge {} (mtu {})",
+            sl["port"], sl["offload"], sl["max_datagram"], s(&v["bridge"]), v["mtu"]
+        )?;
+        let drops: u64 = v["stats"]["drops"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+        writeln!(
+            out,
+            "      Frames: {} out, {} in, {} relayed, {} dropped",
+            v["stats"]["frames_out"], v["stats"]["frames_in"], v["stats"]["frames_relayed"], drops
+        )?;
+        writeln!(out)?;
+    }
+    if what.is_none() || what == Some("connections") {
+        writeln!(out, "Connections:")?;
+        if conns.is_empty() {
+            writeln!(out, "  (none)")?;
+        }
+        for c in conns {
+            writeln!(
+                out,
+                "  {} {:<21} {:<11} {:<11} {:<6} {} ({})  {}",
+                if c["outbound"] == true { "->" } else { "<-" },
+                s(&c["address"]),
+                s(&c["state"]),
+                if c["encrypted"] == true { "encrypted" } else { "PLAINTEXT" },
+                s(&c["path"]),
+                s(&c["peer_name"]),
+                s(&c["peer_nickname"]),
+                s(&c["info"])
+            )?;
+        }
+    }
+    if what.is_none() || what == Some("peers") {
+        writeln!(out, "Peers:")?;
+        for p in peers {
+            let cs = p["connections"].as_array().map(|a| a.len()).unwrap_or(0);
+            let reach = if p["reachable"] == true { "" } else { "  (unreachable)" };
+            writeln!(out, "  {} ({})  {} connections{}", s(&p["name"]), s(&p["nickname"]), cs, reach)?;
+        }
+    }
+    if what.is_none() || what == Some("targets") {
+        writeln!(out, "Targets:")?;
+        if targets.is_empty() {
+            writeln!(out, "  (none)")?;
+        }
+        for t in targets {
+            let mut line = format!(
+                "  {:<21} {:<10} {}",
+                s(&t["address"]),
+                s(&t["state"]),
+                if t["configured"] == true { "configured" } else { "discovered" }
+            );
+            if let Some(r) = t["retry_in_seconds"].as_f64() {
+                line.push_str(&format!(", next try in {r:.0}s"));
+            }
+            if let Some(e) = t["last_error"].as_str() {
+                line.push_str(&format!(", last error: {e}"));
+            }
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(())
+}

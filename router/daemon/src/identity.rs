@@ -1,0 +1,146 @@
+//! The peer's identity, kept in the state directory: a stable name and a
+//! static Noise key pair. The UID is fresh on every start.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rand::RngCore;
+use weft_proto::PeerName;
+
+/// What a router is, across restarts.
+pub struct Identity {
+    /// Stable 48-bit name.
+    pub name: PeerName,
+    /// Static Noise private key (X25519).
+    pub private_key: [u8; 32],
+    /// Its public half.
+    pub public_key: [u8; 32],
+}
+
+/// Loads the identity from `dir`, creating it (and `dir`, mode 0700) on first start.
+/// A present but unreadable or corrupt file stops the start with a message naming it.
+pub fn load_or_create(dir: &Path, name_override: Option<PeerName>) -> Result<Identity> {
+    fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making state directory {} private", dir.display()))?;
+    let name_file = dir.join("name");
+    let name = match name_override {
+        Some(n) => {
+            write_atomic(&name_file, format!("{n}\n").as_bytes())?;
+            n
+        }
+        None if name_file.exists() => {
+            let s = fs::read_to_string(&name_file).with_context(|| format!("reading {}", name_file.display()))?;
+            s.trim().parse().with_context(|| {
+                format!("{} is corrupt; fix it or remove it to get a new peer name", name_file.display())
+            })?
+        }
+        None => {
+            let n = PeerName::random(&mut rand::rng());
+            write_atomic(&name_file, format!("{n}\n").as_bytes())?;
+            n
+        }
+    };
+    let key_file = dir.join("noise.key");
+    // The file holds the private key then the public key, 32 bytes each.
+    let pair: [u8; 64] = if key_file.exists() {
+        let b = fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
+        match <[u8; 64]>::try_from(b.as_slice()) {
+            Ok(k) => k,
+            Err(_) => bail!(
+                "{} is corrupt ({} bytes, want 64); remove it to make a new key pair",
+                key_file.display(),
+                b.len()
+            ),
+        }
+    } else {
+        let kp = crate::control::noise_builder()?.generate_keypair().context("generating a Noise key pair")?;
+        let mut k = [0u8; 64];
+        if kp.private.len() != 32 || kp.public.len() != 32 {
+            bail!("unexpected X25519 key sizes from snow");
+        }
+        k[..32].copy_from_slice(&kp.private);
+        k[32..].copy_from_slice(&kp.public);
+        write_atomic(&key_file, &k)?;
+        k
+    };
+    let mut private_key = [0u8; 32];
+    let mut public_key = [0u8; 32];
+    private_key.copy_from_slice(&pair[..32]);
+    public_key.copy_from_slice(&pair[32..]);
+    Ok(Identity { name, private_key, public_key })
+}
+
+/// A fresh UID for this start.
+pub fn fresh_uid() -> u64 {
+    rand::rng().next_u64()
+}
+
+/// Writes `data` to `path` so that a crash leaves the old or the new content,
+/// never a torn file: write a temporary file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp: PathBuf = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(data).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Derives the 32-byte Noise pre-shared key from the network password.
+///
+/// PBKDF2 makes each guess expensive for an attacker who completes a handshake
+/// with us and then tries passwords offline against the PSK-protected message.
+pub fn derive_psk(password: &str) -> [u8; 32] {
+    use aws_lc_rs::pbkdf2;
+    use std::num::NonZeroU32;
+    let mut out = [0u8; 32];
+    let iterations = NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN);
+    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, b"weft network password v1", password.as_bytes(), &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_is_stable_and_corruption_is_refused() {
+        let dir = std::env::temp_dir().join(format!("weft-id-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = load_or_create(&dir, None).expect("create");
+        let b = load_or_create(&dir, None).expect("load");
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.public_key, b.public_key);
+        fs::write(dir.join("name"), "not a name").expect("write");
+        let err = load_or_create(&dir, None).err().expect("corrupt name refused");
+        assert!(format!("{err:#}").contains("name is corrupt"), "{err:#}");
+        fs::write(dir.join("name"), format!("{}\n", a.name)).expect("write");
+        fs::write(dir.join("noise.key"), [1u8; 5]).expect("write");
+        let err = load_or_create(&dir, None).err().expect("corrupt key refused");
+        assert!(format!("{err:#}").contains("noise.key is corrupt"), "{err:#}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn psk_depends_on_password() {
+        assert_ne!(derive_psk("a"), derive_psk("b"));
+        assert_eq!(derive_psk("a"), derive_psk("a"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Prometheus metrics, read at scrape time from the counters the data path
+//! and the control plane keep as atomics (no locks on the hot path).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::{Dataplane, DROP_LABELS};
+
+/// Handshake failure labels, in counter order.
+pub const HANDSHAKE_LABELS: [&str; 7] =
+    ["bad_preamble", "version", "encryption_mismatch", "wrong_password", "malformed", "io", "timeout"];
+/// Control read error labels, in counter order.
+pub const READ_LABELS: [&str; 5] = ["closed", "oversized", "decrypt", "malformed", "io"];
+
+/// Control-plane counters and gauges.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// By [`HANDSHAKE_LABELS`].
+    pub handshake_failures: [AtomicU64; 7],
+    /// By [`READ_LABELS`]; bad input on established connections.
+    pub read_errors: [AtomicU64; 5],
+    /// Gossip refused as malformed or invalid.
+    pub gossip_refused: AtomicU64,
+    /// Gossip messages received.
+    pub gossip_received: AtomicU64,
+    /// Gossip messages sent.
+    pub gossip_sent: AtomicU64,
+    /// Connections by (state, encrypted), refreshed by the control loop.
+    pub connections: Mutex<BTreeMap<(String, bool), i64>>,
+    /// Known peers, including us.
+    pub peers: AtomicU64,
+}
+
+impl ControlStats {
+    /// Counts a handshake failure by label.
+    pub fn handshake_failed(&self, label: &str) {
+        if let Some(i) = HANDSHAKE_LABELS.iter().position(|l| *l == label) {
+            self.handshake_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a read error by label.
+    pub fn read_failed(&self, label: &str) {
+        if let Some(i) = READ_LABELS.iter().position(|l| *l == label) {
+            self.read_errors[i].fetch_add(1, Relaxed);
+        }
+    }
+}
+
+struct WeftCollector {
+    dp: Arc<Dataplane>,
+    ctl: Arc<ControlStats>,
+}
+
+impl fmt::Debug for WeftCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeftCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: Vec<(Labels, u64)>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in rows {
+        let e = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Gauge => ConstGauge::new(v as i64).encode(e)?,
+            _ => ConstCounter::new(v).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for WeftCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &self.dp.stats;
+        let dir = |d: &'static str| vec![("direction", d.to_string())];
+        family(&mut enc, "weft_frames", "Ethernet frames through the sleeve", MetricType::Counter, vec![
+            (dir("out"), s.frames_out.load(Relaxed)),
+            (dir("in"), s.frames_in.load(Relaxed)),
+            (dir("relayed"), s.frames_relayed.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_frame_bytes", "Bytes of Ethernet frames through the sleeve", MetricType::Counter, vec![
+            (dir("out"), s.bytes_out.load(Relaxed)),
+            (dir("in"), s.bytes_in.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_datagrams", "Sleeve UDP datagrams", MetricType::Counter, vec![
+            (dir("out"), s.datagrams_out.load(Relaxed)),
+            (dir("in"), s.datagrams_in.load(Relaxed)),
+        ])?;
+        let drops = DROP_LABELS
+            .iter()
+            .zip(s.drops.iter())
+            .map(|(l, c)| (vec![("reason", l.to_string())], c.load(Relaxed)))
+            .collect();
+        family(&mut enc, "weft_drops", "Frames or datagrams dropped, by reason", MetricType::Counter, drops)?;
+        family(&mut enc, "weft_tap_filtered", "Kernel chatter from the TAP's own address, ignored", MetricType::Counter, vec![
+            (vec![], s.filtered.load(Relaxed)),
+        ])?;
+        let c = &self.ctl;
+        let hs = HANDSHAKE_LABELS
+            .iter()
+            .zip(c.handshake_failures.iter())
+            .map(|(l, v)| (vec![("reason", l.to_string())], v.load(Relaxed)))
+            .collect();
+        family(&mut enc, "weft_handshake_failures", "Control connections that failed before they were up", MetricType::Counter, hs)?;
+        let rd = READ_LABELS
+            .iter()
+            .zip(c.read_errors.iter())
+            .map(|(l, v)| (vec![("reason", l.to_string())], v.load(Relaxed)))
+            .collect();
+        family(&mut enc, "weft_control_read_errors", "Control connections ended by bad input or errors", MetricType::Counter, rd)?;
+        family(&mut enc, "weft_gossip_messages", "Gossip messages", MetricType::Counter, vec![
+            (dir("in"), c.gossip_received.load(Relaxed)),
+            (dir("out"), c.gossip_sent.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_gossip_refused", "Gossip refused as malformed or invalid", MetricType::Counter, vec![
+            (vec![], c.gossip_refused.load(Relaxed)),
+        ])?;
+        let conns = c
+            .connections
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|((state, enc), n)| {
+                (vec![("state", state), ("encryption", if enc { "encrypted" } else { "plaintext" }.to_string())], n as u64)
+            })
+            .collect();
+        family(&mut enc, "weft_connections", "Control connections by state and encryption", MetricType::Gauge, conns)?;
+        family(&mut enc, "weft_peers", "Peers known, including this one", MetricType::Gauge, vec![
+            (vec![], c.peers.load(Relaxed)),
+        ])?;
+        Ok(())
+    }
+}
+
+/// A registry with weft's collector.
+pub fn registry(dp: Arc<Dataplane>, ctl: Arc<ControlStats>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(WeftCollector { dp, ctl }));
+    r
+}
+
+/// Renders the registry in the text exposition format.
+pub fn render(r: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, r).is_err() {
+        out.clear();
+    }
+    out
+}

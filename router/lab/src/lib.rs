@@ -1,0 +1,1056 @@
+//! A multi-host test lab for weft on one Linux machine.
+//!
+//! [`Lab::new`] builds a small data centre out of network namespaces: one *switch* namespace
+//! holding a Linux bridge (`br0`), and `hosts` *host* namespaces, each joined to the bridge by a
+//! veth pair (`ul0` in the host, underlay address `192.168.77.<i+1>/24`; `s<i>` on the switch).
+//! [`Lab::start_router`] runs `weft router` in a host namespace as a child process (its log goes to
+//! `/tmp/weft-lab-<id>/h<i>/router.log`), [`Lab::add_container`] makes a "container" namespace and
+//! has that host's router attach it, [`Lab::block`] cuts the underlay between two hosts with an
+//! nftables rule on the switch. Dropping the [`Lab`] stops the routers and deletes everything it
+//! made; [`cleanup_stale`] removes what a crashed run left behind. [`demo`] is `weft lab demo`.
+//!
+//! Names: every lab has an id `wl<pid>x<n>` (creator PID, per-process counter); its namespaces are
+//! `<id>-sw`, `<id>-h<i>` and `<id>-<container>`. Commands run in a namespace with
+//! `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, whose private mount namespace would hide
+//! namespaces created later).
+//!
+//! Left out: only network namespaces are used (containers share the machine's mount, PID and user
+//! namespaces and its filesystem); no impairment beyond a full block (the kernel here has no
+//! netem); IPv4 underlay only; one flat L2 underlay (no routed/NATed hosts). Everything needs root.
+//! Traffic only flows between the lab's own namespaces: [`Lab::exec`] refuses other namespaces.
+//!
+//! A test:
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use std::time::Duration;
+//! use weft_lab::{Lab, LabConfig};
+//! if !weft_lab::require_root("two_hosts") {
+//!     return Ok(());
+//! }
+//! weft_lab::cleanup_stale()?; // what crashed runs left behind
+//! let mut lab = Lab::new(LabConfig::new(2, weft_lab::find_weft_bin()?))?;
+//! lab.start_router(0, &[])?;
+//! lab.start_router(1, &[0])?;
+//! lab.wait_established(1, 1, Duration::from_secs(20))?;
+//! let a = lab.add_container(0, "a", "10.40.0.1/24")?;
+//! let b = lab.add_container(1, "b", "10.40.0.2/24")?;
+//! assert!(lab.exec(&a.ns, &["ping", "-c1", "-W2", &b.ip.to_string()])?.status.success());
+//! # Ok(()) }
+//! ```
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const NETNS_DIR: &str = "/run/netns";
+/// Limit for `ip`, `nft` and `weft` client commands.
+const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Limit for [`Lab::exec`] commands (long enough for an iperf3 run).
+const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long routers get between SIGTERM and SIGKILL on teardown.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+/// Serialises `ip netns add` within this process: concurrent first use of /run/netns can stack mounts.
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+
+/// What to build. `LabConfig::new(hosts, weft_bin)` fills in the rest with defaults.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    /// Number of host namespaces (1..=250).
+    pub hosts: usize,
+    /// The `weft` binary used for routers and client commands.
+    pub weft_bin: PathBuf,
+    /// Passed as `--password` to every router.
+    pub password: Option<String>,
+    /// Extra router arguments (e.g. `--no-discovery`), placed before the peer addresses.
+    pub router_args: Vec<String>,
+    /// Leave namespaces, routers and the temp dir in place when the lab is dropped (for inspection;
+    /// a later [`cleanup_stale`] removes them once this process has exited).
+    pub keep: bool,
+}
+
+impl LabConfig {
+    /// `hosts` hosts using `weft_bin`, no password, no extra arguments, cleaned up on drop.
+    pub fn new(hosts: usize, weft_bin: impl Into<PathBuf>) -> LabConfig {
+        LabConfig {
+            hosts,
+            weft_bin: weft_bin.into(),
+            password: None,
+            router_args: Vec::new(),
+            keep: false,
+        }
+    }
+}
+
+/// One simulated machine: a network namespace on the underlay switch, maybe running a router.
+#[derive(Debug)]
+pub struct Host {
+    /// Position in [`Lab::hosts`].
+    pub index: usize,
+    /// Network namespace name (`/run/netns/<ns>`).
+    pub ns: String,
+    /// Address of `ul0`, `192.168.77.<index+1>`.
+    pub underlay_ip: Ipv4Addr,
+    /// The router's API socket (`--api-socket`).
+    pub api_socket: PathBuf,
+    /// The router's `--state-dir`.
+    pub state_dir: PathBuf,
+    /// The router's stdout+stderr (appended across restarts).
+    pub log: PathBuf,
+    router: Option<Child>,
+}
+
+impl Host {
+    /// PID of the running router child, if one was started and not yet killed.
+    pub fn router_pid(&self) -> Option<u32> {
+        self.router.as_ref().map(Child::id)
+    }
+}
+
+/// A container namespace attached to a host's router.
+#[derive(Debug, Clone)]
+pub struct Container {
+    /// Network namespace name; use it with [`Lab::exec`].
+    pub ns: String,
+    /// Index of the host whose router attached it.
+    pub host: usize,
+    /// The address given to `weft attach`.
+    pub ip: Ipv4Addr,
+}
+
+/// A running lab; see the crate docs. Dropping it cleans up unless [`LabConfig::keep`].
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    dir: PathBuf,
+    cfg: LabConfig,
+    switch: String,
+    hosts: Vec<Host>,
+    /// Every namespace this lab made, in creation order.
+    namespaces: Vec<String>,
+    blocked: BTreeSet<(usize, usize)>,
+    nft_ready: bool,
+}
+
+impl Lab {
+    /// Creates the switch and host namespaces and the underlay. Does not start routers.
+    /// On failure everything made so far is removed again.
+    pub fn new(cfg: LabConfig) -> Result<Lab> {
+        if !(1..=250).contains(&cfg.hosts) {
+            bail!("a lab needs 1 to 250 hosts, not {}", cfg.hosts);
+        }
+        let id = fresh_id();
+        let dir = PathBuf::from(format!("/tmp/weft-lab-{id}"));
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create lab directory {}", dir.display()))?;
+        let mut lab = Lab {
+            switch: format!("{id}-sw"),
+            id,
+            dir,
+            cfg,
+            hosts: Vec::new(),
+            namespaces: Vec::new(),
+            blocked: BTreeSet::new(),
+            nft_ready: false,
+        };
+        if let Err(e) = lab.build() {
+            lab.cfg.keep = false; // a half-built lab is never kept
+            return Err(e.context(format!(
+                "building lab {} failed (it was cleaned up again)",
+                lab.id
+            )));
+        }
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let sw = self.switch.clone();
+        self.add_netns(&sw)?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 0..self.cfg.hosts {
+            let ns = format!("{}-h{i}", self.id);
+            self.add_netns(&ns)?;
+            let port = format!("s{i}");
+            ip(&[
+                "link", "add", &port, "netns", &sw, "type", "veth", "peer", "name", "ul0", "netns",
+                &ns,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            let underlay_ip = Ipv4Addr::new(192, 168, 77, i as u8 + 1);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{underlay_ip}/24"),
+                "dev",
+                "ul0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "ul0", "up"])?;
+            let hdir = self.dir.join(format!("h{i}"));
+            let state_dir = hdir.join("state");
+            fs::create_dir_all(&state_dir)
+                .with_context(|| format!("cannot create {}", state_dir.display()))?;
+            self.hosts.push(Host {
+                index: i,
+                ns,
+                underlay_ip,
+                api_socket: hdir.join("weft.sock"),
+                state_dir,
+                log: hdir.join("router.log"),
+                router: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates namespace `name` with `lo` up and records it for cleanup.
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        if Path::new(NETNS_DIR).join(name).exists() {
+            bail!("network namespace {name} already exists (pick another name, or remove it with `ip netns del {name}`)");
+        }
+        {
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            ip(&["netns", "add", name])?;
+        }
+        self.namespaces.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// The lab id (`wl<pid>x<n>`), the prefix of all its namespace names.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The lab's temp dir, `/tmp/weft-lab-<id>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Host `i`. Panics if `i` is out of range.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// All hosts, in index order.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Name of the switch namespace (bridge `br0`, ports `s<i>`).
+    pub fn switch_ns(&self) -> &str {
+        &self.switch
+    }
+
+    fn checked_host(&self, i: usize) -> Result<&Host> {
+        self.hosts.get(i).ok_or_else(|| {
+            anyhow!(
+                "lab {} has no host {i} (it has {})",
+                self.id,
+                self.hosts.len()
+            )
+        })
+    }
+
+    /// Starts `weft router` on host `i`, with the underlay IPs of hosts `peers` as PEER arguments.
+    /// Fails if a router is already running there, or if it exits within the first 100 ms.
+    pub fn start_router(&mut self, i: usize, peers: &[usize]) -> Result<()> {
+        let peer_ips = peers
+            .iter()
+            .map(|&p| self.checked_host(p).map(|h| h.underlay_ip.to_string()))
+            .collect::<Result<Vec<_>>>()?;
+        self.checked_host(i)?;
+        if !self.cfg.weft_bin.is_file() {
+            bail!(
+                "weft binary {} not found (build it with `cargo build -p weft`)",
+                self.cfg.weft_bin.display()
+            );
+        }
+        let host = &mut self.hosts[i];
+        if let Some(child) = host.router.as_mut() {
+            if child.try_wait()?.is_none() {
+                bail!(
+                    "a router is already running on host {i} (pid {}); kill_router it first",
+                    child.id()
+                );
+            }
+        }
+        let mut cmd = nsenter(&host.ns);
+        cmd.arg(&self.cfg.weft_bin).arg("router");
+        cmd.arg("--state-dir").arg(&host.state_dir);
+        cmd.arg("--api-socket").arg(&host.api_socket);
+        cmd.arg("--nickname").arg(format!("h{i}"));
+        if let Some(pw) = &self.cfg.password {
+            cmd.arg("--password").arg(pw);
+        }
+        cmd.args(&self.cfg.router_args).args(&peer_ips);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&host.log)
+            .with_context(|| format!("cannot open router log {}", host.log.display()))?;
+        {
+            use std::io::Write;
+            writeln!(log, "=== weft-lab: starting `{}`", describe(&cmd))?;
+        }
+        let err_log = log.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+        thread::sleep(Duration::from_millis(100));
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "router on host {i} exited at once ({status}); last lines of {}:\n{}",
+                host.log.display(),
+                tail(&host.log, 30)
+            );
+        }
+        host.router = Some(child);
+        Ok(())
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`, `libc::SIGKILL`) to host `i`'s router by PID and
+    /// waits up to 10 s for it to exit. Errors if no router runs there or it does not exit.
+    pub fn kill_router(&mut self, i: usize, signal: i32) -> Result<()> {
+        self.checked_host(i)?;
+        let host = &mut self.hosts[i];
+        let child = host
+            .router
+            .as_mut()
+            .ok_or_else(|| anyhow!("no router running on host {i}"))?;
+        let pid = child.id();
+        if child.try_wait()?.is_none() {
+            // SAFETY: plain syscall on our own child's PID (not yet reaped, so not reused).
+            if unsafe { libc::kill(pid as libc::pid_t, signal) } != 0 {
+                bail!(
+                    "kill({pid}, {signal}) for the router on host {i} failed: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        if wait_timeout(child, Duration::from_secs(10))?.is_none() {
+            bail!("router on host {i} (pid {pid}) did not exit within 10 s of signal {signal}");
+        }
+        host.router = None;
+        Ok(())
+    }
+
+    /// Runs `weft --api-socket <sock> <args>` in host `i`'s namespace; returns its output whatever
+    /// the exit status (killed after 30 s).
+    pub fn weft(&self, i: usize, args: &[&str]) -> Result<Output> {
+        let h = self.checked_host(i)?;
+        let mut cmd = nsenter(&h.ns);
+        cmd.arg(&self.cfg.weft_bin)
+            .arg("--api-socket")
+            .arg(&h.api_socket)
+            .args(args);
+        run(&mut cmd, CMD_TIMEOUT)
+    }
+
+    /// Like [`Lab::weft`] with `--json` appended; fails unless it exits 0 and prints JSON.
+    pub fn weft_json(&self, i: usize, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.weft(i, &all)?;
+        let shown = all.join(" ");
+        if !out.status.success() {
+            bail!(
+                "`weft {shown}` on host {i} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`weft {shown}` on host {i} did not print JSON: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            )
+        })
+    }
+
+    /// Polls `weft status --json` on host `i` until at least `n` connections are `established`.
+    /// On timeout (or if the router dies) the error has the last status and the router log's tail.
+    pub fn wait_established(&self, i: usize, n: usize, timeout: Duration) -> Result<()> {
+        let host = self.checked_host(i)?;
+        let pid = host
+            .router_pid()
+            .ok_or_else(|| anyhow!("no router running on host {i}; start_router first"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (count, last) = match self.weft_json(i, &["status"]) {
+                Ok(v) => (count_established(&v), summarize_status(&v)),
+                Err(e) => (0, format!("{e:#}")),
+            };
+            if count >= n {
+                return Ok(());
+            }
+            let why = if !pid_running(pid) {
+                format!("router on host {i} (pid {pid}) exited")
+            } else if Instant::now() >= deadline {
+                format!("host {i}: {count} of {n} connections established after {timeout:?}")
+            } else {
+                thread::sleep(Duration::from_millis(250));
+                continue;
+            };
+            bail!(
+                "{why}\nlast status:\n{last}\nlast lines of {}:\n{}",
+                host.log.display(),
+                tail(&host.log, 40)
+            );
+        }
+    }
+
+    /// Creates container namespace `<id>-<name>` and runs `weft attach <ns> <cidr>` on `host`.
+    pub fn add_container(&mut self, host: usize, name: &str, cidr: &str) -> Result<Container> {
+        self.checked_host(host)?;
+        if name.is_empty()
+            || name.len() > 40
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            bail!("container name {name:?} must be 1-40 characters of [A-Za-z0-9_-]");
+        }
+        let ip: Ipv4Addr = cidr
+            .split_once('/')
+            .and_then(|(a, p)| {
+                p.parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .and(a.parse().ok())
+            })
+            .ok_or_else(|| {
+                anyhow!("container address {cidr:?} is not IPv4/PREFIX like 10.40.0.1/24")
+            })?;
+        let ns = format!("{}-{name}", self.id);
+        self.add_netns(&ns)
+            .with_context(|| format!("creating container {name}"))?;
+        let out = self.weft(host, &["attach", &ns, cidr])?;
+        if !out.status.success() {
+            bail!(
+                "`weft attach {ns} {cidr}` on host {host} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Container { ns, host, ip })
+    }
+
+    /// Runs `cmd` in namespace `ns` (one of this lab's) via `nsenter --net=`; returns its output
+    /// whatever the exit status (killed after 300 s).
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<Output> {
+        if !self.namespaces.iter().any(|n| n == ns) {
+            bail!("{ns} is not a namespace of lab {} (the lab only runs commands in its own namespaces)", self.id);
+        }
+        let (prog, args) = cmd
+            .split_first()
+            .ok_or_else(|| anyhow!("exec in {ns}: empty command"))?;
+        let mut c = nsenter(ns);
+        c.arg(prog).args(args);
+        run(&mut c, EXEC_TIMEOUT)
+    }
+
+    /// Drops all underlay frames between hosts `a` and `b`, both ways (nftables `bridge` table
+    /// `weft_lab` in the switch namespace, matching switch ports). Blocking twice is a no-op.
+    pub fn block(&mut self, a: usize, b: usize) -> Result<()> {
+        let key = self.pair(a, b)?;
+        if self.blocked.contains(&key) {
+            return Ok(());
+        }
+        self.ensure_nft()?;
+        self.nft(&format!(
+            "add element bridge weft_lab blocked {{ \"s{a}\" . \"s{b}\", \"s{b}\" . \"s{a}\" }}"
+        ))?;
+        self.blocked.insert(key);
+        Ok(())
+    }
+
+    /// Undoes [`Lab::block`]; a no-op if the pair is not blocked.
+    pub fn unblock(&mut self, a: usize, b: usize) -> Result<()> {
+        let key = self.pair(a, b)?;
+        if !self.blocked.contains(&key) {
+            return Ok(());
+        }
+        self.nft(&format!(
+            "delete element bridge weft_lab blocked {{ \"s{a}\" . \"s{b}\", \"s{b}\" . \"s{a}\" }}"
+        ))?;
+        self.blocked.remove(&key);
+        Ok(())
+    }
+
+    fn pair(&self, a: usize, b: usize) -> Result<(usize, usize)> {
+        self.checked_host(a)?;
+        self.checked_host(b)?;
+        if a == b {
+            bail!("cannot block host {a} from itself");
+        }
+        Ok((a.min(b), a.max(b)))
+    }
+
+    fn ensure_nft(&mut self) -> Result<()> {
+        if !self.nft_ready {
+            self.nft(
+                "add table bridge weft_lab; \
+                 add set bridge weft_lab blocked { type ifname . ifname; }; \
+                 add chain bridge weft_lab forward { type filter hook forward priority 0; policy accept; }; \
+                 add rule bridge weft_lab forward iifname . oifname @blocked drop",
+            )?;
+            self.nft_ready = true;
+        }
+        Ok(())
+    }
+
+    fn nft(&self, rule: &str) -> Result<()> {
+        let mut c = nsenter(&self.switch);
+        c.arg("nft").arg(rule);
+        checked(&mut c).context("nftables in the switch namespace (is `nft` installed?)")
+    }
+
+    /// Stops routers (SIGTERM, SIGKILL after 2 s), kills leftover processes in the lab's
+    /// namespaces, deletes them and the temp dir. Returns what went wrong, if anything.
+    fn teardown(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for h in &mut self.hosts {
+            if let Some(mut child) = h.router.take() {
+                if let Err(e) = stop_child(&mut child, TERM_GRACE) {
+                    errors.push(format!("stopping router on host {}: {e:#}", h.index));
+                }
+            }
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            if let Err(e) = remove_netns(&ns) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                errors.push(format!("removing {}: {e}", self.dir.display()));
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.cfg.keep {
+            return;
+        }
+        for e in self.teardown() {
+            eprintln!("weft-lab {}: cleanup: {e}", self.id);
+        }
+    }
+}
+
+/// Whether this process runs as root (effective UID 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// For tests: returns `false` and prints "skipping <test>: ..." when not root or when `ip`,
+/// `nft` or `nsenter` is missing; `true` when lab tests can run.
+pub fn require_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("skipping {test}: needs root (lab tests create network namespaces)");
+        return false;
+    }
+    for tool in ["ip", "nft", "nsenter"] {
+        if !in_path(tool) {
+            eprintln!("skipping {test}: `{tool}` not found in PATH (install iproute2, nftables, util-linux)");
+            return false;
+        }
+    }
+    true
+}
+
+/// Finds the `weft` binary for tests: `$WEFT_BIN` if set, else `weft` next to the running test
+/// executable's `deps/` directory (`target/<profile>/weft`). Cargo only builds it for tests of the
+/// `weft` package itself, so elsewhere run `cargo build -p weft` first (or it may be stale).
+pub fn find_weft_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("WEFT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let candidate = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .map(|d| d.join("weft"));
+    match candidate {
+        Some(p) if p.is_file() => Ok(p),
+        _ => bail!(
+            "no weft binary next to {} (run `cargo build -p weft` or set WEFT_BIN)",
+            exe.display()
+        ),
+    }
+}
+
+/// Removes leftovers of labs whose creating process is dead (the PID is part of every name):
+/// kills processes still inside their namespaces, deletes the namespaces and `/tmp/weft-lab-<id>*`
+/// dirs and files. Returns how many namespaces were deleted. Labs of live processes are never touched.
+pub fn cleanup_stale() -> Result<usize> {
+    let mut count = 0;
+    let mut errors = Vec::new();
+    if let Ok(entries) = fs::read_dir(NETNS_DIR) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((id, rest)) = name.split_once('-') else {
+                continue;
+            };
+            if stale_id(id) && !rest.is_empty() {
+                match remove_netns(&name) {
+                    Ok(()) => count += 1,
+                    // another process cleaning up at the same time got there first
+                    Err(_) if !e.path().exists() => {}
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/tmp") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name
+                .strip_prefix("weft-lab-")
+                .and_then(|r| r.split('-').next());
+            if id.is_some_and(stale_id) {
+                let path = e.path();
+                let res = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if let Err(err) = res.or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                }) {
+                    errors.push(format!("removing {}: {err}", e.path().display()));
+                }
+            }
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "cleanup of stale labs removed {count} namespaces but failed on: {}",
+            errors.join("; ")
+        );
+    }
+    Ok(count)
+}
+
+/// `weft lab demo`: builds `cfg.hosts` hosts, starts a router on each (host i>0 gets host 0 as
+/// its peer), waits for a full mesh, attaches container `c<i>` (10.40.0.<i+1>/24) to each host,
+/// pings every other container from `c0`, and writes progress and a summary to `out`.
+/// Cleans up unless `cfg.keep`. Errors if any step or ping fails.
+pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
+    let n = cfg.hosts;
+    if !(2..=250).contains(&n) {
+        bail!("the demo needs 2 to 250 hosts, not {n}");
+    }
+    if !is_root() {
+        bail!("the lab demo needs root: it creates network namespaces (run it with sudo)");
+    }
+    let keep = cfg.keep;
+    let start = Instant::now();
+    let stamp = |start: Instant| format!("[{:5.1}s]", start.elapsed().as_secs_f64());
+    writeln!(
+        out,
+        "weft lab demo: {n} hosts on one underlay switch (192.168.77.0/24), one container on each"
+    )?;
+    let mut lab = Lab::new(cfg)?;
+    writeln!(
+        out,
+        "{} created lab {}: switch {} and hosts {}-h0..h{}",
+        stamp(start),
+        lab.id,
+        lab.switch,
+        lab.id,
+        n - 1
+    )?;
+    for i in 0..n {
+        let peers: &[usize] = if i == 0 { &[] } else { &[0] };
+        lab.start_router(i, peers)?;
+        let pid = lab.hosts[i].router_pid().unwrap_or(0);
+        let via = if i == 0 {
+            String::new()
+        } else {
+            format!(", peer {}", lab.hosts[0].underlay_ip)
+        };
+        writeln!(
+            out,
+            "{} started router h{i} (pid {pid}, {}{via})",
+            stamp(start),
+            lab.hosts[i].underlay_ip
+        )?;
+    }
+    let timeout = Duration::from_secs(30 + 2 * n as u64);
+    for i in 0..n {
+        lab.wait_established(i, n - 1, timeout)?;
+    }
+    writeln!(
+        out,
+        "{} mesh connected: every router has {} established connections",
+        stamp(start),
+        n - 1
+    )?;
+    for i in 0..n {
+        let v = lab.weft_json(i, &["status"])?;
+        let conns = v["connections"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let paths: BTreeSet<&str> = conns.iter().filter_map(|c| c["path"].as_str()).collect();
+        let encrypted = conns
+            .iter()
+            .filter(|c| c["encrypted"].as_bool() == Some(true))
+            .count();
+        writeln!(
+            out,
+            "         h{i} {}: encryption {}, {encrypted}/{} connections encrypted, paths: {}",
+            v["name"].as_str().unwrap_or("?"),
+            v["encryption"].as_str().unwrap_or("?"),
+            conns.len(),
+            if paths.is_empty() {
+                "-".to_string()
+            } else {
+                paths.into_iter().collect::<Vec<_>>().join(",")
+            }
+        )?;
+    }
+    let mut containers = Vec::new();
+    for i in 0..n {
+        let c = lab.add_container(i, &format!("c{i}"), &format!("10.40.0.{}/24", i + 1))?;
+        writeln!(
+            out,
+            "{} attached container {} ({}) to h{i}",
+            stamp(start),
+            c.ns,
+            c.ip
+        )?;
+        containers.push(c);
+    }
+    let mut failed = Vec::new();
+    let mut summary = String::new();
+    for c in &containers[1..] {
+        let result = ping_until(&lab, &containers[0].ns, c.ip, Duration::from_secs(15));
+        let line = match &result {
+            Ok(rtt) => format!("c0 -> c{} {} on h{}: ok, {rtt}", c.host, c.ip, c.host),
+            Err(e) => {
+                failed.push(format!("c{} {}", c.host, c.ip));
+                format!("c0 -> c{} {} on h{}: FAILED ({e:#})", c.host, c.ip, c.host)
+            }
+        };
+        writeln!(out, "{} ping {line}", stamp(start))?;
+        let _ = writeln!(summary, "  {line}");
+    }
+    writeln!(
+        out,
+        "summary: {n} hosts, {} connections, {} of {} pings ok",
+        n * (n - 1) / 2,
+        n - 1 - failed.len(),
+        n - 1
+    )?;
+    write!(out, "{summary}")?;
+    if keep {
+        writeln!(
+            out,
+            "kept lab {} (--keep): namespaces under /run/netns/{}-*, logs in {}",
+            lab.id,
+            lab.id,
+            lab.dir.display()
+        )?;
+        for h in &lab.hosts {
+            writeln!(
+                out,
+                "  h{}: router pid {}; nsenter --net=/run/netns/{} {} --api-socket {} status",
+                h.index,
+                h.router_pid().unwrap_or(0),
+                h.ns,
+                lab.cfg.weft_bin.display(),
+                h.api_socket.display()
+            )?;
+        }
+        writeln!(out, "  stop the routers by PID, then `ip netns del` the namespaces (or clean up stale labs)")?;
+    }
+    drop(lab);
+    if !keep {
+        writeln!(out, "{} cleaned up", stamp(start))?;
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} pings from c0 failed: {}",
+            failed.len(),
+            n - 1,
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Pings `ip` from namespace `ns` once a second until it answers (or `limit`), then 3 more
+/// times; returns the "rtt avg" text.
+fn ping_until(lab: &Lab, ns: &str, ip: Ipv4Addr, limit: Duration) -> Result<String> {
+    let target = ip.to_string();
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = lab.exec(ns, &["ping", "-c1", "-W1", &target])?;
+        if out.status.success() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("no answer within {limit:?}");
+        }
+    }
+    let out = lab.exec(ns, &["ping", "-q", "-c3", "-i0.2", "-W1", &target])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let avg = text
+        .lines()
+        .find_map(|l| {
+            l.split_once(" = ")
+                .filter(|(k, _)| k.starts_with("rtt"))
+                .map(|(_, v)| v.to_string())
+        })
+        .and_then(|v| v.split('/').nth(1).map(|a| format!("rtt avg {a} ms")))
+        .unwrap_or_else(|| "answered".to_string());
+    Ok(avg)
+}
+
+fn count_established(status: &serde_json::Value) -> usize {
+    status["connections"].as_array().map_or(0, |cs| {
+        cs.iter()
+            .filter(|c| c["state"].as_str() == Some("established"))
+            .count()
+    })
+}
+
+fn summarize_status(status: &serde_json::Value) -> String {
+    let Some(conns) = status["connections"].as_array() else {
+        return status.to_string();
+    };
+    if conns.is_empty() {
+        return "  (no connections)".to_string();
+    }
+    let mut s = String::new();
+    for c in conns {
+        let f = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+        let _ = writeln!(
+            s,
+            "  {} {} {} {}",
+            f("address"),
+            f("peer_nickname"),
+            f("state"),
+            f("info")
+        );
+    }
+    s
+}
+
+/// A fresh lab id whose namespaces and temp dir do not exist yet.
+fn fresh_id() -> String {
+    loop {
+        let id = format!(
+            "wl{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        if !Path::new(&format!("{NETNS_DIR}/{id}-sw")).exists()
+            && !Path::new(&format!("/tmp/weft-lab-{id}")).exists()
+        {
+            return id;
+        }
+    }
+}
+
+/// Whether `id` is `wl<pid>x<n>` with `<pid>` no longer running.
+fn stale_id(id: &str) -> bool {
+    let Some((pid, n)) = id.strip_prefix("wl").and_then(|r| r.split_once('x')) else {
+        return false;
+    };
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    match pid.parse::<u32>() {
+        Ok(pid) if pid > 0 && pid != std::process::id() => !pid_exists(pid),
+        _ => false,
+    }
+}
+
+fn pid_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let ok = unsafe { libc::kill(pid as libc::pid_t, 0) == 0 };
+    ok || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Exists and is not a zombie.
+fn pid_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Kills (SIGKILL, by PID) every process in namespace `ns`, then deletes it.
+fn remove_netns(ns: &str) -> Result<()> {
+    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", ns]), CMD_TIMEOUT) {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if pid > 1 && pid as u32 != std::process::id() {
+                // SAFETY: plain syscall; the PID was just listed as living in our namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    ip(&["netns", "del", ns])
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL and reap.
+fn stop_child(child: &mut Child, grace: Duration) -> Result<()> {
+    if child.try_wait()?.is_some() {
+        return Ok(());
+    }
+    // SAFETY: our own unreaped child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    if wait_timeout(child, grace)?.is_none() {
+        child.kill()?;
+        child.wait()?;
+    }
+    Ok(())
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+fn nsenter(ns: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={NETNS_DIR}/{ns}"));
+    c
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    checked(Command::new("ip").args(args))
+}
+
+/// Runs `cmd`; fails with its stderr unless it exits 0.
+fn checked(cmd: &mut Command) -> Result<()> {
+    let out = run(cmd, CMD_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "command `{}` failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with stdin closed, collecting output; kills it (by PID) after `limit`.
+fn run(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start `{}` (is it installed and in PATH?)",
+                describe(cmd)
+            )
+        })?;
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let (so, se) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let Some(status) = wait_timeout(&mut child, limit)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "command `{}` did not finish within {limit:?}; killed it",
+            describe(cmd)
+        );
+    };
+    Ok(Output {
+        status,
+        stdout: so.join().unwrap_or_default(),
+        stderr: se.join().unwrap_or_default(),
+    })
+}
+
+/// The command line, with `--password` values hidden.
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    let mut hide = false;
+    for a in cmd.get_args() {
+        s.push(' ');
+        let shown = a.to_string_lossy();
+        s.push_str(if hide { "***" } else { &shown });
+        hide = a == "--password";
+    }
+    s
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+fn in_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests;
