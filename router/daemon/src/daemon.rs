@@ -489,6 +489,10 @@ impl Actor {
                 "bytes_in": s.bytes_in.load(Relaxed), "datagrams_out": s.datagrams_out.load(Relaxed),
                 "datagrams_in": s.datagrams_in.load(Relaxed), "drops": drops,
                 "gossip_refused": self.core.stats().gossip_refused,
+                "handshake_failures": crate::metrics::HANDSHAKE_LABELS.iter().zip(self.shared.ctl.handshake_failures.iter())
+                    .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed)))).collect::<serde_json::Map<_, _>>(),
+                "control_read_errors": crate::metrics::READ_LABELS.iter().zip(self.shared.ctl.read_errors.iter())
+                    .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed)))).collect::<serde_json::Map<_, _>>(),
             },
         })
     }
@@ -563,6 +567,11 @@ async fn connection(shared: Arc<Shared>, mut s: TcpStream, remote: SocketAddr, t
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     let theirs: SessionHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv()).await {
         Ok(Ok(h)) => h,
+        Ok(Err(ReadError::Refused)) => {
+            shared.ctl.handshake_failed("wrong_password");
+            warn!(%remote, error = %ReadError::Refused, "refused by a peer");
+            return Err(ReadError::Refused.to_string());
+        }
         Ok(Err(e)) => {
             shared.ctl.read_failed(e.label());
             return Err(format!("reading hello: {e}"));

@@ -107,6 +107,10 @@ pub struct Host {
     /// The router's stdout+stderr (appended across restarts).
     pub log: PathBuf,
     router: Option<Child>,
+    /// Per-host password, overriding [`LabConfig::password`] (`Some(None)`: no password).
+    password: Option<Option<String>>,
+    /// Per-host arguments added after [`LabConfig::router_args`].
+    extra_args: Vec<String>,
 }
 
 impl Host {
@@ -209,6 +213,8 @@ impl Lab {
                 state_dir,
                 log: hdir.join("router.log"),
                 router: None,
+                password: None,
+                extra_args: Vec::new(),
             });
         }
         Ok(())
@@ -263,6 +269,16 @@ impl Lab {
         })
     }
 
+    /// Gives host `i` its own password (`None`: run without one) and extra router
+    /// arguments, for the routers it starts from now on.
+    pub fn configure_host(&mut self, i: usize, password: Option<&str>, extra_args: &[&str]) -> Result<()> {
+        self.checked_host(i)?;
+        let h = &mut self.hosts[i];
+        h.password = Some(password.map(str::to_string));
+        h.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        Ok(())
+    }
+
     /// Starts `weft router` on host `i`, with the underlay IPs of hosts `peers` as PEER arguments.
     /// Fails if a router is already running there, or if it exits within the first 100 ms.
     pub fn start_router(&mut self, i: usize, peers: &[usize]) -> Result<()> {
@@ -291,10 +307,14 @@ impl Lab {
         cmd.arg("--state-dir").arg(&host.state_dir);
         cmd.arg("--api-socket").arg(&host.api_socket);
         cmd.arg("--nickname").arg(format!("h{i}"));
-        if let Some(pw) = &self.cfg.password {
+        let pw = match &host.password {
+            Some(p) => p.as_ref(),
+            None => self.cfg.password.as_ref(),
+        };
+        if let Some(pw) = pw {
             cmd.arg("--password").arg(pw);
         }
-        cmd.args(&self.cfg.router_args).args(&peer_ips);
+        cmd.args(&self.cfg.router_args).args(&host.extra_args).args(&peer_ips);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

@@ -1,0 +1,196 @@
+//! Helpers for the end-to-end lab tests: labs with real `weft` routers, an
+//! AF_PACKET capture on a lab host's underlay, and sockets opened inside a
+//! lab namespace.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_lab::{Container, Lab, LabConfig};
+
+/// A lab of `hosts` hosts with the test binary's `weft`. `None` when not root (the test skips).
+pub fn lab(test: &str, hosts: usize, password: Option<&str>, router_args: &[&str]) -> Option<Lab> {
+    if !weft_lab::require_root(test) {
+        return None;
+    }
+    let _ = weft_lab::cleanup_stale();
+    let mut cfg = LabConfig::new(hosts, env!("CARGO_BIN_EXE_weft"));
+    cfg.password = password.map(str::to_string);
+    cfg.router_args = router_args.iter().map(|s| s.to_string()).collect();
+    Some(Lab::new(cfg).expect("building the lab"))
+}
+
+/// Starts routers: host 0 alone, every other host given host 0.
+pub fn start_star(lab: &mut Lab) {
+    let n = lab.hosts().len();
+    for i in 0..n {
+        let peers: Vec<usize> = if i == 0 { vec![] } else { vec![0] };
+        lab.start_router(i, &peers).expect("starting router");
+    }
+}
+
+/// Pings `ip` from `c` until it answers or `timeout` passes; returns whether it did.
+pub fn ping_until(lab: &Lab, c: &Container, ip: &str, extra: &[&str], timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let mut args = vec!["ping", "-c", "1", "-W", "1"];
+        args.extend_from_slice(extra);
+        args.push(ip);
+        if lab.exec(&c.ns, &args).map(|o| o.status.success()).unwrap_or(false) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// `weft status --json` of host `i`.
+pub fn status(lab: &Lab, i: usize) -> Value {
+    lab.weft_json(i, &["status"]).expect("weft status")
+}
+
+/// Number of connections of host `i` in state `established`.
+pub fn established(lab: &Lab, i: usize) -> usize {
+    status(lab, i)["connections"]
+        .as_array()
+        .map(|a| a.iter().filter(|c| c["state"] == "established").count())
+        .unwrap_or(0)
+}
+
+/// Polls `cond` every 200 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cond()
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (a lab namespace).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a namespace fd we hold open.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Frames captured with an AF_PACKET socket on one interface of a lab namespace.
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    /// Starts capturing every frame on `ifname` in namespace `ns`.
+    pub fn start(ns: &str, ifname: &str) -> Capture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (s2, f2, ns, ifname) = (stop.clone(), frames.clone(), ns.to_string(), ifname.to_string());
+        let thread = std::thread::spawn(move || {
+            let file = File::open(format!("/run/netns/{ns}")).expect("open netns");
+            // SAFETY: setns on this thread only.
+            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket(2).
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let cname = std::ffi::CString::new(ifname).expect("ifname");
+            // SAFETY: if_nametoindex reads a NUL-terminated string.
+            let idx = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert!(idx > 0, "no interface in {ns}");
+            // SAFETY: zeroed sockaddr_ll is valid; we fill family, protocol and index.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = idx as i32;
+            // SAFETY: bind with a sockaddr_ll of the right size.
+            let r = unsafe {
+                libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            };
+            assert_eq!(r, 0, "bind AF_PACKET");
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+            // SAFETY: SO_RCVTIMEO with a timeval.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), 16);
+            }
+            let _ = ready_tx.send(());
+            let mut buf = vec![0u8; 70_000];
+            while !s2.load(Ordering::Relaxed) {
+                // SAFETY: recv into our buffer.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    f2.lock().expect("frames").push(buf[..n as usize].to_vec());
+                }
+            }
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(fd) };
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("capture started");
+        Capture { stop, frames, thread: Some(thread) }
+    }
+
+    /// Stops and returns the frames.
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("capture thread");
+        }
+        std::mem::take(&mut *self.frames.lock().expect("frames"))
+    }
+}
+
+/// UDP payloads (IPv4, no IP options assumed beyond IHL) to destination `port` in captured frames.
+pub fn udp_payloads(frames: &[Vec<u8>], port: u16) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for f in frames {
+        if f.len() < 14 + 20 + 8 || f[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &f[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[9] != 17 || ip.len() < ihl + 8 {
+            continue;
+        }
+        let udp = &ip[ihl..];
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+        if dport == port && len >= 8 && udp.len() >= len {
+            out.push(udp[8..len].to_vec());
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in any frame.
+pub fn contains(frames: &[Vec<u8>], needle: &[u8]) -> bool {
+    frames.iter().any(|f| f.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Sends UDP datagrams carrying `payload` from container `c` to `ip:port` (inside the lab).
+pub fn send_udp(c: &Container, ip: &str, port: u16, payload: &[u8], count: usize) {
+    let (ip, payload) = (ip.to_string(), payload.to_vec());
+    in_netns(&c.ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for _ in 0..count {
+            let _ = s.send_to(&payload, (ip.as_str(), port));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}
