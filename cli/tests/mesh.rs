@@ -300,3 +300,98 @@ fn garbage_on_the_weft_ports_is_dropped_counted_and_survived() {
     assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "traffic stopped after garbage");
     assert_eq!(established(&lab, 1), 1);
 }
+
+#[test]
+fn a_broken_udp_path_is_shown_and_heals() {
+    let Some(mut lab) = lab("a_broken_udp_path_is_shown_and_heals", 2, Some("pw"), &[]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(0, 1, UP).expect("connected");
+    let ns1 = lab.host(1).ns.clone();
+    // Host 1 drops all sleeve datagrams; TCP control stays up.
+    let nft = |script: &str| {
+        let o = lab.exec(&ns1, &["nft", script]).expect("nft");
+        assert!(o.status.success(), "nft {script}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    nft("add table inet weft_test");
+    nft("add chain inet weft_test input { type filter hook input priority 0; }");
+    nft("add rule inet weft_test input udp dport 6783 drop");
+    let broken = wait_for(Duration::from_secs(15), || {
+        let c = status(&lab, 0)["connections"][0].clone();
+        c["state"] == "pending" && c["info"].as_str().is_some_and(|i| i.contains("UDP path broken"))
+    });
+    assert!(broken, "host 0 does not show the broken UDP path: {}", status(&lab, 0)["connections"]);
+    let routes = status(&lab, 0)["routes"]["unicast"].clone();
+    assert_eq!(routes.as_object().map(|m| m.len()), Some(0), "a connection without a data path carries no routes");
+    nft("delete table inet weft_test");
+    assert!(wait_for(UP, || established(&lab, 0) == 1), "the sleeve did not come back");
+}
+
+#[test]
+fn metrics_and_a_root_only_api() {
+    let Some(mut lab) = lab("metrics_and_a_root_only_api", 2, Some("pw"), &[]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(0, 1, UP).expect("connected");
+    let body = in_netns(&lab.host(0).ns, || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:6782").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+        let mut b = String::new();
+        s.read_to_string(&mut b).expect("read");
+        b
+    });
+    for needle in [
+        "weft_connections{state=\"established\",encryption=\"encrypted\"} 1",
+        "weft_drops_total{reason=\"replay\"}",
+        "weft_handshake_failures_total{reason=\"wrong_password\"}",
+        "weft_frames_total{direction=\"out\"}",
+    ] {
+        assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
+    }
+    // The API socket refuses anyone but root.
+    let sock = lab.host(0).api_socket.clone();
+    let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.expect("socket"), 0o600);
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_weft"))
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("status")
+        .output()
+        .expect("setpriv");
+    assert!(!o.status.success(), "a non-root user read the status");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("root-only") || err.contains("permission denied") || err.contains("no weft router"), "{err}");
+}
+
+#[test]
+fn launch_returns_when_ready_and_stop_stops() {
+    let Some(lab) = lab("launch_returns_when_ready_and_stop_stops", 1, None, &[]) else { return };
+    let state = lab.dir().join("launched");
+    let state_s = state.display().to_string();
+    let o = lab.weft(0, &["launch", "--state-dir", &state_s, "--nickname", "launched"]).expect("launch");
+    // Whatever happens below, never leave the launched router running.
+    struct Guard(std::path::PathBuf);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+                // SAFETY: kill(2) on the PID the launcher recorded for its own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _guard = Guard(state.join("router.pid"));
+    assert!(o.status.success(), "launch failed: {}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("weft router started"), "{out}");
+    assert!(out.contains("NOT encrypted"), "plaintext is announced at launch: {out}");
+    // Ready means the API answers at once.
+    assert_eq!(status(&lab, 0)["nickname"], "launched");
+    let again = lab.weft(0, &["launch", "--state-dir", &state_s]).expect("launch again");
+    assert!(!again.status.success(), "a second launch must refuse");
+    let o = lab.weft(0, &["stop"]).expect("stop");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!lab.host(0).api_socket.exists(), "the API socket is gone after stop");
+    let o = lab.weft(0, &["status"]).expect("status");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no weft router is running"));
+}
