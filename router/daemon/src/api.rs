@@ -253,14 +253,14 @@ struct CidrReq {
 
 async fn expose(State(sh): State<Arc<Shared>>, Json(req): Json<CidrReq>) -> ApiResult {
     let (ip, prefix) = parse_cidr(&req.cidr)?;
-    sh.netdev.add_address(&sh.opts.bridge, ip, prefix).await.map_err(|e| internal(e))?;
+    sh.netdev.add_address(&sh.opts.bridge, ip, prefix).await.map_err(internal)?;
     info!(cidr = %req.cidr, bridge = %sh.opts.bridge, "exposed");
     Ok(Json(json!({ "exposed": req.cidr, "bridge": sh.opts.bridge })))
 }
 
 async fn hide(State(sh): State<Arc<Shared>>, Json(req): Json<CidrReq>) -> ApiResult {
     let (ip, prefix) = parse_cidr(&req.cidr)?;
-    let had = sh.netdev.del_address(&sh.opts.bridge, ip, prefix).await.map_err(|e| internal(e))?;
+    let had = sh.netdev.del_address(&sh.opts.bridge, ip, prefix).await.map_err(internal)?;
     if !had {
         return Err(bad(format!("{} is not exposed on {}", req.cidr, sh.opts.bridge)));
     }

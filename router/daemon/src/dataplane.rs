@@ -302,7 +302,7 @@ impl Dataplane {
             }
             for _ in 0..BATCH_FRAMES {
                 match self.tap.read(&mut buf) {
-                    Ok(Some(n)) => self.from_tap(&buf[..n], &mut batch),
+                    Ok(Some(n)) => self.handle_tap_frame(&buf[..n], &mut batch),
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "reading the TAP failed");
@@ -315,7 +315,7 @@ impl Dataplane {
         }
     }
 
-    fn from_tap(&self, pkt: &[u8], batch: &mut Batch) {
+    fn handle_tap_frame(&self, pkt: &[u8], batch: &mut Batch) {
         if pkt.len() < VNET_LEN + 14 {
             self.stats.drop(DropReason::Runt);
             return;
@@ -374,7 +374,7 @@ impl Dataplane {
                     let stride = meta.stride.max(1);
                     for dgram in buf[..meta.len].chunks(stride) {
                         self.stats.datagrams_in.fetch_add(1, Relaxed);
-                        if let Err(e) = self.from_udp(dgram, &mut batch) {
+                        if let Err(e) = self.handle_datagram(dgram, &mut batch) {
                             self.stats.drop(DropReason::Sleeve(e));
                             tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
                         }
@@ -385,7 +385,7 @@ impl Dataplane {
         }
     }
 
-    fn from_udp(&self, dgram: &[u8], batch: &mut Batch) -> Result<(), SleeveError> {
+    fn handle_datagram(&self, dgram: &[u8], batch: &mut Batch) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = read(&self.state).by_index.get(&head.receiver).cloned().ok_or(SleeveError::UnknownSession)?;
         let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
@@ -396,13 +396,13 @@ impl Dataplane {
                     let ms = self.start.elapsed().as_millis() as u64;
                     link.last_heartbeat.store(ms.max(1), Relaxed);
                 }
-                Record::Frame(meta, frame) => self.from_peer(&st, &link, meta, frame, batch),
+                Record::Frame(meta, frame) => self.handle_peer_frame(&st, &link, meta, frame, batch),
             }
         }
         Ok(())
     }
 
-    fn from_peer(&self, st: &State, link: &Link, meta: FrameMeta, frame: &[u8], batch: &mut Batch) {
+    fn handle_peer_frame(&self, st: &State, link: &Link, meta: FrameMeta, frame: &[u8], batch: &mut Batch) {
         if frame.len() < 14 {
             self.stats.drop(DropReason::Runt);
             return;

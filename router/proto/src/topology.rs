@@ -352,7 +352,7 @@ mod tests {
     /// A line 1-2-3-4 as seen by peer `me`.
     fn line(me: u64) -> Topology {
         let mut t = Topology::new(info(me, 1, &[]));
-        let all = vec![info(1, 1, &[2]), info(2, 1, &[1, 3]), info(3, 1, &[2, 4]), info(4, 1, &[3])];
+        let all = [info(1, 1, &[2]), info(2, 1, &[1, 3]), info(3, 1, &[2, 4]), info(4, 1, &[3])];
         t.merge(all.iter().filter(|p| p.name != n(me)).cloned().collect()).expect("merge");
         let mine = all.iter().find(|p| p.name == n(me)).expect("me").connections.clone();
         t.set_my_connections(mine);
