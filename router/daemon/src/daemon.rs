@@ -23,6 +23,7 @@ use weft_proto::{ConnId, ControlMsg, Event, PeerName, Router, RouterConfig};
 
 use crate::control::{self, HandshakeError, ReadError, RecordReader, RecordWriter, SessionHello};
 use crate::dataplane::{Dataplane, DROP_LABELS};
+use crate::forwarder::{Health, Paths, SleeveForwarder};
 use crate::metrics::ControlStats;
 use crate::netdev::NetDev;
 use crate::tap::Tap;
@@ -38,9 +39,8 @@ pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
 /// TAP MTU: large, so the bridge never drops a frame for size on its way to
 /// the router; the sleeve fragments whatever it gets.
 const TAP_MTU: u32 = 65_521;
-/// Sleeve heartbeat period, and the silence after which a UDP path counts as broken.
+/// Sleeve heartbeat period.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-const HEARTBEAT_DEAD: Duration = Duration::from_millis(3500);
 /// Control-connection keepalive and idle timeout.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(10);
 const CONTROL_IDLE: Duration = Duration::from_secs(35);
@@ -144,9 +144,7 @@ struct ConnHandle {
     peer: PeerName,
     index: u32,
     encrypted: bool,
-    local_rx: bool,
-    remote_rx: bool,
-    ever_established: bool,
+    paths: Paths,
 }
 
 /// The task that owns the core.
@@ -279,9 +277,12 @@ impl Actor {
                             peer,
                             index: our_index,
                             encrypted,
-                            local_rx: false,
-                            remote_rx: false,
-                            ever_established: false,
+                            paths: Paths::new(vec![Box::new(SleeveForwarder::new(
+                                self.shared.dp.clone(),
+                                peer,
+                                our_index,
+                                self.shared.udp_port,
+                            ))]),
                         });
                         let _ = reply.send(true);
                     }
@@ -303,11 +304,12 @@ impl Actor {
                 self.core.handle_connect_failed(now, addr, error);
             }
             ActorMsg::Message { id, msg } => {
-                if let ControlMsg::SleeveState { receiving } = msg {
+                if let ControlMsg::SleeveState { .. } = msg {
                     if let Some(c) = self.conns.get_mut(&id) {
-                        c.remote_rx = receiving;
+                        if c.paths.handle_report(&msg) {
+                            self.path_changed(id);
+                        }
                     }
-                    self.update_sleeve(id);
                     return;
                 }
                 if let Err(e) = self.core.handle_message(now, id, msg) {
@@ -319,14 +321,12 @@ impl Actor {
         }
     }
 
-    fn update_sleeve(&mut self, id: ConnId) {
-        let Some(c) = self.conns.get_mut(&id) else { return };
-        let est = c.local_rx && c.remote_rx;
-        if est && !c.ever_established {
-            c.ever_established = true;
-            info!(peer = %c.peer, "sleeve established");
-        }
-        self.core.handle_sleeve_state(Instant::now(), id, est);
+    /// The connection's working path changed: tell the core whether it has one.
+    fn path_changed(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let active = c.paths.active();
+        info!(peer = %c.peer, path = active.unwrap_or("none"), "data path changed");
+        self.core.handle_sleeve_state(Instant::now(), id, active.is_some());
     }
 
     fn tick(&mut self) {
@@ -334,14 +334,12 @@ impl Actor {
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else { continue };
-            let rx = self.shared.dp.heartbeat_age(c.peer, c.index).is_some_and(|a| a < HEARTBEAT_DEAD);
-            if rx != c.local_rx {
-                c.local_rx = rx;
-                if !rx {
-                    warn!(peer = %c.peer, "no sleeve heartbeats for {:?}: UDP path broken", HEARTBEAT_DEAD);
-                }
-                let _ = c.tx.try_send(ControlMsg::SleeveState { receiving: rx });
-                self.update_sleeve(id);
+            let (reports, changed) = c.paths.tick();
+            for r in reports {
+                let _ = c.tx.try_send(r);
+            }
+            if changed {
+                self.path_changed(id);
             }
         }
         let mut gauges: BTreeMap<(String, bool), i64> = BTreeMap::new();
@@ -396,15 +394,9 @@ impl Actor {
     }
 
     fn conn_state(&self, id: ConnId) -> (&'static str, String) {
-        let Some(c) = self.conns.get(&id) else { return ("failed", String::new()) };
-        let est = self.core.connections().get(&id).is_some_and(|x| x.established);
-        if est {
-            ("established", "sleeve heartbeats both ways".into())
-        } else if c.ever_established {
-            let side = if !c.local_rx { "we hear nothing from the peer" } else { "the peer hears nothing from us" };
-            ("pending", format!("UDP path broken: {side} on UDP {}", self.shared.udp_port))
-        } else {
-            ("pending", format!("waiting for sleeve heartbeats on UDP {}", self.shared.udp_port))
+        match self.conns.get(&id) {
+            Some(c) => c.paths.describe(),
+            None => ("failed", String::new()),
         }
     }
 
@@ -418,10 +410,16 @@ impl Actor {
             .iter()
             .map(|(id, c)| {
                 let (state, info) = self.conn_state(*id);
-                let encrypted = self.conns.get(id).is_some_and(|h| h.encrypted);
+                let h = self.conns.get(id);
+                let encrypted = h.is_some_and(|h| h.encrypted);
+                let path = h.and_then(|h| h.paths.active()).unwrap_or("none");
+                let paths: Vec<Value> = h.map(|h| h.paths.report()).unwrap_or_default().into_iter().map(|(k, hl)| match hl {
+                    Health::Up => json!({"kind": k, "up": true}),
+                    Health::Down(r) => json!({"kind": k, "up": false, "reason": r}),
+                }).collect();
                 json!({
                     "peer_name": c.peer.to_string(), "peer_nickname": c.nickname, "address": c.remote.to_string(),
-                    "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": "sleeve", "info": info,
+                    "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": info,
                     "up_seconds": now.duration_since(c.since).as_secs(),
                 })
             })

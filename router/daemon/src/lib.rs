@@ -10,6 +10,7 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod forwarder;
 pub mod identity;
 pub mod metrics;
 pub mod netdev;
