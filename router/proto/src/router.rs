@@ -734,3 +734,185 @@ fn backoff(rng: &mut StdRng, initial: Duration, max: Duration, attempts: u32) ->
     let exp = initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
     jitter(rng, exp.min(max))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn n(i: u64) -> PeerName {
+        PeerName::from_u64(i)
+    }
+
+    fn router(i: u64, now: Instant) -> Router {
+        Router::new(RouterConfig::new(n(i), format!("p{i}"), i * 100, i), now)
+    }
+
+    fn hello(i: u64, uid: u64) -> Hello {
+        Hello { name: n(i), nickname: format!("p{i}"), uid, listen_port: 6783 }
+    }
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 6783))
+    }
+
+    fn drain(r: &mut Router) -> (Vec<Transmit>, Vec<Event>) {
+        let mut t = Vec::new();
+        while let Some(x) = r.poll_transmit() {
+            t.push(x);
+        }
+        let mut e = Vec::new();
+        while let Some(x) = r.poll_event() {
+            e.push(x);
+        }
+        (t, e)
+    }
+
+    #[test]
+    fn duplicate_connections_resolve_the_same_way_on_both_ends() {
+        let now = Instant::now();
+        // Peer 1 (smaller name) and peer 2 dial each other at once. Both keep the
+        // connection dialed by peer 1, whatever order they see them in.
+        let mut a = router(1, now);
+        a.add_target(now, addr(2));
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("inbound first");
+        assert!(a.handle_connection_up(now, ConnId(2), addr(2), Some(addr(2)), hello(2, 200)).is_ok(), "ours wins");
+        let (_, ev) = drain(&mut a);
+        assert!(ev.contains(&Event::Disconnect { conn: ConnId(1), reason: format!("duplicate connection to {}", n(2)) }));
+        assert_eq!(a.connections().keys().copied().collect::<Vec<_>>(), vec![ConnId(2)]);
+
+        let mut b = router(2, now);
+        b.add_target(now, addr(1));
+        b.handle_connection_up(now, ConnId(7), addr(1), Some(addr(1)), hello(1, 100)).expect("outbound first");
+        assert_eq!(
+            b.handle_connection_up(now, ConnId(8), addr(1), None, hello(1, 100)),
+            Ok(()),
+            "the inbound one (dialed by peer 1) wins on peer 2 too"
+        );
+        let (_, ev) = drain(&mut b);
+        assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(7), .. })));
+        // The target whose connection lost rests instead of redialing.
+        assert_eq!(b.targets()[&addr(1)].state, TargetState::Idle);
+    }
+
+    #[test]
+    fn a_restarted_peer_replaces_its_old_connection() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("first life");
+        a.handle_connection_up(now, ConnId(2), addr(2), None, hello(2, 201)).expect("second life");
+        let (_, ev) = drain(&mut a);
+        assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(1), reason } if reason.contains("restarted"))));
+    }
+
+    #[test]
+    fn dialing_ourselves_is_refused_and_not_retried() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.add_target(now, addr(1));
+        assert_eq!(a.handle_connection_up(now, ConnId(1), addr(1), Some(addr(1)), hello(1, 100)), Err(Refusal::OurSelf));
+        assert_eq!(a.targets()[&addr(1)].state, TargetState::Idle);
+    }
+
+    #[test]
+    fn failed_dials_back_off() {
+        let t0 = Instant::now();
+        let mut a = router(1, t0);
+        a.add_target(t0, addr(2));
+        a.handle_timeout(t0);
+        assert_eq!(drain(&mut a).1, vec![Event::Connect { addr: addr(2) }]);
+        let mut delays = Vec::new();
+        let mut now = t0;
+        for _ in 0..8 {
+            a.handle_connect_failed(now, addr(2), "refused".into());
+            let TargetState::Waiting(at) = a.targets()[&addr(2)].state else { panic!("not waiting") };
+            delays.push(at - now);
+            now = at;
+            a.handle_timeout(now);
+            drain(&mut a);
+        }
+        assert!(delays[1] > delays[0] && delays[3] > delays[2], "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(36)), "capped: {delays:?}");
+        assert_eq!(a.targets()[&addr(2)].last_error.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn forget_closes_the_dialed_connection_and_stops_retrying() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.add_target(now, addr(2));
+        a.handle_connection_up(now, ConnId(1), addr(2), Some(addr(2)), hello(2, 200)).expect("up");
+        drain(&mut a);
+        assert!(a.forget_target(addr(2)));
+        assert!(!a.forget_target(addr(2)));
+        let (_, ev) = drain(&mut a);
+        assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(1), .. })));
+        a.handle_connection_down(now, ConnId(1), "closed");
+        assert!(a.targets().is_empty());
+    }
+
+    /// A grow-only set of numbers, as a stand-in for IPAM or DNS.
+    #[derive(Default)]
+    struct Set(std::collections::BTreeSet<u32>);
+
+    impl GossipChannel for Set {
+        fn encode_full(&self) -> Vec<u8> {
+            postcard::to_stdvec(&self.0).unwrap_or_default()
+        }
+        fn merge(&mut self, _from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+            let other: std::collections::BTreeSet<u32> = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+            let new: std::collections::BTreeSet<u32> = other.difference(&self.0).copied().collect();
+            self.0.extend(new.iter().copied());
+            Ok((!new.is_empty()).then(|| postcard::to_stdvec(&new).unwrap_or_default()))
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    #[test]
+    fn channels_get_full_state_on_connect_and_pass_deltas_on() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.register_channel("set", Box::new(Set::default()));
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
+        a.handle_connection_up(now, ConnId(2), addr(3), None, hello(3, 300)).expect("up");
+        let (tx, _) = drain(&mut a);
+        assert!(tx.iter().any(|t| t.conn == ConnId(2) && matches!(&t.msg, ControlMsg::Gossip { channel, .. } if channel == "set")));
+        let payload = postcard::to_stdvec(&std::collections::BTreeSet::from([5u32, 6])).expect("enc");
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "set".into(), payload: payload.clone() }).expect("merge");
+        assert_eq!(a.channel_mut::<Set>("set").expect("set").0.len(), 2);
+        let (tx, _) = drain(&mut a);
+        // The delta goes on to peer 3, never back to peer 2.
+        assert!(tx.iter().any(|t| t.conn == ConnId(2)));
+        assert!(!tx.iter().any(|t| t.conn == ConnId(1)));
+        // Nothing new: nothing passed on.
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "set".into(), payload }).expect("merge");
+        assert!(drain(&mut a).0.is_empty());
+        // Unknown channels are ignored; bad payloads are refused and counted.
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "future".into(), payload: vec![1] }).expect("ignored");
+        assert!(a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "set".into(), payload: vec![0xff; 3] }).is_err());
+        assert_eq!(a.stats().gossip_refused, 1);
+    }
+
+    proptest! {
+        /// Truncated topology gossip is refused and changes nothing; random bytes never panic.
+        #[test]
+        fn malformed_topology_gossip_changes_nothing(cut in 0usize..200, junk in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let now = Instant::now();
+            let mut a = router(1, now);
+            a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
+            drain(&mut a);
+            let before: Vec<PeerInfo> = a.topology().peers().cloned().collect();
+            let mut b = router(2, now);
+            b.handle_connection_up(now, ConnId(9), addr(1), None, hello(1, 100)).expect("up");
+            let full = b.topology().encode_all();
+            let truncated = full[..cut.min(full.len().saturating_sub(1))].to_vec();
+            prop_assert!(a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: truncated }).is_err());
+            let after: Vec<PeerInfo> = a.topology().peers().cloned().collect();
+            prop_assert_eq!(after, before);
+            // Random bytes may even decode; they must never panic the router.
+            let _ = a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: junk });
+        }
+    }
+}
