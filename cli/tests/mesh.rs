@@ -395,3 +395,24 @@ fn launch_returns_when_ready_and_stop_stops() {
     let o = lab.weft(0, &["status"]).expect("status");
     assert!(String::from_utf8_lossy(&o.stderr).contains("no weft router is running"));
 }
+
+#[test]
+fn discovery_builds_a_full_mesh_and_can_be_switched_off() {
+    // With discovery: three hosts given only host 0 end up fully connected.
+    let Some(mut lab) = lab("discovery_builds_a_full_mesh", 3, Some("pw"), &[]) else { return };
+    start_star(&mut lab);
+    for i in 0..3 {
+        lab.wait_established(i, 2, UP).expect("full mesh through discovery");
+    }
+    drop(lab);
+    // Without: the spokes stay unconnected and reach each other through the hub.
+    let Some(mut lab) = common::lab("discovery_can_be_switched_off", 3, Some("pw"), &["--no-discovery"]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(0, 2, UP).expect("hub connected");
+    let a = lab.add_container(1, "a", "10.40.0.1/24").expect("a");
+    let _b = lab.add_container(2, "b", "10.40.0.2/24").expect("b");
+    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "spokes cannot reach each other through the hub");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&lab, 1)["connections"].as_array().map(Vec::len), Some(1), "a spoke dialled a learned peer");
+    assert!(status(&lab, 0)["stats"]["frames_relayed"].as_u64().unwrap_or(0) > 0);
+}
