@@ -17,7 +17,12 @@
 #   WEFT_BIN      weft binary (default <repo>/target/release/weft, built with cargo if missing)
 #   TINC_CIPHERS  space-separated CIPHER:DIGEST rows for tinc ("default" = tinc's blowfish/sha1);
 #                 default "default aes-256-cbc:sha256"
-#   TINC_CMTU     container MTU behind tinc (default 1500: tinc does its own PMTU handling)
+#   TINC_CMTU     container MTU behind tinc (default 1400, so frames fit tinc's UDP path; at 1500 tinc 1.0
+#                 carries most oversized frames over its TCP meta connection instead).
+#                 Note: tinc 1.0 accepts Cipher=aes-256-gcm and pings work, but its UDP data path stays
+#                 unused (1 UDP datagram seen per side): everything goes over the TCP meta connection,
+#                 so such a row is not a GCM data-path figure (see the UdpInDatagrams/TcpInSegs line).
+#   WEFT_ROUTER_ARGS  extra `weft router` options for both weft cases (e.g. "--no-offload"), for experiments
 #   KEEP_LOGS=1   keep the work directory (router logs) instead of deleting it
 #
 # Output: one line per case (Gbit/s received, TCP retransmits, whole-VM CPU busy %, per-daemon CPU),
@@ -36,13 +41,13 @@ while [ $# -gt 0 ]; do
     --quick) T=3 ;;
     --reverse) REVERSE=1 ;;
     --only) ONLY=${2:?--only needs a list}; shift ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
 TINC_CIPHERS=${TINC_CIPHERS:-"default aes-256-cbc:sha256"}
-TINC_CMTU=${TINC_CMTU:-1500}
+TINC_CMTU=${TINC_CMTU:-1400}
 
 die() { echo "sleeve-throughput: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
@@ -137,7 +142,7 @@ task_snap() {
   for e in "$@"; do
     label=${e%%:*}; pid=${e#*:}
     for f in /proc/"$pid"/task/*/stat; do
-      line=$(cat "$f" 2>/dev/null) || continue
+      { read -r line <"$f"; } 2>/dev/null || continue
       # comm may hold spaces: split around the last ')'
       local head=${line%%)*} rest=${line##*) }
       # shellcheck disable=SC2086
@@ -158,7 +163,7 @@ task_report() {
 }
 
 # run_iperf <server-ns> <client-ns> <server-ip> <case> [extra client args]
-# CPU is sampled over the middle of the transfer (0.3 s after the start until 0.2 s before the end):
+# CPU is sampled over the middle of the transfer (0.3 s after the start until ~0.7 s before the end):
 # whole-VM busy %, and per thread of every "label:pid" in WATCH plus the two iperf3 processes.
 # Sets G_GBPS G_RETR G_CPU G_PROCS.
 WATCH=()
@@ -174,9 +179,9 @@ run_iperf() {
   local cpid=$!; PIDS+=($cpid)
   sleep 0.3
   read -r b0 t0 < <(cpu_snap); s0=$(date +%s.%N)
-  task_snap "${WATCH[@]}" "iperf-s:$spid" "iperf-c:$cpid" >"$WORK/$name.ts0"
-  sleep "$(awk -v t="$T" 'BEGIN{print t-0.5}')"
-  task_snap "${WATCH[@]}" "iperf-s:$spid" "iperf-c:$cpid" >"$WORK/$name.ts1"
+  task_snap "iperf-s:$spid" "iperf-c:$cpid" "${WATCH[@]}" >"$WORK/$name.ts0"
+  sleep "$(awk -v t="$T" 'BEGIN{print (t>2 ? t-1 : t/2)}')"
+  task_snap "iperf-s:$spid" "iperf-c:$cpid" "${WATCH[@]}" >"$WORK/$name.ts1"
   read -r b1 t1 < <(cpu_snap); s1=$(date +%s.%N)
   for k in $(seq $((10 * (T + 20)))); do kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
   kill -TERM "$cpid" 2>/dev/null || true          # only if it hung
@@ -206,8 +211,8 @@ failed() {  # <case> <why>
   GBPS[$1]=0; RETR[$1]=n/a; CPU[$1]=0; ORDER+=("$1")
   printf '%-22s FAILED: %s\n' "$1" "$2"
 }
-udp_counters() {  # <ns> -> "UdpRcvbufErrors=N UdpSndbufErrors=N UdpInErrors=N"
-  nsx "$1" nstat -saz UdpRcvbufErrors UdpSndbufErrors UdpInErrors 2>/dev/null | awk 'NR>1{printf "%s=%s ", $1, $2}'
+udp_counters() {  # <ns> -> underlay counters "UdpInDatagrams=N ... TcpInSegs=N" (namespace is fresh: since its creation)
+  nsx "$1" nstat -saz UdpInDatagrams UdpRcvbufErrors UdpSndbufErrors UdpInErrors TcpInSegs 2>/dev/null | awk 'NR>1{printf "%s=%s ", $1, $2}'
 }
 metrics() {  # <ns> -> Prometheus text from the router's metrics endpoint on that namespace's loopback
   nsx "$1" python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:6782/metrics", timeout=3).read().decode())' 2>/dev/null || true
@@ -223,6 +228,8 @@ case_weft() {  # <case-name> <password or empty>
     mkdir -p "$d"
     local args=(--api-socket "$d/api.sock" router --state-dir "$d/state" --nickname "h$i")
     [ -n "$pw" ] && args+=(--password "$pw")
+    # shellcheck disable=SC2206
+    args+=(${WEFT_ROUTER_ARGS:-})
     [ "$i" = 2 ] && args+=(192.168.50.1)
     RUST_LOG=${RUST_LOG:-info} nsenter --net="/run/netns/$h" "$WEFT_BIN" "${args[@]}" \
       </dev/null >"$d/router.log" 2>&1 &
@@ -248,7 +255,7 @@ case_weft() {  # <case-name> <password or empty>
   run_iperf "$C2" "$C1" 10.32.0.2 "$name"
   record "$name"
   local st; st=$(nsx "$H1" "$WEFT_BIN" --api-socket "$s1" status --json)
-  echo "$(printf '%-22s' '')   sleeve: $(echo "$st" | jq -c '.sleeve') mtu=$(nsx "$C1" cat /sys/class/net/ethwe/mtu)"
+  echo "$(printf '%-22s' '')   sleeve: $(echo "$st" | jq -c '.sleeve') container mtu=$(ip -n "$C1" -j link show ethwe | jq ".[0].mtu")"
   echo "$(printf '%-22s' '')   UDP h1(sender): $(udp_counters "$H1")| h2(receiver): $(udp_counters "$H2")"
   EXTRA[$name.rcvbuf]=$(nsx "$H2" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}')
   local m; for i in 1 2; do
@@ -331,7 +338,7 @@ case_tinc() {  # <case-name> <cipher|default> <digest|default>
 
 # ---------------------------------------------------------------- run
 echo "sleeve throughput: iperf3 TCP, 1 stream, ${T}s per case; $(nproc) CPUs; kernel $(uname -r)"
-[ -x "${WEFT_BIN:-}" ] && echo "weft: $WEFT_BIN ($("$WEFT_BIN" --version 2>/dev/null || echo '?'))"
+[ -x "${WEFT_BIN:-}" ] && echo "weft: $WEFT_BIN ($("$WEFT_BIN" --version 2>/dev/null || echo '?'))${WEFT_ROUTER_ARGS:+ router args: $WEFT_ROUTER_ARGS}"
 read -r lb0 lt0 < <(cpu_snap); sleep 1; read -r lb1 lt1 < <(cpu_snap)
 idle_busy=$(awk -v b=$((lb1 - lb0)) -v t=$((lt1 - lt0)) 'BEGIN{printf "%.0f", (t>0?100*b/t:0)}')
 echo "machine busy before the run: ${idle_busy}% of all CPUs (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"

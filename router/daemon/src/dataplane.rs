@@ -459,35 +459,57 @@ impl Dataplane {
 
     fn seal_and_send(&self, link: &Link, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
         let seg = lock(&link.sealer).seal(msg, self.max_datagram, wire);
-        let max_segs = self.udp.max_gso_segments().max(1);
-        for chunk in wire.chunks(seg * max_segs) {
-            let t = Transmit {
-                destination: link.addr,
-                ecn: None,
-                contents: chunk,
-                segment_size: (chunk.len() > seg).then_some(seg),
-                src_ip: None,
-            };
-            let mut tries = 0;
-            loop {
-                match self.udp.try_send((&self.sock).into(), &t) {
-                    Ok(()) => {
-                        self.stats.datagrams_out.fetch_add(chunk.len().div_ceil(seg) as u64, Relaxed);
-                        break;
+        for chunk in wire.chunks(seg * gso_batch(seg, self.udp.max_gso_segments())) {
+            if let Err(e) = self.send(link.addr, chunk, seg) {
+                if e.raw_os_error() == Some(libc::EMSGSIZE) && chunk.len() > seg {
+                    // The kernel refused the segmented send after all: one datagram per call.
+                    tracing::debug!(error = %e, peer = %link.peer, "GSO send refused; sending datagrams one by one");
+                    for d in chunk.chunks(seg) {
+                        if let Err(e) = self.send(link.addr, d, seg) {
+                            self.send_failed(link, &e);
+                        }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 => {
-                        tries += 1;
-                        wait_fd(self.sock.as_raw_fd(), libc::POLLOUT, 10);
-                    }
-                    Err(e) => {
-                        self.stats.drop(DropReason::UdpSend);
-                        tracing::debug!(error = %e, peer = %link.peer, "sleeve send failed");
-                        break;
-                    }
+                } else {
+                    self.send_failed(link, &e);
                 }
             }
         }
     }
+
+    fn send_failed(&self, link: &Link, e: &std::io::Error) {
+        self.stats.drop(DropReason::UdpSend);
+        tracing::debug!(error = %e, peer = %link.peer, "sleeve send failed");
+    }
+
+    /// Sends `contents` (datagrams of `seg` bytes, the last maybe shorter) in one call,
+    /// waiting briefly while the socket buffer is full.
+    fn send(&self, destination: SocketAddr, contents: &[u8], seg: usize) -> std::io::Result<()> {
+        let t = Transmit { destination, ecn: None, contents, segment_size: (contents.len() > seg).then_some(seg), src_ip: None };
+        let mut tries = 0;
+        loop {
+            match self.udp.try_send((&self.sock).into(), &t) {
+                Ok(()) => {
+                    self.stats.datagrams_out.fetch_add(contents.len().div_ceil(seg) as u64, Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 50 => {
+                    tries += 1;
+                    wait_fd(self.sock.as_raw_fd(), libc::POLLOUT, 10);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Largest UDP payload of one segmented send: a GSO send is one IP packet
+/// before segmentation, so its payload obeys the 16-bit IPv4 length
+/// (65535 − 20 − 8).
+const MAX_GSO_BYTES: usize = 65_507;
+
+/// Datagrams per GSO send: what the kernel takes, and no more than fits [`MAX_GSO_BYTES`].
+fn gso_batch(seg: usize, max_segments: usize) -> usize {
+    (MAX_GSO_BYTES / seg.max(1)).clamp(1, max_segments.max(1))
 }
 
 /// Messages being built, one per next hop.
@@ -559,4 +581,19 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_sends_stay_within_one_ip_packet() {
+        // 64 segments of 1472 bytes would be 94 KB: the kernel refuses that with EMSGSIZE.
+        assert_eq!(gso_batch(1472, 64), 44);
+        assert!(gso_batch(1472, 64) * 1472 <= MAX_GSO_BYTES);
+        assert_eq!(gso_batch(1000, 64), 64);
+        assert_eq!(gso_batch(1472, 1), 1);
+        assert_eq!(gso_batch(70_000, 64), 1);
+    }
 }
