@@ -16,7 +16,7 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
     let peers = v["peers"].as_array().unwrap_or(&empty);
     let targets = v["targets"].as_array().unwrap_or(&empty);
     if what.is_none() {
-        writeln!(out, "        Version: weft {}", s(&v["version"]))?;
+        writeln!(out, "     Version: weft {}", s(&v["version"]))?;
         writeln!(out, "        Peer: {} ({})", s(&v["name"]), s(&v["nickname"]))?;
         let enc = s(&v["encryption"]);
         if enc == "enabled" {
@@ -67,8 +67,20 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         writeln!(out, "Peers:")?;
         for p in peers {
             let cs = p["connections"].as_array().map(|a| a.len()).unwrap_or(0);
-            let reach = if p["reachable"] == true { "" } else { "  (unreachable)" };
+            let reach = if p["name"] == v["name"] {
+                "  (this peer)"
+            } else if p["reachable"] == true {
+                ""
+            } else {
+                "  (unreachable)"
+            };
             writeln!(out, "  {} ({})  {} connections{}", s(&p["name"]), s(&p["nickname"]), cs, reach)?;
+        }
+    }
+    if what.is_none() {
+        if let Some(a) = v["attachments"].as_array().filter(|a| !a.is_empty()) {
+            let ports: Vec<&str> = a.iter().map(|x| s(&x["host_ifname"])).collect();
+            writeln!(out, "Attached (bridge ports): {}", ports.join(", "))?;
         }
     }
     if what.is_none() || what == Some("targets") {
