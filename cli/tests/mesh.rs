@@ -10,6 +10,17 @@ use common::*;
 
 const UP: Duration = Duration::from_secs(30);
 
+/// Starts both routers of a two-host lab, attaches container a (10.40.0.1) to
+/// host 0 and b (10.40.0.2) to host 1, and waits until a pings b.
+fn two_hosts_pinging(lab: &mut weft_lab::Lab) -> (weft_lab::Container, weft_lab::Container) {
+    start_star(lab);
+    lab.wait_established(0, 1, UP).expect("connected");
+    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("container a");
+    let b = lab.add_container(1, "b", "10.40.0.2/24").expect("container b");
+    assert!(ping_until(lab, &a, "10.40.0.2", &[], UP), "a cannot reach b across the mesh");
+    (a, b)
+}
+
 fn name(lab: &weft_lab::Lab, i: usize) -> String {
     status(lab, i)["name"].as_str().expect("name").to_string()
 }
@@ -109,11 +120,7 @@ fn container_traffic_never_crosses_the_underlay_in_plaintext() {
         let Some(mut lab) = lab("container_traffic_never_crosses_the_underlay_in_plaintext", 2, password, &[]) else {
             return;
         };
-        start_star(&mut lab);
-        lab.wait_established(0, 1, UP).expect("connected");
-        let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-        let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-        assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+        let (a, _b) = two_hosts_pinging(&mut lab);
         let cap = Capture::start(&lab.host(0).ns, "ul0");
         send_udp(&a, "10.40.0.2", 9999, MARKER, 20);
         std::thread::sleep(Duration::from_millis(300));
@@ -126,11 +133,7 @@ fn container_traffic_never_crosses_the_underlay_in_plaintext() {
 #[test]
 fn replayed_sleeve_datagrams_are_dropped_and_counted() {
     let Some(mut lab) = lab("replayed_sleeve_datagrams_are_dropped_and_counted", 2, Some("pw"), &[]) else { return };
-    start_star(&mut lab);
-    lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+    let (a, _b) = two_hosts_pinging(&mut lab);
     let cap = Capture::start(&lab.host(0).ns, "ul0");
     send_udp(&a, "10.40.0.2", 9999, b"replay me", 10);
     let frames = cap.finish();
@@ -163,11 +166,7 @@ fn replayed_sleeve_datagrams_are_dropped_and_counted() {
 #[test]
 fn large_pings_get_through_or_get_the_right_error() {
     let Some(mut lab) = lab("large_pings_get_through_or_get_the_right_error", 2, Some("pw"), &[]) else { return };
-    start_star(&mut lab);
-    lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+    let (a, _b) = two_hosts_pinging(&mut lab);
     // Fragmentable: the container's kernel fragments to its MTU, fragments cross the sleeve.
     let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.40.0.2"]).expect("ping");
     assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
@@ -210,11 +209,7 @@ fn connect_and_forget() {
 #[test]
 fn traffic_resumes_after_a_router_is_killed_and_restarted() {
     let Some(mut lab) = lab("traffic_resumes_after_kill_9", 2, Some("pw"), &[]) else { return };
-    start_star(&mut lab);
-    lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+    let (a, _b) = two_hosts_pinging(&mut lab);
     let name_before = name(&lab, 1);
     let uid_before = status(&lab, 1)["uid"].clone();
     lab.kill_router(1, libc::SIGKILL).expect("kill -9");
@@ -233,11 +228,7 @@ fn traffic_resumes_after_a_router_is_killed_and_restarted() {
 #[test]
 fn garbage_on_the_weft_ports_is_dropped_counted_and_survived() {
     let Some(mut lab) = lab("garbage_on_the_weft_ports", 2, Some("pw"), &[]) else { return };
-    start_star(&mut lab);
-    lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+    let (a, _b) = two_hosts_pinging(&mut lab);
     let target = lab.host(1).underlay_ip.to_string();
     in_netns(&lab.host(0).ns, move || {
         use std::io::Write;
@@ -426,11 +417,7 @@ fn a_bulk_tcp_transfer_loses_nothing_in_the_sleeve() {
         return;
     }
     let Some(mut lab) = lab("a_bulk_tcp_transfer_loses_nothing", 2, Some("pw"), &[]) else { return };
-    start_star(&mut lab);
-    lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let b = lab.add_container(1, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP));
+    let (a, b) = two_hosts_pinging(&mut lab);
     let server = std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", b.ns))
         .args(["iperf3", "-s", "-1", "-p", "5201"])
