@@ -742,11 +742,16 @@ mod tests {
     }
 
     /// Runs the test body on a thread in a fresh private network namespace.
+    /// Runs `f` in a fresh private network namespace; skips (with a message) when not root.
     fn in_private_netns<F, Fut>(f: F)
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<()>>,
     {
+        if !is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
         let joined = std::thread::spawn(move || -> Result<()> {
             // SAFETY: unshare(CLONE_NEWNET) only affects this thread.
             let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
@@ -906,10 +911,6 @@ mod tests {
 
     #[test]
     fn bridge_is_idempotent_and_sets_mtu() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             let i1 = nd.ensure_bridge("weft", 1400).await?;
@@ -957,10 +958,6 @@ mod tests {
 
     #[test]
     fn add_del_address_idempotent() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             nd.ensure_bridge("weft", 1500).await?;
@@ -986,10 +983,6 @@ mod tests {
 
     #[test]
     fn attach_end_to_end_and_detach() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             let br = nd.ensure_bridge("weft", 1400).await?;
@@ -1045,10 +1038,6 @@ mod tests {
 
     #[test]
     fn attach_twice_fails_without_leftovers() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             nd.ensure_bridge("weft", 1500).await?;
@@ -1100,10 +1089,6 @@ mod tests {
 
     #[test]
     fn attach_failures_leave_nothing_behind() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             nd.ensure_bridge("weft", 1500).await?;
@@ -1194,10 +1179,6 @@ mod tests {
     /// the pre-check cannot cover), and deleting the host end cleans up the moved peer.
     #[test]
     fn move_onto_existing_name_fails_and_cleans_up() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             let br = nd.ensure_bridge("weft", 1500).await?;
@@ -1243,10 +1224,6 @@ mod tests {
 
     #[test]
     fn disable_ipv6_on_bridge() {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
         in_private_netns(|| async {
             let nd = NetDev::new().await?;
             nd.ensure_bridge("weft", 1500).await?;
