@@ -533,10 +533,18 @@ impl Router {
                 self.stats.gossip_received += 1;
                 if channel == TOPOLOGY_CHANNEL {
                     match self.topology.merge_payload(&payload) {
-                        Ok(delta) if delta.is_empty() => Ok(()),
                         Ok(delta) => {
-                            self.spread(TOPOLOGY_CHANNEL, Topology::encode(&delta), Some(conn));
-                            self.after_topology_change(now);
+                            // Keep and pass on only what is reachable. The entry of a dead
+                            // peer keeps circulating for a while; merged, it is garbage at
+                            // once, and passing it on would make every receiver merge,
+                            // collect and pass it on again, forever.
+                            self.topology.gc();
+                            let delta: Vec<PeerInfo> =
+                                delta.into_iter().filter(|p| self.topology.get(p.name).is_some()).collect();
+                            if !delta.is_empty() {
+                                self.spread(TOPOLOGY_CHANNEL, Topology::encode(&delta), Some(conn));
+                                self.after_topology_change(now);
+                            }
                             Ok(())
                         }
                         Err(e @ (TopologyError::Malformed(_) | TopologyError::Invalid(_))) => {

@@ -240,30 +240,38 @@ impl Topology {
         half(a, b) && half(b, a)
     }
 
-    /// Neighbours of `p` over confirmed connections, in name order.
-    fn confirmed_neighbours(&self, p: PeerName) -> Vec<PeerName> {
-        match self.peers.get(&p) {
-            Some(info) => info
-                .connections
-                .keys()
-                .copied()
-                .filter(|n| self.confirmed(p, *n))
-                .collect(),
-            None => Vec::new(),
-        }
+    /// Peers in name order, and for each the indices of its neighbours over
+    /// confirmed connections, in name order. Built once per route computation
+    /// so each search is over plain indices.
+    fn confirmed_graph(&self) -> (Vec<PeerName>, Vec<Vec<usize>>) {
+        let names: Vec<PeerName> = self.peers.keys().copied().collect();
+        let index: BTreeMap<PeerName, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let adj = names
+            .iter()
+            .map(|p| {
+                self.peers[p]
+                    .connections
+                    .keys()
+                    .filter(|n| self.confirmed(*p, **n))
+                    .filter_map(|n| index.get(n).copied())
+                    .collect()
+            })
+            .collect();
+        (names, adj)
     }
 
-    /// Breadth-first tree from `root` over confirmed connections: the parent of
-    /// each reached peer. Neighbours are visited in name order so that every
-    /// peer holding the same topology computes the same tree.
-    fn bfs_tree(&self, root: PeerName) -> BTreeMap<PeerName, PeerName> {
-        let mut parent = BTreeMap::new();
+    /// Breadth-first tree from `root` over the graph: the parent of each reached
+    /// peer (`usize::MAX` for unreached; the root is its own parent). Neighbours
+    /// are visited in name order so every peer holding the same topology
+    /// computes the same tree.
+    fn bfs_tree(adj: &[Vec<usize>], root: usize) -> Vec<usize> {
+        let mut parent = vec![usize::MAX; adj.len()];
         let mut queue = VecDeque::from([root]);
-        parent.insert(root, root);
+        parent[root] = root;
         while let Some(p) = queue.pop_front() {
-            for n in self.confirmed_neighbours(p) {
-                if let std::collections::btree_map::Entry::Vacant(v) = parent.entry(n) {
-                    v.insert(p);
+            for &n in &adj[p] {
+                if parent[n] == usize::MAX {
+                    parent[n] = p;
                     queue.push_back(n);
                 }
             }
@@ -273,28 +281,27 @@ impl Topology {
 
     /// Computes unicast and broadcast routes for this peer.
     pub fn routes(&self) -> Routes {
-        let tree = self.bfs_tree(self.me);
+        let (names, adj) = self.confirmed_graph();
+        let Some(me) = names.iter().position(|n| *n == self.me) else { return Routes { me: self.me, ..Routes::default() } };
+        let tree = Self::bfs_tree(&adj, me);
         let mut unicast = BTreeMap::new();
-        for &dest in tree.keys() {
-            if dest == self.me {
+        for dest in 0..names.len() {
+            if dest == me || tree[dest] == usize::MAX {
                 continue;
             }
             // Walk up to the child of the root on the path to `dest`.
             let mut hop = dest;
-            while tree[&hop] != self.me {
-                hop = tree[&hop];
+            while tree[hop] != me {
+                hop = tree[hop];
             }
-            unicast.insert(dest, hop);
+            unicast.insert(names[dest], names[hop]);
         }
         let mut broadcast = BTreeMap::new();
-        for &src in tree.keys() {
-            let t = self.bfs_tree(src);
-            let children: Vec<PeerName> = t
-                .iter()
-                .filter(|(child, parent)| **parent == self.me && **child != src)
-                .map(|(c, _)| *c)
-                .collect();
-            broadcast.insert(src, children);
+        for src in (0..names.len()).filter(|s| tree[*s] != usize::MAX) {
+            let t = Self::bfs_tree(&adj, src);
+            // Our children in the source's tree, in name order.
+            let children: Vec<PeerName> = adj[me].iter().filter(|c| **c != src && t[**c] == me).map(|c| names[*c]).collect();
+            broadcast.insert(names[src], children);
         }
         Routes { me: self.me, unicast, broadcast }
     }
