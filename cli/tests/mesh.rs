@@ -446,3 +446,44 @@ fn a_bulk_tcp_transfer_loses_nothing_in_the_sleeve() {
         }
     }
 }
+
+#[test]
+fn attach_and_detach_by_pid() {
+    let Some(mut lab) = lab("attach_and_detach_by_pid", 2, Some("pw"), &[]) else { return };
+    let (a, b) = two_hosts_pinging(&mut lab);
+    // A process living in b's namespace stands for a container known only by its PID.
+    let proc = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", b.ns))
+        .args(["sleep", "120"])
+        .spawn()
+        .expect("sleep in the container namespace");
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let proc = Reap(proc);
+    let pid = proc.0.id().to_string();
+    // Wait until nsenter has entered the namespace (same namespace inode).
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(format!("/run/netns/{}", b.ns)).expect("netns").ino();
+    assert!(wait_for(Duration::from_secs(5), || {
+        std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() == Some(want)
+    }));
+    let o = lab.weft(1, &["attach", &pid, "10.40.0.22/24", "--ifname", "eth1"]).expect("attach by pid");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(ping_until(&lab, &a, "10.40.0.22", &[], UP), "the address attached by PID is unreachable");
+    let o = lab.weft(1, &["detach", &pid, "--ifname", "eth1"]).expect("detach by pid");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!ping_until(&lab, &a, "10.40.0.22", &[], Duration::from_secs(2)), "still reachable after detach");
+    // Errors name what is wrong.
+    let o = lab.weft(1, &["attach", "999999999", "10.40.0.23/24"]).expect("attach to a missing pid");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("999999999"), "{err}");
+    let o = lab.weft(1, &["attach", &b.ns, "10.40.0.300/24", "--ifname", "eth2"]).expect("bad address");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an IP address"));
+    drop(proc);
+}
