@@ -165,6 +165,15 @@ pub async fn run(opts: Options) -> Result<()> {
         warn!("no password set: control and data traffic between hosts is NOT encrypted (set --password or WEFT_PASSWORD)");
     }
 
+    // The ports first: if another router runs here, say so before touching any device.
+    let udp = std::net::UdpSocket::bind(opts.listen)
+        .with_context(|| format!("binding UDP {} for the sleeve: is another router running?", opts.listen))?;
+    let udp_port = udp.local_addr()?.port();
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding TCP {} for control connections: is another router running?", opts.listen))?;
+    let listen_port = listener.local_addr()?.port();
+
     let netdev = NetDev::new().await.context("opening a netlink socket")?;
     netdev.ensure_bridge(&opts.bridge, opts.mtu).await.with_context(|| format!("creating bridge {}", opts.bridge))?;
     let tap_name = tap_name(&opts.bridge);
@@ -175,16 +184,8 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     netdev.enslave(&tap_name, &opts.bridge).await?;
     let tap_mac = mac_of(&tap_name).with_context(|| format!("reading the MAC of {tap_name}"))?;
-
-    let udp = std::net::UdpSocket::bind(opts.listen)
-        .with_context(|| format!("binding UDP {} for the sleeve: is another router running?", opts.listen))?;
-    let udp_port = udp.local_addr()?.port();
     let dp = Arc::new(Dataplane::new(id.name, tap, tap_mac, udp, opts.max_datagram)?);
     dp.spawn()?;
-    let listener = TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("binding TCP {} for control connections: is another router running?", opts.listen))?;
-    let listen_port = listener.local_addr()?.port();
 
     let mut cfg = RouterConfig::new(id.name, nickname.clone(), uid, rand::random());
     cfg.discovery = opts.discovery;

@@ -332,21 +332,31 @@ impl Dataplane {
         let meta = |dst: PeerName, flags| FrameMeta { src: self.me, dst, flags, ttl: INITIAL_TTL, vnet };
         let st = read(&self.state);
         let unicast = if dst[0] & 1 == 0 { self.lookup(dst) } else { None };
-        match unicast {
-            Some(p) if p == self.me => {} // local; the bridge already delivered it
+        let sent = match unicast {
+            Some(p) if p == self.me => false, // local; the bridge already delivered it
             Some(p) => match st.routes.next_hop(p) {
-                Some(hop) => batch.push(self, &st, hop, &meta(p, 0), frame),
-                None => self.stats.drop(DropReason::NoRoute),
+                Some(hop) => {
+                    batch.push(self, &st, hop, &meta(p, 0), frame);
+                    true
+                }
+                None => {
+                    self.stats.drop(DropReason::NoRoute);
+                    false
+                }
             },
             // Broadcast, multicast, or unknown unicast: flood along our tree.
             None => {
-                for &hop in st.routes.broadcast_hops(self.me) {
+                let hops = st.routes.broadcast_hops(self.me);
+                for &hop in hops {
                     batch.push(self, &st, hop, &meta(PeerName::default(), FLAG_BROADCAST), frame);
                 }
+                !hops.is_empty()
             }
+        };
+        if sent {
+            self.stats.frames_out.fetch_add(1, Relaxed);
+            self.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);
         }
-        self.stats.frames_out.fetch_add(1, Relaxed);
-        self.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);
     }
 
     fn udp_loop(self: Arc<Self>) {

@@ -703,6 +703,9 @@ impl Router {
             }
         }
         let me = self.cfg.name;
+        // Learned targets live only while their peer is known and unconnected
+        // (in `wanted`) or while a dial or connection through them is under way;
+        // configured ones stay until forgotten.
         self.targets.retain(|addr, t| {
             t.configured || wanted.contains_key(addr) || matches!(t.state, TargetState::Connected(_) | TargetState::Connecting)
         });
@@ -723,7 +726,7 @@ impl Router {
                 t.state = TargetState::Waiting(now);
             }
         }
-        // Targets whose peer is now connected by another connection rest.
+        // Configured targets whose peer is now connected by another connection rest.
         for t in self.targets.values_mut() {
             if let (TargetState::Waiting(_), Some(p)) = (&t.state, t.peer) {
                 if connected.contains(&p) {
