@@ -658,13 +658,26 @@ impl Router {
                 (c.peer, ConnectionInfo { addr: Some(c.listen_addr), outbound: c.outbound, established: c.established })
             })
             .collect();
+        let old = self.topology.my_info().connections.clone();
+        let changed: Vec<PeerName> = conns
+            .iter()
+            .filter(|(p, ci)| old.get(p) != Some(ci))
+            .map(|(p, _)| *p)
+            .chain(old.keys().filter(|p| !conns.contains_key(p)).copied())
+            .collect();
         if self.topology.set_my_connections(conns) {
             let me = self.topology.my_info().clone();
-            // Every neighbour hears about our own connections at once: they are
-            // the only source of this entry, and routes depend on it.
-            let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+            // Like any delta, our new entry goes to a bounded set of neighbours and
+            // spreads from there; the peers whose connection to us changed get it
+            // directly, since their routes wait for both ends to confirm.
+            let mut to = self.pick_neighbours(None);
+            for (id, c) in &self.conns {
+                if changed.contains(&c.peer) && !to.contains(id) {
+                    to.push(*id);
+                }
+            }
             let payload = Topology::encode(std::slice::from_ref(&me));
-            for conn in ids {
+            for conn in to {
                 self.stats.gossip_sent += 1;
                 self.transmits.push_back(Transmit {
                     conn,
