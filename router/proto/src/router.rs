@@ -58,6 +58,17 @@ pub enum ControlMsg {
         /// True when heartbeats arrive.
         receiving: bool,
     },
+    /// Periodic anti-entropy: a digest of a channel's state. The receiver
+    /// answers with what the sender lacks and, unless this is itself a reply,
+    /// with its own digest when it lacks something.
+    Digest {
+        /// Channel name (only "topology" so far).
+        channel: String,
+        /// Postcard `Vec<(name, version, uid)>`.
+        payload: Vec<u8>,
+        /// Whether this answers a digest (never answered in turn).
+        reply: bool,
+    },
 }
 
 /// A piece of replicated state that rides on gossip (IPAM, DNS, ...).
@@ -529,6 +540,32 @@ impl Router {
         let Some(from) = self.conns.get(&conn).map(|c| c.peer) else { return Ok(()) };
         match msg {
             ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } => Ok(()),
+            ControlMsg::Digest { channel, payload, reply } => {
+                if channel != TOPOLOGY_CHANNEL {
+                    return Ok(());
+                }
+                let digest: Vec<(PeerName, u64, u64)> = match postcard::from_bytes(&payload) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.stats.gossip_refused += 1;
+                        return Err(format!("malformed topology digest: {e}"));
+                    }
+                };
+                if digest.len() > crate::topology::MAX_PEERS {
+                    self.stats.gossip_refused += 1;
+                    return Err(format!("topology digest of {} entries", digest.len()));
+                }
+                let newer = self.topology.newer_than(&digest);
+                if !newer.is_empty() {
+                    self.stats.gossip_sent += 1;
+                    let payload = Topology::encode(&newer);
+                    self.transmits.push_back(Transmit { conn, msg: ControlMsg::Gossip { channel, payload } });
+                }
+                if !reply && self.topology.lacks(&digest) {
+                    self.send_digest(conn, true);
+                }
+                Ok(())
+            }
             ControlMsg::Gossip { channel, payload } => {
                 self.stats.gossip_received += 1;
                 if channel == TOPOLOGY_CHANNEL {
@@ -591,9 +628,12 @@ impl Router {
     pub fn handle_timeout(&mut self, now: Instant) {
         if now >= self.next_gossip {
             self.next_gossip = now + jitter(&mut self.rng, self.cfg.gossip_interval);
+            // Anti-entropy: topology by digest (its full state grows with
+            // peers × connections), other channels by full state.
             let picked = self.pick_neighbours(None);
             for conn in picked {
-                self.send_full(conn);
+                self.send_digest(conn, false);
+                self.send_channels(conn);
             }
         }
         for t in self.targets.values_mut() {
@@ -615,12 +655,22 @@ impl Router {
         true
     }
 
+    fn send_digest(&mut self, conn: ConnId, reply: bool) {
+        self.stats.gossip_sent += 1;
+        let payload = postcard::to_stdvec(&self.topology.digest()).unwrap_or_default();
+        self.transmits.push_back(Transmit { conn, msg: ControlMsg::Digest { channel: TOPOLOGY_CHANNEL.into(), payload, reply } });
+    }
+
     fn send_full(&mut self, conn: ConnId) {
         self.stats.gossip_sent += 1;
         self.transmits.push_back(Transmit {
             conn,
             msg: ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: self.topology.encode_all() },
         });
+        self.send_channels(conn);
+    }
+
+    fn send_channels(&mut self, conn: ConnId) {
         for (name, ch) in &self.channels {
             self.stats.gossip_sent += 1;
             self.transmits.push_back(Transmit {
@@ -917,6 +967,57 @@ mod tests {
         a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "future".into(), payload: vec![1] }).expect("ignored");
         assert!(a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "set".into(), payload: vec![0xff; 3] }).is_err());
         assert_eq!(a.stats().gossip_refused, 1);
+    }
+
+    #[test]
+    fn anti_entropy_exchanges_digests_and_only_what_is_missing() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = (router(1, t0), router(2, t0));
+        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200)).expect("a up");
+        b.handle_connection_up(t0, ConnId(2), addr(1), None, hello(1, 100)).expect("b up");
+        // Exchange until quiet, like a network would.
+        let pump = |a: &mut Router, b: &mut Router| {
+            for _ in 0..10 {
+                let (ta, _) = drain(a);
+                let (tb, _) = drain(b);
+                if ta.is_empty() && tb.is_empty() {
+                    break;
+                }
+                for t in ta {
+                    b.handle_message(t0, ConnId(2), t.msg).expect("b takes a's gossip");
+                }
+                for t in tb {
+                    a.handle_message(t0, ConnId(1), t.msg).expect("a takes b's gossip");
+                }
+            }
+        };
+        pump(&mut a, &mut b);
+        assert_eq!(a.topology().digest(), b.topology().digest());
+        // In sync: a periodic round sends a digest, which draws no answer.
+        let later = t0 + Duration::from_secs(60);
+        a.handle_timeout(later);
+        let (ta, _) = drain(&mut a);
+        assert_eq!(ta.len(), 1);
+        let ControlMsg::Digest { payload, reply: false, .. } = &ta[0].msg else { panic!("{:?}", ta[0].msg) };
+        assert!(payload.len() < 64, "a digest of two peers is small: {} bytes", payload.len());
+        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("digest");
+        assert!(drain(&mut b).0.is_empty(), "nothing to send when in sync");
+        // b falls behind on a's entry: a's digest makes b ask back, and a answers with just that entry.
+        a.handle_sleeve_state(later, ConnId(1), true);
+        drain(&mut a);
+        a.handle_timeout(later + Duration::from_secs(60));
+        let (ta, _) = drain(&mut a);
+        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("digest");
+        let (tb, _) = drain(&mut b);
+        assert!(matches!(&tb[..], [Transmit { msg: ControlMsg::Digest { reply: true, .. }, .. }]), "{tb:?}");
+        a.handle_message(later, ConnId(1), tb[0].msg.clone()).expect("reply digest");
+        let (ta, _) = drain(&mut a);
+        let [Transmit { msg: ControlMsg::Gossip { payload, .. }, .. }] = &ta[..] else { panic!("{ta:?}") };
+        let entries: Vec<PeerInfo> = postcard::from_bytes(payload).expect("entries");
+        assert_eq!(entries.iter().map(|p| p.name).collect::<Vec<_>>(), vec![n(1)]);
+        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("entry");
+        assert_eq!(a.topology().digest(), b.topology().digest());
+        assert!(a.handle_message(later, ConnId(1), ControlMsg::Digest { channel: TOPOLOGY_CHANNEL.into(), payload: vec![0xff; 9], reply: false }).is_err());
     }
 
     proptest! {

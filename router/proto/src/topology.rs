@@ -207,6 +207,23 @@ impl Topology {
         Ok(delta)
     }
 
+    /// `(name, version, uid)` of every entry, in name order: what periodic
+    /// anti-entropy exchanges instead of whole entries.
+    pub fn digest(&self) -> Vec<(PeerName, u64, u64)> {
+        self.peers.values().map(|p| (p.name, p.version, p.uid)).collect()
+    }
+
+    /// Our entries that outrank the digest's, or that it lacks.
+    pub fn newer_than(&self, digest: &[(PeerName, u64, u64)]) -> Vec<PeerInfo> {
+        let theirs: BTreeMap<PeerName, (u64, u64)> = digest.iter().map(|(n, v, u)| (*n, (*v, *u))).collect();
+        self.peers.values().filter(|p| theirs.get(&p.name).is_none_or(|k| *k < p.key())).cloned().collect()
+    }
+
+    /// Whether the digest names an entry that outranks ours or that we lack.
+    pub fn lacks(&self, digest: &[(PeerName, u64, u64)]) -> bool {
+        digest.iter().any(|(n, v, u)| self.peers.get(n).is_none_or(|p| p.key() < (*v, *u)))
+    }
+
     /// Removes peers that can no longer be reached from this one, following the
     /// connections each peer announces. Returns the removed names.
     pub fn gc(&mut self) -> Vec<PeerName> {
