@@ -493,8 +493,12 @@ impl Router {
                 since: now,
             },
         );
-        // A new neighbour gets everything we know.
-        self.send_full(conn);
+        // A new neighbour starts with our digest and gets back what we lack;
+        // it answers its own digest's gaps the same way. Two peers of one mesh
+        // exchange a few bytes per peer instead of every entry. Channels send
+        // their full state.
+        self.send_digest(conn, false);
+        self.send_channels(conn);
         self.own_entry_changed(now);
         Ok(())
     }
@@ -659,15 +663,6 @@ impl Router {
         self.stats.gossip_sent += 1;
         let payload = postcard::to_stdvec(&self.topology.digest()).unwrap_or_default();
         self.transmits.push_back(Transmit { conn, msg: ControlMsg::Digest { channel: TOPOLOGY_CHANNEL.into(), payload, reply } });
-    }
-
-    fn send_full(&mut self, conn: ConnId) {
-        self.stats.gossip_sent += 1;
-        self.transmits.push_back(Transmit {
-            conn,
-            msg: ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: self.topology.encode_all() },
-        });
-        self.send_channels(conn);
     }
 
     fn send_channels(&mut self, conn: ConnId) {

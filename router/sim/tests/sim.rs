@@ -102,8 +102,8 @@ fn two_nodes_connect() {
 
 // Convergence (time after the last join at ~30 s until every peer knows all,
 // the full mesh is up and everyone routes to everyone; checked every 100 ms),
-// release build: 20 peers, seeds 0..4, within 100 ms of the last join; 50
-// peers, seed 0: 2.2 s after the last join (448 000 events). Deltas of a peer's
+// release build: 20 peers, seeds 0..4, within 0.4-1.6 s of the last join; 50
+// peers, seed 0: 0.8 s after the last join (444 000 events). Deltas of a peer's
 // own entry go to `fanout` neighbours plus the peers whose connection changed,
 // so convergence takes a few gossip hops instead of one broadcast.
 fn join_and_converge(seed: u64, n: usize) {
@@ -129,7 +129,7 @@ fn peers_converge_over_many_seeds() {
 
 /// Split a converged mesh in two halves; each converges on itself with no
 /// routes across; heal; all converge again. Measured (release, seed 0, 50
-/// peers): split converged in 2 s, healed in 2.5 s.
+/// peers): split converged in 0.8 s, healed in 1.9 s.
 fn partition_then_heal(seed: u64, n: usize) {
     let _g = SeedGuard(seed);
     let (mut sim, order, _) = join_random(seed, n, secs(30));
