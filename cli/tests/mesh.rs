@@ -418,21 +418,7 @@ fn a_bulk_tcp_transfer_loses_nothing_in_the_sleeve() {
     }
     let Some(mut lab) = lab("a_bulk_tcp_transfer_loses_nothing", 2, Some("pw"), &[]) else { return };
     let (a, b) = two_hosts_pinging(&mut lab);
-    let server = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", b.ns))
-        .args(["iperf3", "-s", "-1", "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _server = Reap(server);
+    let _server = spawn_in(&b.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
     std::thread::sleep(Duration::from_millis(500));
     let o = lab.exec(&a.ns, &["iperf3", "-c", "10.40.0.2", "-p", "5201", "-t", "2", "-J"]).expect("iperf3");
     assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
@@ -452,19 +438,7 @@ fn attach_and_detach_by_pid() {
     let Some(mut lab) = lab("attach_and_detach_by_pid", 2, Some("pw"), &[]) else { return };
     let (a, b) = two_hosts_pinging(&mut lab);
     // A process living in b's namespace stands for a container known only by its PID.
-    let proc = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", b.ns))
-        .args(["sleep", "120"])
-        .spawn()
-        .expect("sleep in the container namespace");
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let proc = Reap(proc);
+    let proc = spawn_in(&b.ns, &["sleep", "120"]);
     let pid = proc.0.id().to_string();
     // Wait until nsenter has entered the namespace (same namespace inode).
     use std::os::unix::fs::MetadataExt;

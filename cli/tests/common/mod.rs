@@ -194,3 +194,25 @@ pub fn send_udp(c: &Container, ip: &str, port: u16, payload: &[u8], count: usize
         }
     });
 }
+
+/// A child process killed and reaped when dropped.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` inside lab namespace `ns` (output discarded); killed when the guard drops.
+pub fn spawn_in(ns: &str, cmd: &[&str]) -> Reaped {
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args(cmd)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?} in {ns}: {e}"));
+    Reaped(child)
+}

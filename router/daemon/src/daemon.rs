@@ -24,7 +24,7 @@ use weft_proto::{ConnId, ControlMsg, Event, PeerName, Router, RouterConfig};
 use crate::control::{self, HandshakeError, ReadError, RecordReader, RecordWriter, SessionHello};
 use crate::dataplane::{Dataplane, DROP_LABELS};
 use crate::forwarder::{Health, Paths, SleeveForwarder};
-use crate::metrics::ControlStats;
+use crate::metrics::{labelled, ControlStats, HANDSHAKE_LABELS, READ_LABELS};
 use crate::netdev::NetDev;
 use crate::tap::Tap;
 use crate::{api, identity};
@@ -458,11 +458,8 @@ impl Actor {
             .collect();
         let r = self.core.routes();
         let s = &self.shared.dp.stats;
-        let drops: serde_json::Map<String, Value> = DROP_LABELS
-            .iter()
-            .zip(s.drops.iter())
-            .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed))))
-            .collect();
+        let as_map = |rows: Vec<(&str, u64)>| rows.into_iter().map(|(l, v)| (l.to_string(), json!(v))).collect::<serde_json::Map<_, _>>();
+        let ctl = &self.shared.ctl;
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "name": self.core.name().to_string(),
@@ -486,12 +483,10 @@ impl Actor {
                 "frames_out": s.frames_out.load(Relaxed), "frames_in": s.frames_in.load(Relaxed),
                 "frames_relayed": s.frames_relayed.load(Relaxed), "bytes_out": s.bytes_out.load(Relaxed),
                 "bytes_in": s.bytes_in.load(Relaxed), "datagrams_out": s.datagrams_out.load(Relaxed),
-                "datagrams_in": s.datagrams_in.load(Relaxed), "drops": drops,
+                "datagrams_in": s.datagrams_in.load(Relaxed), "drops": as_map(labelled(&DROP_LABELS, &s.drops)),
                 "gossip_refused": self.core.stats().gossip_refused,
-                "handshake_failures": crate::metrics::HANDSHAKE_LABELS.iter().zip(self.shared.ctl.handshake_failures.iter())
-                    .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed)))).collect::<serde_json::Map<_, _>>(),
-                "control_read_errors": crate::metrics::READ_LABELS.iter().zip(self.shared.ctl.read_errors.iter())
-                    .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed)))).collect::<serde_json::Map<_, _>>(),
+                "handshake_failures": as_map(labelled(&HANDSHAKE_LABELS, &ctl.handshake_failures)),
+                "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
             },
         })
     }

@@ -56,6 +56,16 @@ impl ControlStats {
     }
 }
 
+/// Each label with its counter's current value.
+pub fn labelled(labels: &[&'static str], counters: &[AtomicU64]) -> Vec<(&'static str, u64)> {
+    labels.iter().zip(counters).map(|(l, c)| (*l, c.load(Relaxed))).collect()
+}
+
+/// Rows of a family labelled `reason`.
+fn by_reason(labels: &[&'static str], counters: &[AtomicU64]) -> Vec<(Labels, u64)> {
+    labelled(labels, counters).into_iter().map(|(l, v)| (vec![("reason", l.to_string())], v)).collect()
+}
+
 struct WeftCollector {
     dp: Arc<Dataplane>,
     ctl: Arc<ControlStats>,
@@ -104,27 +114,15 @@ impl Collector for WeftCollector {
             (dir("out"), s.datagrams_out.load(Relaxed)),
             (dir("in"), s.datagrams_in.load(Relaxed)),
         ])?;
-        let drops = DROP_LABELS
-            .iter()
-            .zip(s.drops.iter())
-            .map(|(l, c)| (vec![("reason", l.to_string())], c.load(Relaxed)))
-            .collect();
+        let drops = by_reason(&DROP_LABELS, &s.drops);
         family(&mut enc, "weft_drops", "Frames or datagrams dropped, by reason", MetricType::Counter, drops)?;
         family(&mut enc, "weft_tap_filtered", "Kernel chatter from the TAP's own address, ignored", MetricType::Counter, vec![
             (vec![], s.filtered.load(Relaxed)),
         ])?;
         let c = &self.ctl;
-        let hs = HANDSHAKE_LABELS
-            .iter()
-            .zip(c.handshake_failures.iter())
-            .map(|(l, v)| (vec![("reason", l.to_string())], v.load(Relaxed)))
-            .collect();
+        let hs = by_reason(&HANDSHAKE_LABELS, &c.handshake_failures);
         family(&mut enc, "weft_handshake_failures", "Control connections that failed before they were up", MetricType::Counter, hs)?;
-        let rd = READ_LABELS
-            .iter()
-            .zip(c.read_errors.iter())
-            .map(|(l, v)| (vec![("reason", l.to_string())], v.load(Relaxed)))
-            .collect();
+        let rd = by_reason(&READ_LABELS, &c.read_errors);
         family(&mut enc, "weft_control_read_errors", "Control connections ended by bad input or errors", MetricType::Counter, rd)?;
         family(&mut enc, "weft_gossip_messages", "Gossip messages", MetricType::Counter, vec![
             (dir("in"), c.gossip_received.load(Relaxed)),
