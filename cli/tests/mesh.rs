@@ -461,3 +461,42 @@ fn attach_and_detach_by_pid() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an IP address"));
     drop(proc);
 }
+
+#[test]
+fn expose_gives_the_host_an_overlay_address_and_hide_takes_it_back() {
+    let Some(mut lab) = lab("expose_and_hide", 2, Some("pw"), &[]) else { return };
+    let (_a, b) = two_hosts_pinging(&mut lab);
+    let o = lab.weft(0, &["expose", "10.40.0.254/24"]).expect("expose");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A container on the other host reaches host 0 itself over the mesh.
+    assert!(ping_until(&lab, &b, "10.40.0.254", &[], UP), "the exposed host address is unreachable");
+    let o = lab.weft(0, &["hide", "10.40.0.254/24"]).expect("hide");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!ping_until(&lab, &b, "10.40.0.254", &[], Duration::from_secs(2)), "still reachable after hide");
+    let o = lab.weft(0, &["hide", "10.40.0.254/24"]).expect("hide again");
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not exposed"));
+}
+
+#[test]
+fn the_password_can_come_from_a_file() {
+    let Some(mut lab) = lab("the_password_can_come_from_a_file", 2, Some("from-file secret"), &[]) else { return };
+    let file = lab.dir().join("password");
+    std::fs::write(&file, "from-file secret\n").expect("write password file");
+    let file_s = file.display().to_string();
+    lab.configure_host(1, None, &["--password-file", &file_s]).expect("configure");
+    start_star(&mut lab);
+    lab.wait_established(1, 1, UP).expect("the host with a password file joins");
+    assert_eq!(status(&lab, 1)["encryption"], "enabled");
+    // A missing or empty file stops the start with a message naming it.
+    let empty = lab.dir().join("empty");
+    std::fs::write(&empty, "").expect("write");
+    for (path, want) in [(lab.dir().join("missing"), "reading password file"), (empty, "is empty")] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args(["--api-socket", "/nonexistent/weft.sock", "router", "--password-file"])
+            .arg(&path)
+            .output()
+            .expect("weft router");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want) && err.contains(&path.display().to_string()), "{err}");
+    }
+}
