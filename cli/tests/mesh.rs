@@ -500,3 +500,39 @@ fn the_password_can_come_from_a_file() {
         assert!(!o.status.success() && err.contains(want) && err.contains(&path.display().to_string()), "{err}");
     }
 }
+
+#[test]
+fn bad_api_requests_get_clear_errors_and_harm_nothing() {
+    let Some(mut lab) = lab("bad_api_requests", 2, Some("pw"), &[]) else { return };
+    let (a, _b) = two_hosts_pinging(&mut lab);
+    let sock = lab.host(0).api_socket.clone();
+    let ask = |req: Vec<u8>| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("api socket");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let _ = s.write_all(&req);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let post = |path: &str, body: &[u8]| {
+        let mut r = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    for (req, want) in [
+        (post("/v1/attach", b"{not json"), "HTTP/1.1 400"),
+        (post("/v1/attach", br#"{"netns": 5}"#), "HTTP/1.1 422"),
+        (post("/v1/attach", br#"{"netns": "x", "cidrs": []}"#), "no address given"),
+        (post("/v1/connect", br#"{"peers": ["somehost:notaport"]}"#), "HTTP/1.1 400"),
+        (post("/v1/expose", br#"{"cidr": "10.1.2.3/99"}"#), "too long"),
+        (post("/v1/nothing", b"{}"), "HTTP/1.1 404"),
+        (post("/v1/attach", &vec![b'x'; 3 << 20]), "HTTP/1.1 4"),
+        (b"\x00\x01garbage\r\n\r\n".to_vec(), ""),
+    ] {
+        let answer = ask(req);
+        assert!(answer.contains(want), "wanted {want:?}, got {answer:?}");
+    }
+    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "traffic stopped after bad API requests");
+    assert_eq!(status(&lab, 0)["connections"][0]["state"], "established");
+}
