@@ -466,6 +466,20 @@ fn attach_and_detach_by_pid() {
 fn expose_gives_the_host_an_overlay_address_and_hide_takes_it_back() {
     let Some(mut lab) = lab("expose_and_hide", 2, Some("pw"), &[]) else { return };
     let (_a, b) = two_hosts_pinging(&mut lab);
+    // The bridge has a MAC of its own (the peer name as a local unicast MAC),
+    // never the TAP's: else the host's own frames would be dropped as TAP chatter.
+    let mac = |dev: &str| {
+        // `ip -br link show dev X`: name, state, MAC, flags. (/sys shows the
+        // namespace that mounted it, not the one nsenter entered.)
+        let o = lab.exec(&lab.host(0).ns, &["ip", "-br", "link", "show", "dev", dev]).expect("read mac");
+        String::from_utf8_lossy(&o.stdout).split_whitespace().nth(2).unwrap_or_default().to_string()
+    };
+    let name = status(&lab, 0)["name"].as_str().expect("name").to_string();
+    let first = u8::from_str_radix(&name[..2], 16).expect("hex");
+    let want = format!("{:02x}{}", (first & 0xfe) | 0x02, &name[2..]);
+    let (bridge_mac, tap_mac) = (mac("weft"), mac("weft-tap"));
+    assert_eq!(bridge_mac, want, "bridge MAC");
+    assert_ne!(bridge_mac, tap_mac);
     let o = lab.weft(0, &["expose", "10.40.0.254/24"]).expect("expose");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A container on the other host reaches host 0 itself over the mesh.

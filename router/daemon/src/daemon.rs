@@ -176,6 +176,11 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let netdev = NetDev::new().await.context("opening a netlink socket")?;
     netdev.ensure_bridge(&opts.bridge, opts.mtu).await.with_context(|| format!("creating bridge {}", opts.bridge))?;
+    // A bridge without a MAC of its own takes the smallest of its ports', which
+    // may be the TAP's: the host's own frames (an exposed address) would then
+    // look like the TAP's chatter, which the data path drops. The peer name,
+    // made a unicast, locally administered MAC, is stable across restarts.
+    netdev.set_mac(&opts.bridge, bridge_mac(id.name)).await?;
     let tap_name = tap_name(&opts.bridge);
     let tap = Tap::open(&tap_name, opts.offload)?;
     netdev.set_mtu(&tap_name, TAP_MTU).await?;
@@ -661,6 +666,13 @@ fn hostname() -> String {
     let mut s = String::from_utf8_lossy(&b[..end]).into_owned();
     s.truncate(weft_proto::topology::MAX_NICKNAME);
     s
+}
+
+/// The bridge's MAC: the peer name as a unicast, locally administered address.
+pub fn bridge_mac(name: PeerName) -> [u8; 6] {
+    let mut m = name.to_bytes();
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
 }
 
 /// The router's TAP name for a bridge ("weft" → "weft-tap").

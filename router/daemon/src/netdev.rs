@@ -149,6 +149,19 @@ impl NetDev {
             .await
     }
 
+    /// Sets the MAC address of `ifname`.
+    pub async fn set_mac(&self, ifname: &str, mac: [u8; 6]) -> Result<()> {
+        let index = self.require_link(ifname).await?;
+        self.handle
+            .link()
+            .change(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
+            .execute()
+            .await
+            .with_context(|| format!("setting MAC address on {ifname} failed"))?;
+        debug!(ifname, ?mac, "MAC set");
+        Ok(())
+    }
+
     /// Sets the MTU of `ifname`.
     pub async fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<()> {
         let index = self.require_link(ifname).await?;
