@@ -136,11 +136,17 @@ struct Peers {
     peers: Vec<String>,
 }
 
-async fn connect(State(sh): State<Arc<Shared>>, Json(req): Json<Peers>) -> ApiResult {
-    let mut addrs = Vec::new();
-    for p in &req.peers {
+/// Resolves every peer the user named; the first that fails is the error.
+async fn resolve_all(peers: &[String]) -> Result<Vec<SocketAddr>, ApiError> {
+    let mut addrs = Vec::with_capacity(peers.len());
+    for p in peers {
         addrs.push(crate::daemon::resolve(p).await.map_err(|e| bad(format!("{e:#}")))?);
     }
+    Ok(addrs)
+}
+
+async fn connect(State(sh): State<Arc<Shared>>, Json(req): Json<Peers>) -> ApiResult {
+    let addrs = resolve_all(&req.peers).await?;
     let added: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     sh.call(move |a| {
         let now = std::time::Instant::now();
@@ -156,10 +162,7 @@ async fn connect(State(sh): State<Arc<Shared>>, Json(req): Json<Peers>) -> ApiRe
 }
 
 async fn forget(State(sh): State<Arc<Shared>>, Json(req): Json<Peers>) -> ApiResult {
-    let mut addrs = Vec::new();
-    for p in &req.peers {
-        addrs.push(crate::daemon::resolve(p).await.map_err(|e| bad(format!("{e:#}")))?);
-    }
+    let addrs = resolve_all(&req.peers).await?;
     let forgotten = sh
         .call(move |a| {
             let r: Vec<(String, bool)> = addrs.iter().map(|x| (x.to_string(), a.core.forget_target(*x))).collect();

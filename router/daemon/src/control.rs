@@ -110,13 +110,10 @@ pub struct SessionHello {
 
 async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, HandshakeError> {
     let len = s.read_u16().await? as usize;
+    // A refusal (zero length) only ever follows the last handshake message,
+    // which the record layer reads; here an empty message is just malformed.
     if len == 0 {
-        let code = s.read_u16().await?;
-        return Err(if code == REFUSE_HANDSHAKE {
-            HandshakeError::WrongPassword
-        } else {
-            HandshakeError::Malformed(format!("refusal code {code}"))
-        });
+        return Err(HandshakeError::Malformed("empty handshake message".into()));
     }
     if len > max {
         return Err(HandshakeError::Malformed(format!("handshake message of {len} bytes")));

@@ -35,7 +35,6 @@ pub const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Why a frame or datagram was dropped; one counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
 pub enum DropReason {
     /// A sleeve parse/crypto error.
     Sleeve(SleeveError),
@@ -397,16 +396,16 @@ impl Dataplane {
 
     fn handle_datagram(&self, dgram: &[u8], batch: &mut Batch) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
-        let link = read(&self.state).by_index.get(&head.receiver).cloned().ok_or(SleeveError::UnknownSession)?;
-        let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
         let st = read(&self.state);
+        let link = st.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
+        let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
         for rec in records(&msg) {
             match rec? {
                 Record::Heartbeat => {
                     let ms = self.start.elapsed().as_millis() as u64;
                     link.last_heartbeat.store(ms.max(1), Relaxed);
                 }
-                Record::Frame(meta, frame) => self.handle_peer_frame(&st, &link, meta, frame, batch),
+                Record::Frame(meta, frame) => self.handle_peer_frame(&st, link, meta, frame, batch),
             }
         }
         Ok(())
@@ -543,16 +542,12 @@ impl Batch {
                 self.msgs.len() - 1
             }
         };
-        if !self.msgs[i].1.is_empty() && self.msgs[i].1.len() + cost > BATCH_BYTES {
-            let (l, mut m) = self.msgs.swap_remove(i);
-            dp.seal_and_send(&l, &mut m, &mut self.wire);
+        let (l, m) = &mut self.msgs[i];
+        if !m.is_empty() && m.len() + cost > BATCH_BYTES {
+            dp.seal_and_send(l, m, &mut self.wire);
             m.clear();
-            self.msgs.push((l, m));
         }
-        let last = self.msgs.iter_mut().find(|(l, _)| Arc::ptr_eq(l, link));
-        if let Some((_, m)) = last {
-            MessageBuilder::push_frame(m, meta, frame);
-        }
+        MessageBuilder::push_frame(m, meta, frame);
     }
 }
 

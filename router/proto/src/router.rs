@@ -1026,7 +1026,7 @@ mod tests {
             let before: Vec<PeerInfo> = a.topology().peers().cloned().collect();
             let mut b = router(2, now);
             b.handle_connection_up(now, ConnId(9), addr(1), None, hello(1, 100)).expect("up");
-            let full = b.topology().encode_all();
+            let full = Topology::encode(&b.topology().peers().cloned().collect::<Vec<_>>());
             let truncated = full[..cut.min(full.len().saturating_sub(1))].to_vec();
             let msg = ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: truncated };
             let refused = a.handle_message(now, ConnId(1), msg).is_err();

@@ -151,12 +151,6 @@ impl Topology {
         postcard::to_stdvec(entries).unwrap_or_default()
     }
 
-    /// Encodes every known entry.
-    pub fn encode_all(&self) -> Vec<u8> {
-        let all: Vec<PeerInfo> = self.peers.values().cloned().collect();
-        Self::encode(&all)
-    }
-
     /// Decodes and merges a gossip payload; returns the entries that were new
     /// (the delta to pass on). A payload that fails to decode or validate is
     /// refused whole and changes nothing.
