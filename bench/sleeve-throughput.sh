@@ -366,8 +366,21 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2f", a/b; else prin
 enc=${GBPS[weft-enc]:-0}; plain=${GBPS[weft-plain]:-0}; vx=${GBPS[vxlan]:-0}
 r_peer=$(ratio "$enc" "$best_peer"); r_vx=$(ratio "$enc" "$vx"); r_pvx=$(ratio "$plain" "$vx")
 [ -n "${GBPS[weft-enc]:-}" ] || { r_peer=null; r_vx=null; }
-echo "summary: weft encrypted ${enc} Gbit/s = ${r_peer}x best peer ($best_name ${best_peer}), ${r_vx}x kernel VXLAN (${vx});" \
-     "weft plaintext ${plain} Gbit/s = ${r_pvx}x kernel VXLAN; weft-enc receiver UdpRcvbufErrors=${EXTRA[weft-enc.rcvbuf]:-n/a}"
+# Name only the comparisons whose cases ran (--only may leave some out).
+parts=()
+if [ -n "${GBPS[weft-enc]:-}" ]; then
+  p="weft encrypted ${enc} Gbit/s"
+  [ "$best_name" != none ] && p+=" = ${r_peer}x best peer ($best_name ${best_peer})"
+  [ -n "${GBPS[vxlan]:-}" ] && p+=", ${r_vx}x kernel VXLAN (${vx})"
+  parts+=("$p; weft-enc receiver UdpRcvbufErrors=${EXTRA[weft-enc.rcvbuf]:-n/a}")
+fi
+if [ -n "${GBPS[weft-plain]:-}" ]; then
+  p="weft plaintext ${plain} Gbit/s"
+  [ -n "${GBPS[vxlan]:-}" ] && p+=" = ${r_pvx}x kernel VXLAN"
+  parts+=("$p")
+fi
+[ ${#parts[@]} -gt 0 ] || parts=("no weft case ran")
+echo "summary: $(IFS='|'; echo "${parts[*]}" | sed 's/|/; /g')"
 rows=$(for k in "${ORDER[@]}"; do
   jq -nc --arg k "$k" --arg g "${GBPS[$k]}" --arg r "${RETR[$k]}" --arg c "${CPU[$k]}" \
     '{case:$k, gbps:($g|tonumber), retransmits:($r|tonumber? // null), cpu_busy_pct:($c|tonumber)}'
