@@ -246,13 +246,13 @@ case_weft() {  # <case-name> <password or empty>
     failed "$name" "no established connection after 20 s; router log tail: $(tail -3 "$WORK/$name-h1/router.log" | tr '\n' ' ')"
     teardown; return 0
   fi
-  nsx "$H1" "$WEFT_BIN" --api-socket "$s1" attach "$C1" 10.32.0.1/24 >/dev/null
-  nsx "$H2" "$WEFT_BIN" --api-socket "$s2" attach "$C2" 10.32.0.2/24 >/dev/null
-  if ! wait_ping "$C1" 10.32.0.2; then
+  nsx "$H1" "$WEFT_BIN" --api-socket "$s1" attach "$C1" 10.99.0.1/24 >/dev/null
+  nsx "$H2" "$WEFT_BIN" --api-socket "$s2" attach "$C2" 10.99.0.2/24 >/dev/null
+  if ! wait_ping "$C1" 10.99.0.2; then
     failed "$name" "containers cannot ping each other"; teardown; return 0
   fi
   WATCH=("weft-h1:$R1" "weft-h2:$R2")
-  run_iperf "$C2" "$C1" 10.32.0.2 "$name"
+  run_iperf "$C2" "$C1" 10.99.0.2 "$name"
   record "$name"
   local st; st=$(nsx "$H1" "$WEFT_BIN" --api-socket "$s1" status --json)
   echo "$(printf '%-22s' '')   sleeve: $(echo "$st" | jq -c '.sleeve') container mtu=$(ip -n "$C1" -j link show ethwe | jq ".[0].mtu")"
@@ -265,7 +265,7 @@ case_weft() {  # <case-name> <password or empty>
   done
   if [ "$REVERSE" = 1 ]; then
     local before; before=$(nsx "$H1" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}')
-    run_iperf "$C2" "$C1" 10.32.0.2 "$name-R" -R
+    run_iperf "$C2" "$C1" 10.99.0.2 "$name-R" -R
     record "$name (-R)"
     echo "$(printf '%-22s' '')   UDP h1(receiver now) UdpRcvbufErrors +$(( $(nsx "$H1" nstat -saz UdpRcvbufErrors | awk 'NR>1{print $2}') - before ))"
   fi

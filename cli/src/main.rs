@@ -35,10 +35,10 @@ enum Cmd {
     Launch(RouterArgs),
     /// Stop the running router.
     Stop,
-    /// Show the router's state: peers, connections, targets.
+    /// Show the router's state: peers, connections, targets, address allocation.
     Status {
         /// Only this part.
-        #[arg(value_parser = ["peers", "connections", "targets"])]
+        #[arg(value_parser = ["peers", "connections", "targets", "ipam"])]
         what: Option<String>,
     },
     /// Everything the router knows, as JSON.
@@ -57,8 +57,9 @@ enum Cmd {
     Attach {
         /// Network namespace: NAME, /path/to/netns or PID.
         netns: String,
-        /// Addresses to give it, as IP/PREFIX.
-        #[arg(required = true)]
+        /// Addresses: IP/PREFIX (claimed from weft's IPAM when inside its range),
+        /// net:CIDR (any free address in that subnet) or net:default.
+        /// None: one address from the default subnet.
         cidrs: Vec<String>,
         /// Interface name inside the namespace.
         #[arg(long, default_value = "ethwe")]
@@ -66,22 +67,78 @@ enum Cmd {
         /// MTU of the interface (default: the router's --mtu).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Container ID the addresses are kept under (default: the namespace's inode).
+        #[arg(long)]
+        id: Option<String>,
+        /// How long to wait for an address (e.g. while peers agree on the ring).
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
     },
-    /// Remove a namespace's weft interface.
+    /// Remove a namespace's weft interface and release its weft addresses.
     Detach {
         netns: String,
         #[arg(long, default_value = "ethwe")]
         ifname: String,
     },
-    /// Give this host an address on the weft network (on the bridge).
-    Expose { cidr: String },
-    /// Remove an address given with expose.
-    Hide { cidr: String },
+    /// Give this host an address on the weft network (on the bridge): IP/PREFIX,
+    /// net:CIDR, or none for one from the default subnet.
+    Expose {
+        cidr: Option<String>,
+        /// How long to wait for an address.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Remove an address given with expose (all of them when none is named).
+    Hide { cidr: Option<String> },
+    /// List the containers holding weft addresses on this host.
+    Ps,
+    /// Address allocation by hand: allocate, look up, release.
+    Ipam {
+        #[command(subcommand)]
+        cmd: IpamCmd,
+    },
+    /// Take over the address space of a peer that is gone for good.
+    Rmpeer {
+        /// Peer name (or unique nickname).
+        peer: String,
+        /// Even when the peer is reachable (two peers may then hand out one address).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Leave the mesh's address range: hand all of this peer's space to another
+    /// peer, forget the IPAM state, and stop the router.
+    Reset {
+        /// Even when containers here still hold addresses.
+        #[arg(long)]
+        force: bool,
+    },
     /// A multi-host lab in network namespaces on this machine (needs root).
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Allocate an address for a container ID (the same ID gets the same address back).
+    Alloc {
+        /// Container ID.
+        id: String,
+        /// Any free address in this subnet (default: the default subnet).
+        #[arg(long, conflicts_with = "address")]
+        subnet: Option<String>,
+        /// This address (a claim), as IP or IP/PREFIX.
+        #[arg(long)]
+        address: Option<String>,
+        /// How long to wait for an address.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Show a container ID's addresses.
+    Lookup { id: String },
+    /// Release a container ID's addresses (or only ADDRESS).
+    Release { id: String, address: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +205,22 @@ struct RouterArgs {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// The address range every peer shares for containers.
+    #[arg(long, default_value = "10.32.0.0/12")]
+    ipalloc_range: String,
+    /// Subnet containers get addresses from unless they ask for another
+    /// (default: the whole range).
+    #[arg(long)]
+    ipalloc_default_subnet: Option<String>,
+    /// How the range is first split: consensus (this peer and the peers given
+    /// here agree), consensus=N (the first N peers), seed=NAME,... (these peers),
+    /// or observer (never votes; gets space from others).
+    #[arg(long, default_value = "consensus")]
+    ipalloc_init: String,
+    /// Seconds a container's network namespace must be gone before its
+    /// addresses are released.
+    #[arg(long, default_value_t = 60)]
+    ipalloc_gc_grace: u64,
 }
 
 fn main() -> ExitCode {
@@ -197,8 +270,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Forget { peers } => simple(&sock, "/v1/forget", json!({ "peers": peers }), cli.json, &mut out, |v| {
             format!("forgot {}", list(&v["forgotten"]))
         }),
-        Cmd::Attach { netns, cidrs, ifname, mtu } => {
-            let body = json!({ "netns": netns, "cidrs": cidrs, "ifname": ifname, "mtu": mtu });
+        Cmd::Attach { netns, cidrs, ifname, mtu, id, timeout } => {
+            let body = json!({ "netns": netns, "cidrs": cidrs, "ifname": ifname, "mtu": mtu, "id": id,
+                "timeout_seconds": timeout });
             simple(&sock, "/v1/attach", body, cli.json, &mut out, |v| {
                 format!(
                     "attached {} as {} ({}, mtu {}) with {}",
@@ -212,16 +286,83 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Detach { netns, ifname } => {
             simple(&sock, "/v1/detach", json!({ "netns": netns, "ifname": ifname }), cli.json, &mut out, |v| {
-                format!("detached {}", v["detached"].as_str().unwrap_or(""))
+                let released = list(&v["released"]);
+                let released = if released.is_empty() { String::new() } else { format!(", released {released}") };
+                format!("detached {}{released}", v["detached"].as_str().unwrap_or(""))
             })
         }
-        Cmd::Expose { cidr } => simple(&sock, "/v1/expose", json!({ "cidr": cidr }), cli.json, &mut out, |v| {
-            format!("exposed {} on bridge {}", v["exposed"].as_str().unwrap_or(""), v["bridge"].as_str().unwrap_or(""))
-        }),
+        Cmd::Expose { cidr, timeout } => {
+            simple(&sock, "/v1/expose", json!({ "cidr": cidr, "timeout_seconds": timeout }), cli.json, &mut out, |v| {
+                format!("exposed {} on bridge {}", v["exposed"].as_str().unwrap_or(""), v["bridge"].as_str().unwrap_or(""))
+            })
+        }
         Cmd::Hide { cidr } => simple(&sock, "/v1/hide", json!({ "cidr": cidr }), cli.json, &mut out, |v| {
-            format!("hid {}", v["hidden"].as_str().unwrap_or(""))
+            format!("hid {}", list(&v["hidden"]))
         }),
+        Cmd::Ps => {
+            let v = client::call(&sock, "GET", "/v1/ipam", None)?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&v["allocations"])?)?;
+            } else {
+                output::ps(&mut out, &v)?;
+            }
+            Ok(())
+        }
+        Cmd::Ipam { cmd } => ipam(cmd, &sock, cli.json, &mut out),
+        Cmd::Rmpeer { peer, force } => {
+            simple(&sock, "/v1/ipam/rmpeer", json!({ "peer": peer, "force": force }), cli.json, &mut out, |v| {
+                let mut s = format!("took over {} addresses of peer {}", v["taken"], v["peer"].as_str().unwrap_or(""));
+                if let Some(w) = v["warning"].as_str() {
+                    s.push_str(&format!("\nWARNING: {w}"));
+                }
+                s
+            })
+        }
+        Cmd::Reset { force } => {
+            simple(&sock, "/v1/ipam/reset", json!({ "force": force }), cli.json, &mut out, |v| match v["handed_to"].as_str() {
+                Some(p) => format!("handed {} addresses to peer {p}; IPAM state forgotten; router stopping", v["addresses"]),
+                None => "this peer owned no address space; IPAM state forgotten; router stopping".into(),
+            })
+        }
         Cmd::Lab { cmd } => lab(cmd, &mut out),
+    }
+}
+
+fn ipam(cmd: IpamCmd, sock: &Path, as_json: bool, out: &mut impl Write) -> Result<()> {
+    match cmd {
+        IpamCmd::Alloc { id, subnet, address, timeout } => {
+            let body = json!({ "id": id, "subnet": subnet, "address": address, "timeout_seconds": timeout });
+            simple(sock, "/v1/ipam/allocate", body, as_json, out, |v| {
+                format!("{} {}", v["id"].as_str().unwrap_or(""), v["address"].as_str().unwrap_or(""))
+            })
+        }
+        IpamCmd::Lookup { id } => {
+            let q: String = id.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }).collect();
+            let v = client::call(sock, "GET", &format!("/v1/ipam/lookup?id={q}"), None)?;
+            if as_json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                for a in v["addresses"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                    writeln!(out, "{}", a["address"].as_str().unwrap_or(""))?;
+                }
+            }
+            Ok(())
+        }
+        IpamCmd::Release { id, address } => {
+            simple(sock, "/v1/ipam/release", json!({ "id": id, "address": address }), as_json, out, |v| {
+                let addrs: Vec<&str> = v["released"].as_array().map(Vec::as_slice).unwrap_or_default().iter()
+                    .filter_map(|a| a["address"].as_str()).collect();
+                if addrs.is_empty() {
+                    format!("{} held no address here; nothing released", v["id"].as_str().unwrap_or(""))
+                } else {
+                    format!("released {}", addrs.join(", "))
+                }
+            })
+        }
     }
 }
 
@@ -299,6 +440,15 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
         peers: args.peers,
         max_datagram: args.max_datagram,
         offload: !args.no_offload,
+        ipam: weft_router::ipam::IpamOptions {
+            range: args.ipalloc_range.parse().map_err(|e| anyhow::anyhow!("--ipalloc-range: {e}"))?,
+            default_subnet: match &args.ipalloc_default_subnet {
+                Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--ipalloc-default-subnet: {e}"))?),
+                None => None,
+            },
+            init: args.ipalloc_init,
+            gc_grace: Duration::from_secs(args.ipalloc_gc_grace),
+        },
     };
     if opts.mtu < 576 || opts.mtu > 65_000 {
         bail!("--mtu {} is out of range (576..=65000)", opts.mtu);
@@ -340,6 +490,11 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
     }
     if a.no_offload {
         cmd.arg("--no-offload");
+    }
+    cmd.args(["--ipalloc-range", &a.ipalloc_range, "--ipalloc-init", &a.ipalloc_init]);
+    cmd.args(["--ipalloc-gc-grace", &a.ipalloc_gc_grace.to_string()]);
+    if let Some(s) = &a.ipalloc_default_subnet {
+        cmd.args(["--ipalloc-default-subnet", s]);
     }
     cmd.args(&a.peers);
     // The password goes through the environment, not argv (which `ps` shows).

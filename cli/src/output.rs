@@ -83,6 +83,9 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             writeln!(out, "Attached (bridge ports): {}", ports.join(", "))?;
         }
     }
+    if what.is_none() || what == Some("ipam") {
+        ipam(out, &v["ipam"])?;
+    }
     if what.is_none() || what == Some("targets") {
         writeln!(out, "Targets:")?;
         if targets.is_empty() {
@@ -103,6 +106,66 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             }
             writeln!(out, "{line}")?;
         }
+    }
+    Ok(())
+}
+
+/// The address allocation part of `weft status`.
+fn ipam(out: &mut impl Write, v: &Value) -> Result<()> {
+    writeln!(out, "Address allocation:")?;
+    writeln!(
+        out,
+        "  Range {} (default subnet {}), init {}: {}",
+        s(&v["range"]),
+        s(&v["default_subnet"]),
+        s(&v["init"]),
+        s(&v["state"])
+    )?;
+    if let Some(e) = v["last_error"].as_str() {
+        writeln!(out, "  Last refused ring: {e}")?;
+    }
+    let empty = Vec::new();
+    let peers = v["peers"].as_array().unwrap_or(&empty);
+    let total: u64 = peers.iter().filter_map(|p| p["owned"].as_u64()).sum();
+    for p in peers {
+        let owned = p["owned"].as_u64().unwrap_or(0);
+        let pct = if total > 0 { 100.0 * owned as f64 / total as f64 } else { 0.0 };
+        let who = if p["me"] == true {
+            " (this peer)"
+        } else if p["reachable"] == true {
+            ""
+        } else {
+            " (UNREACHABLE)"
+        };
+        writeln!(
+            out,
+            "  {} ({}){who}: {owned} addresses ({pct:.1}%), {} free",
+            s(&p["peer"]),
+            s(&p["nickname"]),
+            p["free"]
+        )?;
+    }
+    if v["unreachable_addresses"].as_u64().unwrap_or(0) > 0 {
+        writeln!(
+            out,
+            "  {} addresses are held by unreachable peers; `weft rmpeer NAME` takes over the space of a peer gone for good",
+            v["unreachable_addresses"]
+        )?;
+    }
+    writeln!(out, "  Allocated here: {}, requests waiting: {}", v["allocated"], v["pending"])?;
+    Ok(())
+}
+
+/// `weft ps`: the containers holding addresses here.
+pub(crate) fn ps(out: &mut impl Write, v: &Value) -> Result<()> {
+    let empty = Vec::new();
+    let allocs = v["allocations"].as_array().unwrap_or(&empty);
+    if allocs.is_empty() {
+        writeln!(out, "(no container holds a weft address on this host)")?;
+    }
+    let w = allocs.iter().filter_map(|a| a["id"].as_str()).map(str::len).max().unwrap_or(2).max(2);
+    for a in allocs {
+        writeln!(out, "{:<w$}  {:<18}  {}", s(&a["id"]), s(&a["address"]), s(&a["netns"]))?;
     }
     Ok(())
 }

@@ -10,14 +10,14 @@ use common::*;
 
 const UP: Duration = Duration::from_secs(30);
 
-/// Starts both routers of a two-host lab, attaches container a (10.40.0.1) to
-/// host 0 and b (10.40.0.2) to host 1, and waits until a pings b.
+/// Starts both routers of a two-host lab, attaches container a (10.50.0.1) to
+/// host 0 and b (10.50.0.2) to host 1, and waits until a pings b.
 fn two_hosts_pinging(lab: &mut weft_lab::Lab) -> (weft_lab::Container, weft_lab::Container) {
     start_star(lab);
     lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("container a");
-    let b = lab.add_container(1, "b", "10.40.0.2/24").expect("container b");
-    assert!(ping_until(lab, &a, "10.40.0.2", &[], UP), "a cannot reach b across the mesh");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(lab, &a, "10.50.0.2", &[], UP), "a cannot reach b across the mesh");
     (a, b)
 }
 
@@ -35,9 +35,9 @@ fn two_hosts_ping_over_encrypted_sleeve() {
     start_star(&mut lab);
     lab.wait_established(0, 1, UP).expect("host 0 connected");
     lab.wait_established(1, 1, UP).expect("host 1 connected");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.40.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "a cannot reach b across the mesh");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b across the mesh");
 
     let st = status(&lab, 0);
     assert_eq!(st["encryption"], "enabled");
@@ -80,9 +80,9 @@ fn relays_through_a_middle_host_when_the_direct_path_is_blocked() {
     lab.wait_established(1, 2, UP).expect("B connected to A and C");
     lab.wait_established(0, 1, UP).expect("A connected to B");
     lab.wait_established(2, 1, UP).expect("C connected to B");
-    let a = lab.add_container(0, "a", "10.40.0.1/24").expect("a");
-    let _c = lab.add_container(2, "c", "10.40.0.3/24").expect("c");
-    assert!(ping_until(&lab, &a, "10.40.0.3", &[], UP), "A's container cannot reach C's through B");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("a");
+    let _c = lab.add_container(2, "c", "10.50.0.3/24").expect("c");
+    assert!(ping_until(&lab, &a, "10.50.0.3", &[], UP), "A's container cannot reach C's through B");
     let (name_b, name_c) = (name(&lab, 1), name(&lab, 2));
     let st = status(&lab, 0);
     assert_eq!(st["routes"]["unicast"][&name_c], name_b.as_str(), "A routes to C via B: {}", st["routes"]);
@@ -122,7 +122,7 @@ fn container_traffic_never_crosses_the_underlay_in_plaintext() {
         };
         let (a, _b) = two_hosts_pinging(&mut lab);
         let cap = Capture::start(&lab.host(0).ns, "ul0");
-        send_udp(&a, "10.40.0.2", 9999, MARKER, 20);
+        send_udp(&a, "10.50.0.2", 9999, MARKER, 20);
         std::thread::sleep(Duration::from_millis(300));
         let frames = cap.finish();
         assert!(!udp_payloads(&frames, 6783).is_empty(), "the capture saw no sleeve traffic");
@@ -135,7 +135,7 @@ fn replayed_sleeve_datagrams_are_dropped_and_counted() {
     let Some(mut lab) = lab("replayed_sleeve_datagrams_are_dropped_and_counted", 2, Some("pw"), &[]) else { return };
     let (a, _b) = two_hosts_pinging(&mut lab);
     let cap = Capture::start(&lab.host(0).ns, "ul0");
-    send_udp(&a, "10.40.0.2", 9999, b"replay me", 10);
+    send_udp(&a, "10.50.0.2", 9999, b"replay me", 10);
     let frames = cap.finish();
     let b_ip = lab.host(1).underlay_ip.to_string();
     // Datagrams host 0 sent to host 1's sleeve.
@@ -168,22 +168,22 @@ fn large_pings_get_through_or_get_the_right_error() {
     let Some(mut lab) = lab("large_pings_get_through_or_get_the_right_error", 2, Some("pw"), &[]) else { return };
     let (a, _b) = two_hosts_pinging(&mut lab);
     // Fragmentable: the container's kernel fragments to its MTU, fragments cross the sleeve.
-    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.40.0.2"]).expect("ping");
+    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.0.2"]).expect("ping");
     assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
     // DF set: refused at the source with the path MTU (never a silent drop).
-    let o = lab.exec(&a.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", "10.40.0.2"]).expect("ping");
+    let o = lab.exec(&a.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", "10.50.0.2"]).expect("ping");
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(!o.status.success() && text.contains("mtu=1376"), "8000-byte DF ping: {text}");
     // Jumbo containers: the sleeve fragments 8 KB frames itself, so DF pings get through.
-    let j1 = lab.add_container(0, "j1", "10.40.1.1/24").expect("j1");
-    let _j2 = lab.add_container(1, "j2", "10.40.1.2/24").expect("j2");
+    let j1 = lab.add_container(0, "j1", "10.50.1.1/24").expect("j1");
+    let _j2 = lab.add_container(1, "j2", "10.50.1.2/24").expect("j2");
     for (h, c) in [(0, &j1.ns), (1, &_j2.ns)] {
         lab.weft(h, &["detach", c]).expect("detach");
-        let ip = if h == 0 { "10.40.1.1/24" } else { "10.40.1.2/24" };
+        let ip = if h == 0 { "10.50.1.1/24" } else { "10.50.1.2/24" };
         let o = lab.weft(h, &["attach", c, ip, "--mtu", "9000"]).expect("attach jumbo");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "8000", "10.40.1.2"]).expect("ping");
+    let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "8000", "10.50.1.2"]).expect("ping");
     assert!(o.status.success(), "8000-byte DF ping between MTU-9000 containers: {}", String::from_utf8_lossy(&o.stdout));
 }
 
@@ -213,10 +213,10 @@ fn traffic_resumes_after_a_router_is_killed_and_restarted() {
     let name_before = name(&lab, 1);
     let uid_before = status(&lab, 1)["uid"].clone();
     lab.kill_router(1, libc::SIGKILL).expect("kill -9");
-    assert!(!ping_until(&lab, &a, "10.40.0.2", &[], Duration::from_secs(2)), "ping worked with the router dead");
+    assert!(!ping_until(&lab, &a, "10.50.0.2", &[], Duration::from_secs(2)), "ping worked with the router dead");
     lab.start_router(1, &[0]).expect("restart");
     lab.wait_established(0, 1, UP).expect("reconnected");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "traffic did not resume");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic did not resume");
     assert_eq!(name(&lab, 1), name_before, "the name survives a restart");
     assert_ne!(status(&lab, 1)["uid"], uid_before, "the UID changes on restart");
     // The surviving router sees the new incarnation.
@@ -288,7 +288,7 @@ fn garbage_on_the_weft_ports_is_dropped_counted_and_survived() {
     assert!(hs["bad_preamble"].as_u64().unwrap_or(0) >= 2, "{hs}");
     assert!(hs["version"].as_u64().unwrap_or(0) >= 1, "{hs}");
     // Still alive and still carrying traffic.
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "traffic stopped after garbage");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic stopped after garbage");
     assert_eq!(established(&lab, 1), 1);
 }
 
@@ -400,9 +400,9 @@ fn discovery_builds_a_full_mesh_and_can_be_switched_off() {
     let Some(mut lab) = common::lab("discovery_can_be_switched_off", 3, Some("pw"), &["--no-discovery"]) else { return };
     start_star(&mut lab);
     lab.wait_established(0, 2, UP).expect("hub connected");
-    let a = lab.add_container(1, "a", "10.40.0.1/24").expect("a");
-    let _b = lab.add_container(2, "b", "10.40.0.2/24").expect("b");
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "spokes cannot reach each other through the hub");
+    let a = lab.add_container(1, "a", "10.50.0.1/24").expect("a");
+    let _b = lab.add_container(2, "b", "10.50.0.2/24").expect("b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "spokes cannot reach each other through the hub");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&lab, 1)["connections"].as_array().map(Vec::len), Some(1), "a spoke dialled a learned peer");
     assert!(status(&lab, 0)["stats"]["frames_relayed"].as_u64().unwrap_or(0) > 0);
@@ -420,7 +420,7 @@ fn a_bulk_tcp_transfer_loses_nothing_in_the_sleeve() {
     let (a, b) = two_hosts_pinging(&mut lab);
     let _server = spawn_in(&b.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
     std::thread::sleep(Duration::from_millis(500));
-    let o = lab.exec(&a.ns, &["iperf3", "-c", "10.40.0.2", "-p", "5201", "-t", "2", "-J"]).expect("iperf3");
+    let o = lab.exec(&a.ns, &["iperf3", "-c", "10.50.0.2", "-p", "5201", "-t", "2", "-J"]).expect("iperf3");
     assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("iperf3 json");
     let bytes = j["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
@@ -446,18 +446,18 @@ fn attach_and_detach_by_pid() {
     assert!(wait_for(Duration::from_secs(5), || {
         std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() == Some(want)
     }));
-    let o = lab.weft(1, &["attach", &pid, "10.40.0.22/24", "--ifname", "eth1"]).expect("attach by pid");
+    let o = lab.weft(1, &["attach", &pid, "10.50.0.22/24", "--ifname", "eth1"]).expect("attach by pid");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(ping_until(&lab, &a, "10.40.0.22", &[], UP), "the address attached by PID is unreachable");
+    assert!(ping_until(&lab, &a, "10.50.0.22", &[], UP), "the address attached by PID is unreachable");
     let o = lab.weft(1, &["detach", &pid, "--ifname", "eth1"]).expect("detach by pid");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!ping_until(&lab, &a, "10.40.0.22", &[], Duration::from_secs(2)), "still reachable after detach");
+    assert!(!ping_until(&lab, &a, "10.50.0.22", &[], Duration::from_secs(2)), "still reachable after detach");
     // Errors name what is wrong.
-    let o = lab.weft(1, &["attach", "999999999", "10.40.0.23/24"]).expect("attach to a missing pid");
+    let o = lab.weft(1, &["attach", "999999999", "10.50.0.23/24"]).expect("attach to a missing pid");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(err.contains("999999999"), "{err}");
-    let o = lab.weft(1, &["attach", &b.ns, "10.40.0.300/24", "--ifname", "eth2"]).expect("bad address");
+    let o = lab.weft(1, &["attach", &b.ns, "10.50.0.300/24", "--ifname", "eth2"]).expect("bad address");
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an IP address"));
     drop(proc);
 }
@@ -480,14 +480,14 @@ fn expose_gives_the_host_an_overlay_address_and_hide_takes_it_back() {
     let (bridge_mac, tap_mac) = (mac("weft"), mac("weft-tap"));
     assert_eq!(bridge_mac, want, "bridge MAC");
     assert_ne!(bridge_mac, tap_mac);
-    let o = lab.weft(0, &["expose", "10.40.0.254/24"]).expect("expose");
+    let o = lab.weft(0, &["expose", "10.50.0.254/24"]).expect("expose");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A container on the other host reaches host 0 itself over the mesh.
-    assert!(ping_until(&lab, &b, "10.40.0.254", &[], UP), "the exposed host address is unreachable");
-    let o = lab.weft(0, &["hide", "10.40.0.254/24"]).expect("hide");
+    assert!(ping_until(&lab, &b, "10.50.0.254", &[], UP), "the exposed host address is unreachable");
+    let o = lab.weft(0, &["hide", "10.50.0.254/24"]).expect("hide");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!ping_until(&lab, &b, "10.40.0.254", &[], Duration::from_secs(2)), "still reachable after hide");
-    let o = lab.weft(0, &["hide", "10.40.0.254/24"]).expect("hide again");
+    assert!(!ping_until(&lab, &b, "10.50.0.254", &[], Duration::from_secs(2)), "still reachable after hide");
+    let o = lab.weft(0, &["hide", "10.50.0.254/24"]).expect("hide again");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not exposed"));
 }
 
@@ -537,7 +537,8 @@ fn bad_api_requests_get_clear_errors_and_harm_nothing() {
     for (req, want) in [
         (post("/v1/attach", b"{not json"), "HTTP/1.1 400"),
         (post("/v1/attach", br#"{"netns": 5}"#), "HTTP/1.1 422"),
-        (post("/v1/attach", br#"{"netns": "x", "cidrs": []}"#), "no address given"),
+        (post("/v1/attach", br#"{"netns": "x", "cidrs": []}"#), "network namespace /run/netns/x"),
+        (post("/v1/ipam/allocate", br#"{"id": "c", "subnet": "192.168.0.0/16"}"#), "not inside the allocation range"),
         (post("/v1/connect", br#"{"peers": ["somehost:notaport"]}"#), "HTTP/1.1 400"),
         (post("/v1/expose", br#"{"cidr": "10.1.2.3/99"}"#), "too long"),
         (post("/v1/nothing", b"{}"), "HTTP/1.1 404"),
@@ -547,6 +548,6 @@ fn bad_api_requests_get_clear_errors_and_harm_nothing() {
         let answer = ask(req);
         assert!(answer.contains(want), "wanted {want:?}, got {answer:?}");
     }
-    assert!(ping_until(&lab, &a, "10.40.0.2", &[], UP), "traffic stopped after bad API requests");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic stopped after bad API requests");
     assert_eq!(status(&lab, 0)["connections"][0]["state"], "established");
 }

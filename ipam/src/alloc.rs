@@ -293,6 +293,8 @@ struct Donation {
     asking: Option<(PeerName, u64, Instant)>,
     tried: BTreeSet<PeerName>,
     last_refusal: Option<String>,
+    /// Why requests wait when the only peers with space are unreachable.
+    blocked: Option<String>,
 }
 
 /// One peer's allocator. See the module docs.
@@ -499,8 +501,9 @@ impl Ipam {
     /// Gives up on a waiting request.
     pub fn cancel(&mut self, req: u64, why: &str) {
         if let Some(i) = self.pending.iter().position(|p| p.req == req) {
-            self.pending.remove(i);
-            let msg = format!("{why}: {}", self.waiting_for());
+            let p = self.pending.remove(i);
+            let blocked = p.and_then(|p| self.donations.get(&p.key()).and_then(|d| d.blocked.clone()));
+            let msg = format!("{why}: {}", blocked.unwrap_or_else(|| self.waiting_for()));
             self.finish(req, Err(Failure::new(FailureKind::Timeout, msg)));
         }
     }
@@ -923,13 +926,22 @@ impl Ipam {
             .map(|(p, _)| *p);
         let Some(donor) = best else {
             let f = self.no_space(key, &score);
+            if f.kind == FailureKind::Unreachable {
+                // Peers with space there are unreachable: they may be connecting
+                // still, or come back. Wait for them; the caller's time-out (see
+                // `cancel`) bounds the wait and reports this reason.
+                self.donations.entry(key).or_default().blocked = Some(f.message);
+                return Ok(());
+            }
             self.donations.remove(&key);
             return Err(f);
         };
         let seq = self.next_seq;
         self.next_seq += 1;
         let deadline = self.now + self.cfg.donation_timeout;
-        self.donations.entry(key).or_default().asking = Some((donor, seq, deadline));
+        let d = self.donations.entry(key).or_default();
+        d.asking = Some((donor, seq, deadline));
+        d.blocked = None;
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Request { seq, range: key })));
         Ok(())
     }

@@ -93,6 +93,7 @@ pub(crate) async fn serve_api(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         .route("/v1/expose", post(expose))
         .route("/v1/hide", post(hide))
         .route("/v1/stop", post(stop))
+        .merge(crate::ipam::routes())
         .with_state(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(RootOnly(listener), app).await {
@@ -126,7 +127,14 @@ pub(crate) async fn serve_metrics(shared: Arc<Shared>, addr: SocketAddr) -> Resu
 }
 
 async fn status(State(sh): State<Arc<Shared>>) -> ApiResult {
-    let mut v = sh.call(|a| a.status()).await.map_err(internal)?;
+    let mut v = sh
+        .call(|a| {
+            let mut v = a.status();
+            v["ipam"] = a.ipam_status();
+            v
+        })
+        .await
+        .map_err(internal)?;
     v["attachments"] = json!(attachments(&sh).await);
     Ok(Json(v))
 }
@@ -203,33 +211,98 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), ApiError> {
 #[derive(Deserialize)]
 struct AttachReq {
     netns: String,
+    /// `IP/PREFIX` (claimed from IPAM when inside its range), `net:CIDR`
+    /// (any free address in that subnet) or `net:default`. None: one address
+    /// from the default subnet.
+    #[serde(default)]
     cidrs: Vec<String>,
     #[serde(default = "default_ifname")]
     ifname: String,
     mtu: Option<u32>,
+    /// Container ID for IPAM; the namespace's inode when absent.
+    id: Option<String>,
+    timeout_seconds: Option<f64>,
 }
 
 fn default_ifname() -> String {
     "ethwe".into()
 }
 
-async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> ApiResult {
-    if req.cidrs.is_empty() {
-        return Err(bad("no address given: pass IP/PREFIX (automatic addresses come with IPAM)"));
+/// What the user asked for, one address each.
+enum AddrSpec {
+    /// Used as given (outside the IPAM range).
+    Fixed(IpAddr, u8),
+    /// Asked of IPAM.
+    Ipam(weft_ipam::Want),
+}
+
+fn addr_specs(sh: &Shared, cidrs: &[String]) -> Result<Vec<AddrSpec>, ApiError> {
+    if cidrs.is_empty() {
+        return Ok(vec![AddrSpec::Ipam(weft_ipam::Want::Any(sh.ipam_default_subnet))]);
     }
-    let addrs = req.cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>, _>>()?;
+    cidrs
+        .iter()
+        .map(|c| {
+            if let Some(net) = c.strip_prefix("net:") {
+                let subnet = if net == "default" { None } else { Some(net) };
+                return crate::ipam::want(sh, subnet, None).map(AddrSpec::Ipam).map_err(bad);
+            }
+            let (ip, prefix) = parse_cidr(c)?;
+            match ip {
+                IpAddr::V4(v4) if sh.ipam_range.contains(u32::from(v4)) => {
+                    crate::ipam::want(sh, None, Some(c)).map(AddrSpec::Ipam).map_err(bad)
+                }
+                _ => Ok(AddrSpec::Fixed(ip, prefix)),
+            }
+        })
+        .collect()
+}
+
+async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> Result<Json<Value>, Response> {
+    let specs = addr_specs(&sh, &req.cidrs).map_err(IntoResponse::into_response)?;
     let path = netns_path(&req.netns);
+    let ns = crate::ipam::netns_ref(&path).map_err(|e| bad(e).into_response())?;
+    let id = req.id.clone().unwrap_or_else(|| format!("netns:{}", ns.inode));
+    let timeout = crate::ipam::wait_time(req.timeout_seconds).map_err(IntoResponse::into_response)?;
+    let mut addrs = Vec::new();
+    let mut allocated = Vec::new();
+    for spec in specs {
+        match spec {
+            AddrSpec::Fixed(ip, p) => addrs.push((ip, p)),
+            AddrSpec::Ipam(want) => match crate::ipam::allocate(&sh, id.clone(), want, Some(ns.clone()), timeout).await {
+                Ok(a) => {
+                    addrs.push((IpAddr::V4(a.addr.into()), a.subnet.prefix));
+                    allocated.push(a);
+                }
+                Err(f) => {
+                    undo_allocations(&sh, &allocated).await;
+                    return Err(crate::ipam::IpamError(f).into_response());
+                }
+            },
+        }
+    }
     let mtu = req.mtu.unwrap_or(sh.opts.mtu);
-    let info = sh
-        .netdev
-        .attach_netns(&sh.opts.bridge, &path, &req.ifname, &addrs, mtu)
-        .await
-        .map_err(|e| bad(format!("{e:#}")))?;
-    info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?req.cidrs, "attached");
+    let info = match sh.netdev.attach_netns(&sh.opts.bridge, &path, &req.ifname, &addrs, mtu).await {
+        Ok(i) => i,
+        Err(e) => {
+            undo_allocations(&sh, &allocated).await;
+            return Err(bad(format!("{e:#}")).into_response());
+        }
+    };
+    let shown: Vec<String> = addrs.iter().map(|(ip, p)| format!("{ip}/{p}")).collect();
+    info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?shown, container = %id, "attached");
     Ok(Json(json!({
         "netns": path.display().to_string(), "ifname": info.container_ifname, "host_ifname": info.host_ifname,
-        "mac": crate::dataplane::fmt_mac(&info.container_mac), "addresses": req.cidrs, "mtu": mtu,
+        "mac": crate::dataplane::fmt_mac(&info.container_mac), "addresses": shown, "mtu": mtu, "id": id,
     })))
+}
+
+/// Releases what an attach that failed half-way had allocated (claims of
+/// addresses the container already held stay: they were not new).
+async fn undo_allocations(sh: &Arc<Shared>, allocated: &[weft_ipam::Allocation]) {
+    for a in allocated {
+        let _ = crate::ipam::release(sh, a.id.clone(), Some(a.addr)).await;
+    }
 }
 
 #[derive(Deserialize)]
@@ -241,33 +314,81 @@ struct DetachReq {
 
 async fn detach(State(sh): State<Arc<Shared>>, Json(req): Json<DetachReq>) -> ApiResult {
     let path = netns_path(&req.netns);
+    let inode = crate::ipam::netns_ref(&path).ok().map(|n| n.inode);
     let removed = sh.netdev.detach_netns(&path, &req.ifname).await.map_err(|e| bad(format!("{e:#}")))?;
     if !removed {
         return Err(bad(format!("{} has no weft interface {} to detach", path.display(), req.ifname)));
     }
-    info!(netns = %path.display(), ifname = %req.ifname, "detached");
-    Ok(Json(json!({ "detached": path.display().to_string() })))
+    let released = match inode {
+        Some(i) => crate::ipam::release_netns(&sh, i).await.map_err(internal)?,
+        None => Vec::new(),
+    };
+    let released: Vec<String> = released.iter().map(|a| a.cidr()).collect();
+    info!(netns = %path.display(), ifname = %req.ifname, released = ?released, "detached");
+    Ok(Json(json!({ "detached": path.display().to_string(), "released": released })))
 }
 
 #[derive(Deserialize)]
 struct CidrReq {
-    cidr: String,
+    /// `IP/PREFIX`, `net:CIDR`, `net:default`, or none for an address from
+    /// the default subnet.
+    cidr: Option<String>,
+    timeout_seconds: Option<f64>,
 }
 
-async fn expose(State(sh): State<Arc<Shared>>, Json(req): Json<CidrReq>) -> ApiResult {
-    let (ip, prefix) = parse_cidr(&req.cidr)?;
-    sh.netdev.add_address(&sh.opts.bridge, ip, prefix).await.map_err(internal)?;
-    info!(cidr = %req.cidr, bridge = %sh.opts.bridge, "exposed");
-    Ok(Json(json!({ "exposed": req.cidr, "bridge": sh.opts.bridge })))
+async fn expose(State(sh): State<Arc<Shared>>, Json(req): Json<CidrReq>) -> Result<Json<Value>, Response> {
+    let specs = addr_specs(&sh, req.cidr.as_slice()).map_err(IntoResponse::into_response)?;
+    let timeout = crate::ipam::wait_time(req.timeout_seconds).map_err(IntoResponse::into_response)?;
+    let mut new = None;
+    let (ip, prefix) = match specs.into_iter().next() {
+        Some(AddrSpec::Fixed(ip, p)) => (ip, p),
+        Some(AddrSpec::Ipam(want)) => {
+            let a = crate::ipam::allocate(&sh, crate::ipam::EXPOSE_ID.into(), want, None, timeout)
+                .await
+                .map_err(|f| crate::ipam::IpamError(f).into_response())?;
+            new = Some(a.clone());
+            (IpAddr::V4(a.addr.into()), a.subnet.prefix)
+        }
+        None => return Err(bad("nothing to expose").into_response()),
+    };
+    if let Err(e) = sh.netdev.add_address(&sh.opts.bridge, ip, prefix).await {
+        if let Some(a) = new {
+            undo_allocations(&sh, &[a]).await;
+        }
+        return Err(internal(e).into_response());
+    }
+    let cidr = format!("{ip}/{prefix}");
+    info!(%cidr, bridge = %sh.opts.bridge, "exposed");
+    Ok(Json(json!({ "exposed": cidr, "bridge": sh.opts.bridge })))
 }
 
 async fn hide(State(sh): State<Arc<Shared>>, Json(req): Json<CidrReq>) -> ApiResult {
-    let (ip, prefix) = parse_cidr(&req.cidr)?;
-    let had = sh.netdev.del_address(&sh.opts.bridge, ip, prefix).await.map_err(internal)?;
-    if !had {
-        return Err(bad(format!("{} is not exposed on {}", req.cidr, sh.opts.bridge)));
+    // Without an address: every address IPAM gave the host.
+    let targets: Vec<(IpAddr, u8)> = match &req.cidr {
+        Some(c) => vec![parse_cidr(c)?],
+        None => sh
+            .call(|a| a.ipam().lookup(crate::ipam::EXPOSE_ID))
+            .await
+            .map_err(internal)?
+            .iter()
+            .map(|a| (IpAddr::V4(a.addr.into()), a.subnet.prefix))
+            .collect(),
+    };
+    if targets.is_empty() {
+        return Err(bad(format!("no address is exposed on {}", sh.opts.bridge)));
     }
-    Ok(Json(json!({ "hidden": req.cidr })))
+    let mut hidden = Vec::new();
+    for (ip, prefix) in targets {
+        let had = sh.netdev.del_address(&sh.opts.bridge, ip, prefix).await.map_err(internal)?;
+        if let IpAddr::V4(v4) = ip {
+            crate::ipam::release(&sh, crate::ipam::EXPOSE_ID.into(), Some(u32::from(v4))).await.map_err(internal)?;
+        }
+        if !had && req.cidr.is_some() {
+            return Err(bad(format!("{ip}/{prefix} is not exposed on {}", sh.opts.bridge)));
+        }
+        hidden.push(format!("{ip}/{prefix}"));
+    }
+    Ok(Json(json!({ "hidden": hidden })))
 }
 
 async fn stop(State(sh): State<Arc<Shared>>) -> ApiResult {

@@ -76,6 +76,8 @@ pub struct Options {
     pub max_datagram: usize,
     /// Ask the kernel for TAP segmentation offload.
     pub offload: bool,
+    /// Address allocation.
+    pub ipam: crate::ipam::IpamOptions,
 }
 
 pub(crate) type Call = Box<dyn FnOnce(&mut Actor) + Send>;
@@ -118,6 +120,8 @@ pub(crate) struct Shared {
     pub(crate) psk: Option<[u8; 32]>,
     pub(crate) hello: weft_proto::Hello,
     pub(crate) udp_port: u16,
+    pub(crate) ipam_range: weft_ipam::Cidr,
+    pub(crate) ipam_default_subnet: weft_ipam::Cidr,
     next_conn: AtomicU64,
     pub(crate) shutdown: tokio::sync::Notify,
 }
@@ -153,12 +157,24 @@ pub(crate) struct Actor {
     conns: HashMap<ConnId, ConnHandle>,
     pub(crate) shared: Arc<Shared>,
     started: Instant,
+    pub(crate) ipam_shell: crate::ipam::IpamShell,
 }
 
 /// Runs the router until SIGTERM/SIGINT or `weft stop`.
 pub async fn run(opts: Options) -> Result<()> {
     let id = identity::load_or_create(&opts.state_dir, opts.name)?;
     let uid = identity::fresh_uid();
+    // IPAM state next: a corrupt file must stop the start before any device is touched.
+    let ipam_cfg = weft_ipam::Config::new(
+        id.name,
+        opts.ipam.range,
+        opts.ipam.default_subnet,
+        crate::ipam::parse_init(&opts.ipam.init, opts.peers.len())?,
+        rand::random(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let ipam_path = opts.state_dir.join(crate::ipam::STATE_FILE);
+    let ipam = crate::ipam::load(ipam_cfg.clone(), &ipam_path, Instant::now())?;
     let nickname = opts.nickname.clone().unwrap_or_else(hostname);
     let psk = opts.password.as_deref().map(identity::derive_psk);
     if psk.is_none() {
@@ -197,6 +213,9 @@ pub async fn run(opts: Options) -> Result<()> {
     cfg.initial_version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
     let now = Instant::now();
     let mut core = Router::new(cfg, now);
+    info!(range = %ipam_cfg.range, default_subnet = %ipam_cfg.default_subnet, init = %opts.ipam.init,
+        ready = ipam.ready(), allocations = ipam.allocations().count(), file = %ipam_path.display(), "IPAM loaded");
+    core.register_channel(weft_ipam::CHANNEL, Box::new(ipam));
 
     let (actor_tx, mut actor_rx) = mpsc::channel::<ActorMsg>(4096);
     let ctl = Arc::new(ControlStats::default());
@@ -210,6 +229,8 @@ pub async fn run(opts: Options) -> Result<()> {
         private_key: id.private_key,
         psk,
         udp_port,
+        ipam_range: ipam_cfg.range,
+        ipam_default_subnet: ipam_cfg.default_subnet,
         next_conn: AtomicU64::new(1),
         shutdown: tokio::sync::Notify::new(),
     });
@@ -233,7 +254,8 @@ pub async fn run(opts: Options) -> Result<()> {
         name = %id.name, %nickname, uid, encryption = psk.is_some(), bridge = %opts.bridge, tap = %tap_name,
         offload = dp.offload(), gso_segments = dp.gso_segments(), port = listen_port, "router started"
     );
-    let mut actor = Actor { core, conns: HashMap::new(), shared: shared.clone(), started: now };
+    let ipam_shell = crate::ipam::IpamShell::new(ipam_path, opts.ipam.gc_grace, now);
+    let mut actor = Actor { core, conns: HashMap::new(), shared: shared.clone(), started: now, ipam_shell };
     actor.drain();
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -241,7 +263,17 @@ pub async fn run(opts: Options) -> Result<()> {
         let deadline = tokio::time::Instant::from_std(actor.core.poll_timeout());
         tokio::select! {
             m = actor_rx.recv() => match m {
-                Some(m) => actor.handle(m),
+                Some(m) => {
+                    actor.handle(m);
+                    // Take what else is queued before draining, so that one save of
+                    // the IPAM state covers a batch of requests.
+                    for _ in 0..256 {
+                        match actor_rx.try_recv() {
+                            Ok(m) => actor.handle(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 None => break,
             },
             _ = tokio::time::sleep_until(deadline) => actor.core.handle_timeout(Instant::now()),
@@ -337,6 +369,7 @@ impl Actor {
 
     fn tick(&mut self) {
         self.shared.dp.send_heartbeats();
+        self.ipam_tick();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else { continue };
@@ -365,6 +398,8 @@ impl Actor {
     /// Drains the core's transmits and events.
     pub(crate) fn drain(&mut self) {
         loop {
+            // IPAM first: its state is saved before any of its messages leave.
+            self.flush_ipam();
             while let Some(t) = self.core.poll_transmit() {
                 if let Some(c) = self.conns.get(&t.conn) {
                     if c.tx.try_send(t.msg).is_err() {
@@ -382,6 +417,7 @@ impl Actor {
                 Event::RoutesChanged => {
                     debug!(routes = ?self.core.routes().unicast, "routes changed");
                     self.shared.dp.set_routes(self.core.routes().clone());
+                    self.ipam_routes_changed();
                 }
                 Event::Unicast { from, channel, .. } => debug!(%from, %channel, "unicast for an unknown channel"),
             }

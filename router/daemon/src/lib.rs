@@ -4,7 +4,8 @@
 //! API, metrics), the TAP device and the kernel devices (bridge, veth) it
 //! configures over netlink, and the clock. Protocol decisions live in
 //! `weft_proto`; this crate feeds it and carries out what it asks for.
-//! Left out for now: the kernel VXLAN fastpath, IPAM, DNS.
+//! IPAM (`weft_ipam`) rides on the router's gossip as the `ipam` channel.
+//! Left out for now: the kernel VXLAN fastpath, DNS.
 
 pub mod api;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod forwarder;
 pub mod identity;
+pub mod ipam;
 pub mod metrics;
 pub mod netdev;
 pub mod tap;

@@ -32,8 +32,8 @@
 //! lab.start_router(0, &[])?;
 //! lab.start_router(1, &[0])?;
 //! lab.wait_established(1, 1, Duration::from_secs(20))?;
-//! let a = lab.add_container(0, "a", "10.40.0.1/24")?;
-//! let b = lab.add_container(1, "b", "10.40.0.2/24")?;
+//! let a = lab.add_container(0, "a", "10.50.0.1/24")?;
+//! let b = lab.add_container(1, "b", "10.50.0.2/24")?;
 //! assert!(lab.exec(&a.ns, &["ping", "-c1", "-W2", &b.ip.to_string()])?.status.success());
 //! # Ok(()) }
 //! ```
@@ -314,7 +314,14 @@ impl Lab {
         if let Some(pw) = pw {
             cmd.arg("--password").arg(pw);
         }
-        cmd.args(&self.cfg.router_args).args(&host.extra_args).args(&peer_ips);
+        cmd.args(&self.cfg.router_args).args(&host.extra_args);
+        // Every lab host takes part in starting the address ring, unless told otherwise.
+        let n_hosts = self.hosts.len();
+        let host = &mut self.hosts[i];
+        if !self.cfg.router_args.iter().chain(&host.extra_args).any(|a| a.starts_with("--ipalloc-init")) {
+            cmd.arg(format!("--ipalloc-init=consensus={n_hosts}"));
+        }
+        cmd.args(&peer_ips);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -455,7 +462,7 @@ impl Lab {
                     .and(a.parse().ok())
             })
             .ok_or_else(|| {
-                anyhow!("container address {cidr:?} is not IPv4/PREFIX like 10.40.0.1/24")
+                anyhow!("container address {cidr:?} is not IPv4/PREFIX like 10.50.0.1/24")
             })?;
         let ns = format!("{}-{name}", self.id);
         self.add_netns(&ns)
@@ -468,6 +475,24 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        Ok(Container { ns, host, ip })
+    }
+
+    /// Adds container `name` on `host` with an address from weft's IPAM (`weft attach NS`
+    /// without an address), and returns it with the address it got.
+    pub fn add_container_auto(&mut self, host: usize, name: &str) -> Result<Container> {
+        self.checked_host(host)?;
+        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            bail!("container name {name:?} must be 1-40 characters of [A-Za-z0-9_-]");
+        }
+        let ns = format!("{}-{name}", self.id);
+        self.add_netns(&ns).with_context(|| format!("creating container {name}"))?;
+        let v = self.weft_json(host, &["attach", &ns])?;
+        let addr = v["addresses"][0].as_str().ok_or_else(|| anyhow!("`weft attach {ns}` gave no address: {v}"))?;
+        let ip: Ipv4Addr = addr
+            .split_once('/')
+            .and_then(|(a, _)| a.parse().ok())
+            .ok_or_else(|| anyhow!("`weft attach {ns}` gave {addr:?}, not IPv4/PREFIX"))?;
         Ok(Container { ns, host, ip })
     }
 
@@ -683,7 +708,8 @@ pub fn cleanup_stale() -> Result<usize> {
 }
 
 /// `weft lab demo`: builds `cfg.hosts` hosts, starts a router on each (host i>0 gets host 0 as
-/// its peer), waits for a full mesh, attaches container `c<i>` (10.40.0.<i+1>/24) to each host,
+/// its peer), waits for a full mesh, attaches container `c<i>` to each host with an address
+/// from weft's IPAM (the hosts agree on the range split on the first request),
 /// pings every other container from `c0`, and writes progress and a summary to `out`.
 /// Cleans up unless `cfg.keep`. Errors if any step or ping fails.
 pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
@@ -763,7 +789,7 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
     }
     let mut containers = Vec::new();
     for i in 0..n {
-        let c = lab.add_container(i, &format!("c{i}"), &format!("10.40.0.{}/24", i + 1))?;
+        let c = lab.add_container_auto(i, &format!("c{i}"))?;
         writeln!(
             out,
             "{} attached container {} ({}) to h{i}",

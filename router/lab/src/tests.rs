@@ -201,7 +201,7 @@ fn routers_and_containers_with_fake_weft() {
         2
     );
 
-    let c = lab.add_container(0, "c0", "10.40.0.1/24").unwrap();
+    let c = lab.add_container(0, "c0", "10.50.0.1/24").unwrap();
     assert_eq!(c.ip, Ipv4Addr::new(10, 40, 0, 1));
     assert!(ns_exists(&c.ns));
     assert!(lab
@@ -210,11 +210,11 @@ fn routers_and_containers_with_fake_weft() {
         .status
         .success());
     assert!(
-        lab.add_container(0, "c0", "10.40.0.1/24").is_err(),
+        lab.add_container(0, "c0", "10.50.0.1/24").is_err(),
         "duplicate container accepted"
     );
-    assert!(lab.add_container(0, "bad/name", "10.40.0.2/24").is_err());
-    assert!(lab.add_container(0, "c2", "10.40.0.2").is_err());
+    assert!(lab.add_container(0, "bad/name", "10.50.0.2/24").is_err());
+    assert!(lab.add_container(0, "c2", "10.50.0.2").is_err());
 
     let pids: Vec<u32> = lab.hosts().iter().filter_map(Host::router_pid).collect();
     let names = lab.namespaces.clone();
