@@ -292,8 +292,8 @@ fn separately_started_rings_refuse_to_merge_and_keep_working() {
         ipam_status(&lab, 0),
         ipam_status(&lab, 1)
     );
-    for i in 0..2 {
-        assert_eq!(held(&lab, i), before[i], "host {i}'s allocations changed");
+    for (i, before) in before.iter().enumerate() {
+        assert_eq!(held(&lab, i), *before, "host {i}'s allocations changed");
         let (code, v) = alloc(&lab, i, "after");
         assert_eq!(code, 200, "host {i} stopped serving: {v}");
         assert_eq!(ipam_status(&lab, i)["ready"], true);
