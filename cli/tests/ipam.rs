@@ -323,6 +323,26 @@ fn bad_requests_and_an_exhausted_range_get_clear_errors() {
     // The CLI says it too.
     let o = lab.weft(0, &["ipam", "alloc", "cli-too-many"]).expect("cli");
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no free address"));
+    // Metrics count it (refreshed once a second).
+    let ns = lab.host(0).ns.clone();
+    let mut last = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        let body = common::in_netns(&ns, || {
+            let mut s = std::net::TcpStream::connect("127.0.0.1:6782").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+            let mut b = String::new();
+            s.read_to_string(&mut b).expect("read");
+            b
+        });
+        ["weft_ipam_allocations{} 6", "weft_ipam_failed_requests_total{} 2", "weft_ipam_addresses{owner=\"this_peer\"} 8"]
+            .iter()
+            .all(|n| body.contains(n))
+            || {
+                last = body;
+                false
+            }
+    });
+    assert!(ok, "IPAM metrics missing or wrong:\n{last}");
     // Release one and the next request gets it.
     let o = lab.weft(0, &["ipam", "release", "e3"]).expect("release");
     assert!(o.status.success());

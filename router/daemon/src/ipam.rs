@@ -190,6 +190,27 @@ impl Actor {
     pub(crate) fn ipam_tick(&mut self) {
         let now = Instant::now();
         self.ipam().tick(now);
+        let save_errors = self.ipam_shell.save_errors;
+        let ipam = self.ipam();
+        let st = ipam.status();
+        let me = st.peers.iter().find(|p| p.me);
+        let figures = crate::metrics::IpamMetrics {
+            allocations: st.allocated as u64,
+            owned: me.map_or(0, |p| p.owned),
+            free: me.map_or(0, |p| p.free),
+            unreachable: st.unreachable_addresses,
+            pending: st.pending as u64,
+            allocated_total: ipam.stats().allocated,
+            released_total: ipam.stats().released,
+            failed_total: ipam.stats().failed,
+            donated_total: ipam.stats().donated,
+            received_total: ipam.stats().received,
+            refused_rings_total: ipam.stats().refused_rings,
+            save_errors_total: save_errors,
+        };
+        if let Ok(mut m) = self.shared.ctl.ipam.lock() {
+            *m = figures;
+        }
         if now < self.ipam_shell.next_gc {
             return;
         }

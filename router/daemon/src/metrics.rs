@@ -38,6 +38,37 @@ pub struct ControlStats {
     pub connections: Mutex<BTreeMap<(String, bool), i64>>,
     /// Known peers, including us.
     pub peers: AtomicU64,
+    /// Address allocation, refreshed by the control loop.
+    pub ipam: Mutex<IpamMetrics>,
+}
+
+/// Address allocation figures.
+#[derive(Debug, Default, Clone)]
+pub struct IpamMetrics {
+    /// Addresses held by containers here.
+    pub allocations: u64,
+    /// Addresses of the range this peer owns.
+    pub owned: u64,
+    /// Of those, free.
+    pub free: u64,
+    /// Addresses owned by unreachable peers.
+    pub unreachable: u64,
+    /// Requests waiting (consensus, donation).
+    pub pending: u64,
+    /// Addresses given out, released; requests failed.
+    pub allocated_total: u64,
+    /// Addresses released.
+    pub released_total: u64,
+    /// Requests that failed.
+    pub failed_total: u64,
+    /// Donations made to other peers.
+    pub donated_total: u64,
+    /// Donations received.
+    pub received_total: u64,
+    /// Rings from peers refused.
+    pub refused_rings_total: u64,
+    /// State saves that failed.
+    pub save_errors_total: u64,
 }
 
 impl ControlStats {
@@ -145,6 +176,24 @@ impl Collector for WeftCollector {
         family(&mut enc, "weft_peers", "Peers known, including this one", MetricType::Gauge, vec![
             (vec![], c.peers.load(Relaxed)),
         ])?;
+        let i = c.ipam.lock().map(|m| m.clone()).unwrap_or_default();
+        let one = |v: u64| vec![(Labels::new(), v)];
+        family(&mut enc, "weft_ipam_allocations", "Addresses held by containers on this host", MetricType::Gauge, one(i.allocations))?;
+        family(&mut enc, "weft_ipam_addresses", "Addresses of the range by who holds them", MetricType::Gauge, vec![
+            (vec![("owner", "this_peer".to_string())], i.owned),
+            (vec![("owner", "this_peer_free".to_string())], i.free),
+            (vec![("owner", "unreachable_peers".to_string())], i.unreachable),
+        ])?;
+        family(&mut enc, "weft_ipam_pending_requests", "Allocation requests waiting for consensus or a donation", MetricType::Gauge, one(i.pending))?;
+        family(&mut enc, "weft_ipam_allocated", "Addresses given out", MetricType::Counter, one(i.allocated_total))?;
+        family(&mut enc, "weft_ipam_released", "Addresses released", MetricType::Counter, one(i.released_total))?;
+        family(&mut enc, "weft_ipam_failed_requests", "Allocation requests that failed", MetricType::Counter, one(i.failed_total))?;
+        family(&mut enc, "weft_ipam_donations", "Space donated between peers", MetricType::Counter, vec![
+            (dir("out"), i.donated_total),
+            (dir("in"), i.received_total),
+        ])?;
+        family(&mut enc, "weft_ipam_refused_rings", "Rings from peers refused (different seeds or range, conflicts)", MetricType::Counter, one(i.refused_rings_total))?;
+        family(&mut enc, "weft_ipam_save_errors", "IPAM state saves that failed", MetricType::Counter, one(i.save_errors_total))?;
         Ok(())
     }
 }
