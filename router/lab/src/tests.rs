@@ -37,10 +37,15 @@ status)
   done
   printf ']}\n';;
 attach)
-  [ -e "/run/netns/$1" ] || { echo "no such netns $1" >&2; exit 1; }
-  sw="${1%-*}-sw"
-  ip link add "v$$" netns "$1" type veth peer name "p$$" netns "$sw" || exit 1
-  ip -n "$sw" link set "p$$" master br0 up && ip -n "$1" addr add "$2" dev "v$$" && ip -n "$1" link set "v$$" up;;
+  ns=$1; shift
+  [ -e "/run/netns/$ns" ] || { echo "no such netns $ns" >&2; exit 1; }
+  # Without an address (IPAM), container cN gets 10.50.0.(N+1)/24 and the answer is JSON.
+  json=
+  case "$1" in ""|--json) c=${ns##*-c}; addr="10.50.0.$((c+1))/24"; json=1;; *) addr=$1;; esac
+  sw="${ns%-*}-sw"
+  ip link add "v$$" netns "$ns" type veth peer name "p$$" netns "$sw" || exit 1
+  ip -n "$sw" link set "p$$" master br0 up && ip -n "$ns" addr add "$addr" dev "v$$" && ip -n "$ns" link set "v$$" up || exit 1
+  if [ -n "$json" ]; then printf '{"addresses":["%s"]}\n' "$addr"; fi;;
 *) echo "fake weft: unknown command $cmd" >&2; exit 2;;
 esac
 "#;
@@ -182,7 +187,7 @@ fn routers_and_containers_with_fake_weft() {
     for want in [
         "--nickname h1",
         "--password s3cret",
-        "--no-discovery 192.168.77.1",
+        "--no-discovery --ipalloc-init=consensus=2 192.168.77.1",
         "RUST_LOG=info",
         "--password ***",
     ] {
@@ -202,7 +207,7 @@ fn routers_and_containers_with_fake_weft() {
     );
 
     let c = lab.add_container(0, "c0", "10.50.0.1/24").unwrap();
-    assert_eq!(c.ip, Ipv4Addr::new(10, 40, 0, 1));
+    assert_eq!(c.ip, Ipv4Addr::new(10, 50, 0, 1));
     assert!(ns_exists(&c.ns));
     assert!(lab
         .exec(&c.ns, &["ip", "link", "show", "lo"])
