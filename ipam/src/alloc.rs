@@ -942,6 +942,8 @@ impl Ipam {
         let d = self.donations.entry(key).or_default();
         d.asking = Some((donor, seq, deadline));
         d.blocked = None;
+        // Our ring first: the donor may not have it (or all of it) yet.
+        self.out.push_back(Output::Unicast(donor, encode(&Msg::Ring(self.ring.clone()))));
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Request { seq, range: key })));
         Ok(())
     }
@@ -1001,6 +1003,11 @@ impl Ipam {
     fn donate(&mut self, from: PeerName, seq: u64, range: Cidr) {
         let refuse = |ipam: &mut Ipam, reason: String| {
             ipam.stats.refusals += 1;
+            // Our ring first: the asker's may not know yet whom we gave the
+            // space to (it then asks them next instead of failing).
+            if !ipam.ring.is_empty() {
+                ipam.out.push_back(Output::Unicast(from, encode(&Msg::Ring(ipam.ring.clone()))));
+            }
             ipam.out.push_back(Output::Unicast(from, encode(&Msg::Refused { seq, reason })));
         };
         if self.ring.is_empty() {
