@@ -18,20 +18,25 @@ use weft_lab::Lab;
 const UP: Duration = Duration::from_secs(30);
 
 /// One HTTP request to a router's API socket; returns (status, JSON body).
-fn api(sock: &Path, method: &str, path: &str, body: &Value) -> (u16, Value) {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+fn try_api(sock: &Path, method: &str, path: &str, body: &Value) -> std::io::Result<(u16, Value)> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let payload = body.to_string();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: weft\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
         payload.len()
     );
-    s.write_all(req.as_bytes()).expect("send");
+    s.write_all(req.as_bytes())?;
     let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("http answer");
-    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    s.read_to_string(&mut raw)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer");
+    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+fn api(sock: &Path, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    try_api(sock, method, path, body).unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", sock.display()))
 }
 
 fn sock(lab: &Lab, i: usize) -> PathBuf {
@@ -196,8 +201,7 @@ fn killed_mid_allocation_keeps_its_addresses() {
         let mut acked = Vec::new();
         for k in 0..100_000 {
             let id = format!("m-{k}");
-            let r = std::panic::catch_unwind(|| api(&s, "POST", "/v1/ipam/allocate", &json!({ "id": id })));
-            match r {
+            match try_api(&s, "POST", "/v1/ipam/allocate", &json!({ "id": id })) {
                 Ok((200, v)) => acked.push((id, v["address"].as_str().unwrap_or("").to_string())),
                 _ => break,
             }

@@ -1115,13 +1115,18 @@ impl GossipChannel for Ipam {
                 if !p.merge(&claims) {
                     return Ok(None);
                 }
-                if p.own() != own_before.as_ref() {
-                    // We promised or accepted: progress, so hold back our own retry.
+                let delta = encode(&Msg::Paxos { range, claims: p.claims().clone() });
+                let own_changed = p.own() != own_before.as_ref();
+                self.after_paxos();
+                if own_changed {
+                    // We promised or accepted: progress, so hold back our own retry,
+                    // and tell the sender too (a delta is never passed back to the
+                    // neighbour it came from, and the proposer may be that neighbour).
                     self.dirty = true;
                     self.propose_at = Some(self.now + self.cfg.proposal_timeout);
+                    self.out.push_back(Output::Broadcast(delta));
+                    return Ok(None);
                 }
-                let delta = encode(&Msg::Paxos { range, claims: p.claims().clone() });
-                self.after_paxos();
                 Ok(Some(delta))
             }
             _ => Err("a donation message arrived as gossip".into()),

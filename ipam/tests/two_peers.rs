@@ -1,0 +1,66 @@
+//! Two peers wired as the router wires them: a merge's delta goes to every
+//! neighbour except the one it came from (with two peers: nowhere), a
+//! broadcast to every neighbour, a unicast to its peer. No anti-entropy runs,
+//! so consensus and donation must complete on the messages alone.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use weft_ipam::{Cidr, Config, Init, Ipam, Output, Want};
+use weft_proto::{GossipChannel, PeerName};
+
+fn peer(i: u64, now: Instant) -> Ipam {
+    let range: Cidr = "10.32.0.0/24".parse().unwrap_or_else(|e| panic!("{e}"));
+    let cfg = Config::new(PeerName::from_u64(i), range, None, Init::Consensus(2), i).unwrap_or_else(|e| panic!("{e}"));
+    Ipam::new(cfg, now)
+}
+
+/// Delivers outputs until nothing moves; returns the answers per peer.
+fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
+    let mut done: [Vec<_>; 2] = [Vec::new(), Vec::new()];
+    let mut q: VecDeque<(usize, usize, bool, Vec<u8>)> = VecDeque::new();
+    for _ in 0..10_000 {
+        for i in 0..2 {
+            while let Some(o) = ps[i].poll_output() {
+                match o {
+                    Output::Broadcast(p) => q.push_back((i, 1 - i, false, p)),
+                    Output::Unicast(_, p) => q.push_back((i, 1 - i, true, p)),
+                    Output::Done { req, result } => done[i].push((req, result.map(|a| a.cidr()).map_err(|f| f.message))),
+                }
+            }
+        }
+        let Some((from, to, unicast, p)) = q.pop_front() else { return done };
+        let name = PeerName::from_u64(from as u64 + 1);
+        if unicast {
+            ps[to].handle_unicast(name, &p).unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            // The delta would go to the other neighbours: there are none.
+            let _delta = ps[to].merge(name, &p).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    panic!("messages never stopped");
+}
+
+#[test]
+fn two_peers_agree_and_serve_without_anti_entropy() {
+    let now = Instant::now();
+    let mut ps = [peer(1, now), peer(2, now)];
+    for (i, p) in ps.iter_mut().enumerate() {
+        let other = PeerName::from_u64(2 - i as u64);
+        p.set_reachable(now, BTreeSet::from([other]));
+    }
+    let subnet: Cidr = "10.32.0.0/24".parse().unwrap_or_else(|e| panic!("{e}"));
+    ps[1].allocate(now, 1, "c1", Want::Any(subnet), None);
+    let done = run(&mut ps);
+    assert!(ps[0].ready() && ps[1].ready(), "no consensus: {:?} / {:?}", ps[0].status().state, ps[1].status().state);
+    assert_eq!(done[1].len(), 1, "{done:?}");
+    assert!(done[1][0].1.is_ok(), "{done:?}");
+    // The other peer serves at once from its share, and after a tick its view agrees.
+    ps[0].allocate(now, 2, "c0", Want::Any(subnet), None);
+    let later = now + Duration::from_secs(10);
+    ps[0].tick(later);
+    ps[1].tick(later);
+    let done = run(&mut ps);
+    assert!(done[0].iter().any(|(r, x)| *r == 2 && x.is_ok()), "{done:?}");
+    assert_eq!(ps[0].ring(), ps[1].ring());
+}
