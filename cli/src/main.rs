@@ -38,7 +38,7 @@ enum Cmd {
     /// Show the router's state: peers, connections, targets, address allocation.
     Status {
         /// Only this part.
-        #[arg(value_parser = ["peers", "connections", "targets", "ipam"])]
+        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns"])]
         what: Option<String>,
     },
     /// Everything the router knows, as JSON.
@@ -73,10 +73,16 @@ enum Cmd {
         /// How long to wait for an address (e.g. while peers agree on the ring).
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// DNS name for the container (NAME or NAME.weft.local).
+        #[arg(long)]
+        name: Option<String>,
     },
-    /// Remove a namespace's weft interface and release its weft addresses.
+    /// Remove a namespace's weft interface and release its weft addresses and names.
     Detach {
         netns: String,
+        /// The container ID given at attach, if one was.
+        #[arg(long)]
+        id: Option<String>,
         #[arg(long, default_value = "ethwe")]
         ifname: String,
     },
@@ -97,6 +103,26 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IpamCmd,
     },
+    /// Register a DNS name for addresses: weft dns-add IP... NAME.
+    DnsAdd {
+        /// Addresses, then the name.
+        #[arg(required = true, num_args = 2..)]
+        args: Vec<String>,
+        /// Container ID the name belongs to.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a DNS name added on this host: weft dns-remove [IP...] NAME.
+    DnsRemove {
+        /// Addresses (optional), then the name.
+        #[arg(required = true, num_args = 1..)]
+        args: Vec<String>,
+        /// Container ID the name belongs to.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Look a name up in weft DNS (the mesh's view, as this router has it).
+    DnsLookup { name: String },
     /// Take over the address space of a peer that is gone for good.
     Rmpeer {
         /// Peer name (or unique nickname).
@@ -221,6 +247,21 @@ struct RouterArgs {
     /// addresses are released.
     #[arg(long, default_value_t = 60)]
     ipalloc_gc_grace: u64,
+    /// Do not run the DNS server.
+    #[arg(long)]
+    no_dns: bool,
+    /// Where the DNS server listens (IP:PORT, repeatable; default port 53 on the bridge's addresses).
+    #[arg(long)]
+    dns_listen: Vec<SocketAddr>,
+    /// The DNS zone for container names.
+    #[arg(long, default_value = "weft.local")]
+    dns_domain: String,
+    /// TTL of DNS answers, seconds.
+    #[arg(long, default_value_t = 1)]
+    dns_ttl: u32,
+    /// Upstream resolvers for other names (IP or IP:PORT, repeatable; default: /etc/resolv.conf).
+    #[arg(long)]
+    dns_upstream: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -270,22 +311,54 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Forget { peers } => simple(&sock, "/v1/forget", json!({ "peers": peers }), cli.json, &mut out, |v| {
             format!("forgot {}", list(&v["forgotten"]))
         }),
-        Cmd::Attach { netns, cidrs, ifname, mtu, id, timeout } => {
+        Cmd::Attach { netns, cidrs, ifname, mtu, id, timeout, name } => {
             let body = json!({ "netns": netns, "cidrs": cidrs, "ifname": ifname, "mtu": mtu, "id": id,
-                "timeout_seconds": timeout });
+                "timeout_seconds": timeout, "name": name });
             simple(&sock, "/v1/attach", body, cli.json, &mut out, |v| {
-                format!(
+                let mut s = format!(
                     "attached {} as {} ({}, mtu {}) with {}",
                     v["netns"].as_str().unwrap_or(""),
                     v["ifname"].as_str().unwrap_or(""),
                     v["mac"].as_str().unwrap_or(""),
                     v["mtu"],
                     list(&v["addresses"])
-                )
+                );
+                if let Some(n) = v["name"].as_str() {
+                    s.push_str(&format!(", name {n}"));
+                }
+                s
             })
         }
-        Cmd::Detach { netns, ifname } => {
-            simple(&sock, "/v1/detach", json!({ "netns": netns, "ifname": ifname }), cli.json, &mut out, |v| {
+        Cmd::DnsAdd { mut args, id } => {
+            let name = args.pop().unwrap_or_default();
+            simple(&sock, "/v1/dns/add", json!({ "name": name, "addresses": args, "id": id }), cli.json, &mut out, |v| {
+                format!("{} -> {}", v["name"].as_str().unwrap_or(""), list(&v["addresses"]))
+            })
+        }
+        Cmd::DnsRemove { mut args, id } => {
+            let name = args.pop().unwrap_or_default();
+            simple(&sock, "/v1/dns/remove", json!({ "name": name, "addresses": args, "id": id }), cli.json, &mut out, |_| {
+                format!("removed {name}")
+            })
+        }
+        Cmd::DnsLookup { name } => {
+            let q: String = name.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }).collect();
+            let v = client::call(&sock, "GET", &format!("/v1/dns/lookup?name={q}"), None)?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                for a in v["addresses"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                    writeln!(out, "{}", a.as_str().unwrap_or(""))?;
+                }
+            }
+            Ok(())
+        }
+        Cmd::Detach { netns, ifname, id } => {
+            simple(&sock, "/v1/detach", json!({ "netns": netns, "ifname": ifname, "id": id }), cli.json, &mut out, |v| {
                 let released = list(&v["released"]);
                 let released = if released.is_empty() { String::new() } else { format!(", released {released}") };
                 format!("detached {}{released}", v["detached"].as_str().unwrap_or(""))
@@ -404,7 +477,9 @@ fn password(args: &RouterArgs) -> Result<Option<String>> {
 
 fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive("hickory_server=warn".parse().context("log filter")?)
+        .add_directive("hickory_proto=warn".parse().context("log filter")?);
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -448,6 +523,26 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
             },
             init: args.ipalloc_init,
             gc_grace: Duration::from_secs(args.ipalloc_gc_grace),
+        },
+        dns: weft_router::dns::DnsOptions {
+            enabled: !args.no_dns,
+            listen: (!args.dns_listen.is_empty()).then_some(args.dns_listen),
+            domain: args.dns_domain,
+            ttl: args.dns_ttl,
+            upstreams: if args.dns_upstream.is_empty() {
+                None
+            } else {
+                Some(
+                    args.dns_upstream
+                        .iter()
+                        .map(|u| {
+                            u.parse::<SocketAddr>()
+                                .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                                .map_err(|_| anyhow::anyhow!("--dns-upstream {u:?} is not IP or IP:PORT"))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            },
         },
     };
     if opts.mtu < 576 || opts.mtu > 65_000 {
@@ -495,6 +590,16 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
     cmd.args(["--ipalloc-gc-grace", &a.ipalloc_gc_grace.to_string()]);
     if let Some(s) = &a.ipalloc_default_subnet {
         cmd.args(["--ipalloc-default-subnet", s]);
+    }
+    if a.no_dns {
+        cmd.arg("--no-dns");
+    }
+    for l in &a.dns_listen {
+        cmd.args(["--dns-listen", &l.to_string()]);
+    }
+    cmd.args(["--dns-domain", &a.dns_domain, "--dns-ttl", &a.dns_ttl.to_string()]);
+    for u in &a.dns_upstream {
+        cmd.args(["--dns-upstream", u]);
     }
     cmd.args(&a.peers);
     // The password goes through the environment, not argv (which `ps` shows).

@@ -86,6 +86,9 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
     if what.is_none() || what == Some("ipam") {
         ipam(out, &v["ipam"])?;
     }
+    if what.is_none() || what == Some("dns") {
+        dns(out, &v["dns"], what.is_some())?;
+    }
     if what.is_none() || what == Some("targets") {
         writeln!(out, "Targets:")?;
         if targets.is_empty() {
@@ -166,6 +169,41 @@ pub(crate) fn ps(out: &mut impl Write, v: &Value) -> Result<()> {
     let w = allocs.iter().filter_map(|a| a["id"].as_str()).map(str::len).max().unwrap_or(2).max(2);
     for a in allocs {
         writeln!(out, "{:<w$}  {:<18}  {}", s(&a["id"]), s(&a["address"]), s(&a["netns"]))?;
+    }
+    Ok(())
+}
+
+/// The DNS part of `weft status`; the entries only for `weft status dns`.
+fn dns(out: &mut impl Write, v: &Value, entries: bool) -> Result<()> {
+    writeln!(out, "DNS:")?;
+    if v["enabled"] != true {
+        writeln!(out, "  disabled (--no-dns)")?;
+        return Ok(());
+    }
+    let listening: Vec<&str> = v["listening"].as_array().map(Vec::as_slice).unwrap_or_default().iter().filter_map(Value::as_str).collect();
+    let upstreams = match v["upstreams"].as_array() {
+        Some(a) => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
+        None => "from /etc/resolv.conf".into(),
+    };
+    writeln!(
+        out,
+        "  Zone {}. (ttl {}s), listening on {}, upstreams {}",
+        s(&v["domain"]),
+        v["ttl"],
+        if listening.is_empty() { "nothing yet (the bridge has no address: `weft expose`)".to_string() } else { listening.join(", ") },
+        upstreams
+    )?;
+    let c = &v["counts"];
+    let q = &v["queries"];
+    writeln!(
+        out,
+        "  Entries: {} live ({} from this host), {} names, {} tombstones; queries: {} answered here, {} forwarded, {} upstream failures",
+        c["live"], c["own"], c["names"], c["tombstones"], q["local"], q["forwarded"], q["upstream_failures"]
+    )?;
+    if entries {
+        for e in v["entries"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            writeln!(out, "  {:<32} {:<16} {}  {}", s(&e["name"]), s(&e["address"]), s(&e["origin"]), s(&e["id"]))?;
+        }
     }
     Ok(())
 }

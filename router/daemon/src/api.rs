@@ -94,6 +94,7 @@ pub(crate) async fn serve_api(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         .route("/v1/hide", post(hide))
         .route("/v1/stop", post(stop))
         .merge(crate::ipam::routes())
+        .merge(crate::dns::routes())
         .with_state(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(RootOnly(listener), app).await {
@@ -131,6 +132,7 @@ async fn status(State(sh): State<Arc<Shared>>) -> ApiResult {
         .call(|a| {
             let mut v = a.status();
             v["ipam"] = a.ipam_status();
+            v["dns"] = a.dns_status();
             v
         })
         .await
@@ -222,6 +224,8 @@ struct AttachReq {
     /// Container ID for IPAM; the namespace's inode when absent.
     id: Option<String>,
     timeout_seconds: Option<f64>,
+    /// A DNS name for the container (`web` or `web.weft.local`).
+    name: Option<String>,
 }
 
 fn default_ifname() -> String {
@@ -260,6 +264,9 @@ fn addr_specs(sh: &Shared, cidrs: &[String]) -> Result<Vec<AddrSpec>, ApiError> 
 
 async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> Result<Json<Value>, Response> {
     let specs = addr_specs(&sh, &req.cidrs).map_err(IntoResponse::into_response)?;
+    if let Some(n) = &req.name {
+        weft_dns::relative_name(n, &sh.opts.dns.domain).map_err(|e| bad(e.to_string()).into_response())?;
+    }
     let path = netns_path(&req.netns);
     let ns = crate::ipam::netns_ref(&path).map_err(|e| bad(e).into_response())?;
     let id = req.id.clone().unwrap_or_else(|| format!("netns:{}", ns.inode));
@@ -291,10 +298,69 @@ async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> Re
     };
     let shown: Vec<String> = addrs.iter().map(|(ip, p)| format!("{ip}/{p}")).collect();
     info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?shown, container = %id, "attached");
+    // DNS: the host needs an address on the bridge for containers to reach
+    // the server; the first container addressed by IPAM gives it one.
+    if sh.opts.dns.enabled && sh.opts.dns.listen.is_none() && !allocated.is_empty() {
+        if let Err(e) = ensure_host_address(&sh).await {
+            warn!(error = %format!("{e:#}"), "could not give the host an address for DNS");
+        }
+    }
+    let mut fqdn = Value::Null;
+    if let Some(name) = &req.name {
+        let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
+        let (id2, n2) = (id.clone(), name.clone());
+        match sh.call(move |a| a.dns_add(&id2, &n2, &ips)).await {
+            Ok(Ok(f)) => fqdn = json!(f),
+            Ok(Err(e)) => warn!(name = %name, error = %e, "could not register the DNS name"),
+            Err(e) => warn!(error = %e, "could not register the DNS name"),
+        }
+    }
+    let mut resolver = Value::Null;
+    if is_netns_name(&req.netns) && sh.opts.dns.enabled {
+        if let Some(server) = wait_nameserver(&sh).await {
+            match crate::dns::write_resolv_conf(&req.netns, server, &sh.opts.dns.domain) {
+                Ok(true) => resolver = json!(server.to_string()),
+                Ok(false) => {}
+                Err(e) => warn!(netns = %req.netns, error = %format!("{e:#}"), "could not write resolv.conf"),
+            }
+        }
+    }
     Ok(Json(json!({
         "netns": path.display().to_string(), "ifname": info.container_ifname, "host_ifname": info.host_ifname,
         "mac": crate::dataplane::fmt_mac(&info.container_mac), "addresses": shown, "mtu": mtu, "id": id,
+        "name": fqdn, "nameserver": resolver,
     })))
+}
+
+/// A name under /run/netns (not a path or a PID).
+fn is_netns_name(spec: &str) -> bool {
+    !spec.is_empty() && !spec.contains('/') && !spec.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The DNS server's address, waiting briefly for it to come up on a fresh host address.
+async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
+    for _ in 0..30 {
+        if let Some(a) = crate::dns::nameserver(sh) {
+            return Some(a);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Gives the bridge an address from IPAM if it has no IPv4 address yet.
+async fn ensure_host_address(sh: &Arc<Shared>) -> anyhow::Result<()> {
+    let have = sh.netdev.addresses(&sh.opts.bridge).await?;
+    if have.iter().any(|(ip, _)| ip.is_ipv4()) {
+        return Ok(());
+    }
+    let want = weft_ipam::Want::Any(sh.ipam_default_subnet);
+    let a = crate::ipam::allocate(sh, crate::ipam::EXPOSE_ID.into(), want, None, std::time::Duration::from_secs(10))
+        .await
+        .map_err(|f| anyhow::anyhow!(f.message))?;
+    sh.netdev.add_address(&sh.opts.bridge, IpAddr::V4(a.addr.into()), a.subnet.prefix).await?;
+    info!(address = %a.cidr(), bridge = %sh.opts.bridge, "gave the host an address on the bridge for DNS");
+    Ok(())
 }
 
 /// Releases what an attach that failed half-way had allocated (claims of
@@ -308,6 +374,8 @@ async fn undo_allocations(sh: &Arc<Shared>, allocated: &[weft_ipam::Allocation])
 #[derive(Deserialize)]
 struct DetachReq {
     netns: String,
+    /// The container ID given at attach, if one was.
+    id: Option<String>,
     #[serde(default = "default_ifname")]
     ifname: String,
 }
@@ -323,6 +391,22 @@ async fn detach(State(sh): State<Arc<Shared>>, Json(req): Json<DetachReq>) -> Ap
         Some(i) => crate::ipam::release_netns(&sh, i).await.map_err(internal)?,
         None => Vec::new(),
     };
+    // Names go with the container: under the IDs its addresses had, and the default ID.
+    let mut ids: Vec<String> = released.iter().map(|a| a.id.clone()).collect();
+    ids.extend(req.id.clone());
+    ids.extend(inode.map(|i| format!("netns:{i}")));
+    ids.sort();
+    ids.dedup();
+    sh.call(move |a| {
+        for id in &ids {
+            a.dns_remove(id, None, None);
+        }
+    })
+    .await
+    .map_err(internal)?;
+    if is_netns_name(&req.netns) {
+        crate::dns::remove_resolv_conf(&req.netns);
+    }
     let released: Vec<String> = released.iter().map(|a| a.cidr()).collect();
     info!(netns = %path.display(), ifname = %req.ifname, released = ?released, "detached");
     Ok(Json(json!({ "detached": path.display().to_string(), "released": released })))

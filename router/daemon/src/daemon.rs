@@ -78,6 +78,8 @@ pub struct Options {
     pub offload: bool,
     /// Address allocation.
     pub ipam: crate::ipam::IpamOptions,
+    /// Container DNS.
+    pub dns: crate::dns::DnsOptions,
 }
 
 pub(crate) type Call = Box<dyn FnOnce(&mut Actor) + Send>;
@@ -122,6 +124,8 @@ pub(crate) struct Shared {
     pub(crate) udp_port: u16,
     pub(crate) ipam_range: weft_ipam::Cidr,
     pub(crate) ipam_default_subnet: weft_ipam::Cidr,
+    pub(crate) dns_server: std::sync::Mutex<Option<weft_dns::ServerHandle>>,
+    pub(crate) dns_stats: Arc<weft_dns::DnsStats>,
     next_conn: AtomicU64,
     pub(crate) shutdown: tokio::sync::Notify,
 }
@@ -158,6 +162,7 @@ pub(crate) struct Actor {
     pub(crate) shared: Arc<Shared>,
     started: Instant,
     pub(crate) ipam_shell: crate::ipam::IpamShell,
+    pub(crate) dns_shell: crate::dns::DnsShell,
 }
 
 /// Runs the router until SIGTERM/SIGINT or `weft stop`.
@@ -211,11 +216,16 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut cfg = RouterConfig::new(id.name, nickname.clone(), uid, rand::random());
     cfg.discovery = opts.discovery;
     cfg.initial_version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
+    let cfg_version = cfg.initial_version;
     let now = Instant::now();
     let mut core = Router::new(cfg, now);
     info!(range = %ipam_cfg.range, default_subnet = %ipam_cfg.default_subnet, init = %opts.ipam.init,
         ready = ipam.ready(), allocations = ipam.allocations().count(), file = %ipam_path.display(), "IPAM loaded");
     core.register_channel(weft_ipam::CHANNEL, Box::new(ipam));
+    let dns_path = opts.state_dir.join(crate::dns::STATE_FILE);
+    let records = crate::dns::load(id.name, cfg_version, &dns_path)?;
+    let zone = records.view();
+    core.register_channel(weft_dns::CHANNEL, Box::new(records));
 
     let (actor_tx, mut actor_rx) = mpsc::channel::<ActorMsg>(4096);
     let ctl = Arc::new(ControlStats::default());
@@ -231,6 +241,8 @@ pub async fn run(opts: Options) -> Result<()> {
         udp_port,
         ipam_range: ipam_cfg.range,
         ipam_default_subnet: ipam_cfg.default_subnet,
+        dns_server: std::sync::Mutex::new(None),
+        dns_stats: ctl.dns.clone(),
         next_conn: AtomicU64::new(1),
         shutdown: tokio::sync::Notify::new(),
     });
@@ -249,13 +261,17 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     tokio::spawn(accept_loop(shared.clone(), listener));
+    if opts.dns.enabled {
+        tokio::spawn(crate::dns::keep_serving(shared.clone(), zone));
+    }
 
     info!(
         name = %id.name, %nickname, uid, encryption = psk.is_some(), bridge = %opts.bridge, tap = %tap_name,
         offload = dp.offload(), gso_segments = dp.gso_segments(), port = listen_port, "router started"
     );
     let ipam_shell = crate::ipam::IpamShell::new(ipam_path, opts.ipam.gc_grace, now);
-    let mut actor = Actor { core, conns: HashMap::new(), shared: shared.clone(), started: now, ipam_shell };
+    let dns_shell = crate::dns::DnsShell::new(dns_path, now);
+    let mut actor = Actor { core, conns: HashMap::new(), shared: shared.clone(), started: now, ipam_shell, dns_shell };
     actor.drain();
     let mut tick = tokio::time::interval(HEARTBEAT);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -286,6 +302,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     dp.stop();
     api_task.abort();
+    if let Ok(mut g) = shared.dns_server.lock() {
+        *g = None;
+    }
     let _ = std::fs::remove_file(&opts.api_socket);
     Ok(())
 }
@@ -370,6 +389,7 @@ impl Actor {
     fn tick(&mut self) {
         self.shared.dp.send_heartbeats();
         self.ipam_tick();
+        self.dns_tick();
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(c) = self.conns.get_mut(&id) else { continue };
@@ -400,6 +420,7 @@ impl Actor {
         loop {
             // IPAM first: its state is saved before any of its messages leave.
             self.flush_ipam();
+            self.flush_dns();
             while let Some(t) = self.core.poll_transmit() {
                 if let Some(c) = self.conns.get(&t.conn) {
                     if c.tx.try_send(t.msg).is_err() {
@@ -418,6 +439,7 @@ impl Actor {
                     debug!(routes = ?self.core.routes().unicast, "routes changed");
                     self.shared.dp.set_routes(self.core.routes().clone());
                     self.ipam_routes_changed();
+                    self.dns_sync_origins();
                 }
                 Event::Unicast { from, channel, .. } => debug!(%from, %channel, "unicast for an unknown channel"),
             }

@@ -226,6 +226,9 @@ impl Actor {
             let since = self.ipam_shell.gone_since.get(&addr).copied().unwrap_or(now);
             if now.duration_since(since) >= self.ipam_shell.grace {
                 let gone = self.ipam().release(&id, Some(addr));
+                if self.ipam().lookup(&id).is_empty() {
+                    self.dns_remove(&id, None, None);
+                }
                 for a in gone {
                     info!(container = %a.id, address = %a.cidr(), netns = %ns.path, grace = ?self.ipam_shell.grace,
                         "released the address of a container whose network namespace is gone");

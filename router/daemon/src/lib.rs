@@ -4,13 +4,14 @@
 //! API, metrics), the TAP device and the kernel devices (bridge, veth) it
 //! configures over netlink, and the clock. Protocol decisions live in
 //! `weft_proto`; this crate feeds it and carries out what it asks for.
-//! IPAM (`weft_ipam`) rides on the router's gossip as the `ipam` channel.
-//! Left out for now: the kernel VXLAN fastpath, DNS.
+//! IPAM (`weft_ipam`) and DNS (`weft_dns`) ride on the router's gossip as
+//! the `ipam` and `dns` channels. Left out for now: the kernel VXLAN fastpath.
 
 pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod forwarder;
 pub mod identity;
 pub mod ipam;

@@ -40,6 +40,10 @@ pub struct ControlStats {
     pub peers: AtomicU64,
     /// Address allocation, refreshed by the control loop.
     pub ipam: Mutex<IpamMetrics>,
+    /// The DNS server's counters.
+    pub dns: Arc<weft_dns::DnsStats>,
+    /// DNS entries, refreshed by the control loop.
+    pub dns_entries: Mutex<weft_dns::Counts>,
 }
 
 /// Address allocation figures.
@@ -194,6 +198,32 @@ impl Collector for WeftCollector {
         ])?;
         family(&mut enc, "weft_ipam_refused_rings", "Rings from peers refused (different seeds or range, conflicts)", MetricType::Counter, one(i.refused_rings_total))?;
         family(&mut enc, "weft_ipam_save_errors", "IPAM state saves that failed", MetricType::Counter, one(i.save_errors_total))?;
+        let d = c.dns.snapshot();
+        let qt = |t: &'static str, v: u64| (vec![("type", t.to_string())], v);
+        family(&mut enc, "weft_dns_queries", "DNS queries by type", MetricType::Counter, vec![
+            qt("A", d.queries_a),
+            qt("AAAA", d.queries_aaaa),
+            qt("PTR", d.queries_ptr),
+            qt("other", d.queries_other),
+        ])?;
+        let rc = |r: &'static str, v: u64| (vec![("result", r.to_string())], v);
+        family(&mut enc, "weft_dns_answers", "DNS answers by result", MetricType::Counter, vec![
+            rc("noerror", d.noerror),
+            rc("nxdomain", d.nxdomain),
+            rc("servfail", d.servfail),
+            rc("formerr", d.formerr),
+            rc("refused", d.refused),
+            rc("other", d.other_rcode),
+        ])?;
+        family(&mut enc, "weft_dns_forwarded", "DNS queries forwarded upstream", MetricType::Counter, one(d.forwarded))?;
+        family(&mut enc, "weft_dns_upstream_failures", "Forwarded DNS queries that failed upstream", MetricType::Counter, one(d.upstream_failures))?;
+        family(&mut enc, "weft_dns_dropped", "DNS datagrams dropped unanswered (malformed)", MetricType::Counter, one(d.dropped))?;
+        let e = c.dns_entries.lock().map(|m| *m).unwrap_or_default();
+        family(&mut enc, "weft_dns_entries", "DNS entries held", MetricType::Gauge, vec![
+            (vec![("kind", "live".to_string())], e.live as u64),
+            (vec![("kind", "own".to_string())], e.own as u64),
+            (vec![("kind", "tombstone".to_string())], e.tombstones as u64),
+        ])?;
         Ok(())
     }
 }

@@ -397,6 +397,12 @@ impl NetDev {
         .await
     }
 
+    /// Addresses on an interface of our own namespace.
+    pub async fn addresses(&self, ifname: &str) -> Result<Vec<(IpAddr, u8)>> {
+        let index = self.require_link(ifname).await?;
+        self.addresses_of(index).await
+    }
+
     // ---- private helpers ----
 
     async fn get_link(&self, name: &str) -> Result<Option<LinkMessage>> {

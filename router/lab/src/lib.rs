@@ -481,13 +481,20 @@ impl Lab {
     /// Adds container `name` on `host` with an address from weft's IPAM (`weft attach NS`
     /// without an address), and returns it with the address it got.
     pub fn add_container_auto(&mut self, host: usize, name: &str) -> Result<Container> {
+        self.add_container_auto_with(host, name, &[])
+    }
+
+    /// Like [`Lab::add_container_auto`], with more `weft attach` arguments (e.g. `--name web`).
+    pub fn add_container_auto_with(&mut self, host: usize, name: &str, extra: &[&str]) -> Result<Container> {
         self.checked_host(host)?;
         if name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             bail!("container name {name:?} must be 1-40 characters of [A-Za-z0-9_-]");
         }
         let ns = format!("{}-{name}", self.id);
         self.add_netns(&ns).with_context(|| format!("creating container {name}"))?;
-        let v = self.weft_json(host, &["attach", &ns])?;
+        let mut args = vec!["attach", ns.as_str()];
+        args.extend_from_slice(extra);
+        let v = self.weft_json(host, &args)?;
         let addr = v["addresses"][0].as_str().ok_or_else(|| anyhow!("`weft attach {ns}` gave no address: {v}"))?;
         let ip: Ipv4Addr = addr
             .split_once('/')
@@ -974,6 +981,12 @@ fn remove_netns(ns: &str) -> Result<()> {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
+    }
+    // A resolv.conf weft wrote for the namespace (what `ip netns exec` shows).
+    let etc = Path::new("/etc/netns").join(ns);
+    if fs::read_to_string(etc.join("resolv.conf")).is_ok_and(|s| s.starts_with("# written by weft")) {
+        let _ = fs::remove_file(etc.join("resolv.conf"));
+        let _ = fs::remove_dir(&etc);
     }
     ip(&["netns", "del", ns])
 }
