@@ -796,10 +796,11 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
     }
     let mut containers = Vec::new();
     for i in 0..n {
-        let c = lab.add_container_auto(i, &format!("c{i}"))?;
+        let name = format!("c{i}");
+        let c = lab.add_container_auto_with(i, &name, &["--name", &name])?;
         writeln!(
             out,
-            "{} attached container {} ({}) to h{i}",
+            "{} attached container {} ({}, name {name}.weft.local) to h{i}",
             stamp(start),
             c.ns,
             c.ip
@@ -820,11 +821,46 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
         writeln!(out, "{} ping {line}", stamp(start))?;
         let _ = writeln!(summary, "  {line}");
     }
+    let pings_failed = failed.len();
+    let mut names = String::new();
+    // Names: ask h0's DNS server from c0 for every other container's name.
+    let server = lab.weft_json(0, &["status", "dns"]).ok().and_then(|v| v["listening"][0].as_str().map(str::to_string));
+    let dig = Command::new("dig").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    match server.filter(|_| dig) {
+        Some(server) => {
+            let before = failed.len();
+            let ip = server.rsplit_once(':').map_or(server.as_str(), |(ip, _)| ip).to_string();
+            for c in &containers[1..] {
+                let name = format!("c{}.weft.local", c.host);
+                let mut got = String::new();
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(10) {
+                    let at = format!("@{ip}");
+                    let o = lab.exec(&containers[0].ns, &["dig", "+short", "+time=1", "+tries=1", &at, &name])?;
+                    got = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                    if got == c.ip.to_string() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+                let line = if got == c.ip.to_string() {
+                    format!("c0 resolves {name}: {got} (weft DNS at {ip})")
+                } else {
+                    failed.push(format!("name {name}"));
+                    format!("c0 resolves {name}: FAILED (got {got:?}, want {})", c.ip)
+                };
+                writeln!(out, "{} dns {line}", stamp(start))?;
+                let _ = writeln!(summary, "  {line}");
+            }
+            names = format!(", {} of {} names resolved", n - 1 - (failed.len() - before), n - 1);
+        }
+        None => writeln!(out, "{} dns: skipped (no dig, or no DNS server listening)", stamp(start))?,
+    }
     writeln!(
         out,
-        "summary: {n} hosts, {} connections, {} of {} pings ok",
+        "summary: {n} hosts, {} connections, {} of {} pings ok{names}",
         n * (n - 1) / 2,
-        n - 1 - failed.len(),
+        n - 1 - pings_failed,
         n - 1
     )?;
     write!(out, "{summary}")?;

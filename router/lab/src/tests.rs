@@ -38,6 +38,7 @@ status)
   printf ']}\n';;
 attach)
   ns=$1; shift
+  if [ "$1" = --name ]; then shift 2; fi
   [ -e "/run/netns/$ns" ] || { echo "no such netns $ns" >&2; exit 1; }
   # Without an address (IPAM), container cN gets 10.50.0.(N+1)/24 and the answer is JSON.
   json=
