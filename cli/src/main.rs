@@ -342,12 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Cmd::DnsLookup { name } => {
-            let q: String = name.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }).collect();
-            let v = client::call(&sock, "GET", &format!("/v1/dns/lookup?name={q}"), None)?;
+            let v = client::call(&sock, "GET", &format!("/v1/dns/lookup?name={}", query_escape(&name)), None)?;
             if cli.json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
@@ -410,12 +405,7 @@ fn ipam(cmd: IpamCmd, sock: &Path, as_json: bool, out: &mut impl Write) -> Resul
             })
         }
         IpamCmd::Lookup { id } => {
-            let q: String = id.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }).collect();
-            let v = client::call(sock, "GET", &format!("/v1/ipam/lookup?id={q}"), None)?;
+            let v = client::call(sock, "GET", &format!("/v1/ipam/lookup?id={}", query_escape(&id)), None)?;
             if as_json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
             } else {
@@ -437,6 +427,13 @@ fn ipam(cmd: IpamCmd, sock: &Path, as_json: bool, out: &mut impl Write) -> Resul
             })
         }
     }
+}
+
+/// Percent-encodes a query-string value.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }
 
 fn list(v: &Value) -> String {

@@ -22,7 +22,7 @@ use crate::daemon::Shared;
 use crate::metrics;
 
 /// An API error: HTTP status plus a message a person can act on.
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -30,7 +30,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn bad(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, e.to_string())
 }
 

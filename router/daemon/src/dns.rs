@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
@@ -287,17 +286,7 @@ pub(crate) fn remove_resolv_conf(netns_name: &str) {
     }
 }
 
-struct DnsError(StatusCode, String);
-
-impl IntoResponse for DnsError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-fn bad(msg: impl Into<String>) -> DnsError {
-    DnsError(StatusCode::BAD_REQUEST, msg.into())
-}
+use crate::api::{bad, ApiError as DnsError};
 
 fn gone() -> DnsError {
     DnsError(StatusCode::SERVICE_UNAVAILABLE, "the router is stopping".into())
