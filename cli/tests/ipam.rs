@@ -397,6 +397,10 @@ fn attach_without_address_and_gone_containers_are_released() {
     let b = lab.add_container_auto(1, "b").expect("container b");
     assert_ne!(a.ip, b.ip);
     assert!(common::ping_until(&lab, &a, &b.ip.to_string(), &[], UP), "auto-addressed containers cannot reach each other");
+    // A second attach that fails (the interface exists) leaves the address the container holds.
+    let o = lab.weft(0, &["attach", &a.ns]).expect("attach again");
+    assert!(!o.status.success(), "a second ethwe was accepted");
+    assert!(held(&lab, 0).values().any(|x| x.starts_with(&format!("{}/", a.ip))), "a failed attach released the container's address");
     // Detach releases the address.
     let o = lab.weft(1, &["detach", &b.ns]).expect("detach");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -271,15 +271,22 @@ async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> Re
     let ns = crate::ipam::netns_ref(&path).map_err(|e| bad(e).into_response())?;
     let id = req.id.clone().unwrap_or_else(|| format!("netns:{}", ns.inode));
     let timeout = crate::ipam::wait_time(req.timeout_seconds).map_err(IntoResponse::into_response)?;
+    // What the container held before: a failed attach gives back only what it added.
+    let id2 = id.clone();
+    let held: Vec<u32> = sh.call(move |a| a.ipam().lookup(&id2)).await.unwrap_or_default().iter().map(|a| a.addr).collect();
     let mut addrs = Vec::new();
     let mut allocated = Vec::new();
+    let mut any_ipam = false;
     for spec in specs {
         match spec {
             AddrSpec::Fixed(ip, p) => addrs.push((ip, p)),
             AddrSpec::Ipam(want) => match crate::ipam::allocate(&sh, id.clone(), want, Some(ns.clone()), timeout).await {
                 Ok(a) => {
+                    any_ipam = true;
                     addrs.push((IpAddr::V4(a.addr.into()), a.subnet.prefix));
-                    allocated.push(a);
+                    if !held.contains(&a.addr) {
+                        allocated.push(a);
+                    }
                 }
                 Err(f) => {
                     undo_allocations(&sh, &allocated).await;
@@ -300,7 +307,7 @@ async fn attach(State(sh): State<Arc<Shared>>, Json(req): Json<AttachReq>) -> Re
     info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?shown, container = %id, "attached");
     // DNS: the host needs an address on the bridge for containers to reach
     // the server; the first container addressed by IPAM gives it one.
-    if sh.opts.dns.enabled && sh.opts.dns.listen.is_none() && !allocated.is_empty() {
+    if sh.opts.dns.enabled && sh.opts.dns.listen.is_none() && any_ipam {
         if let Err(e) = ensure_host_address(&sh).await {
             warn!(error = %format!("{e:#}"), "could not give the host an address for DNS");
         }
@@ -363,8 +370,7 @@ async fn ensure_host_address(sh: &Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Releases what an attach that failed half-way had allocated (claims of
-/// addresses the container already held stay: they were not new).
+/// Releases what an attach that failed half-way had newly allocated.
 async fn undo_allocations(sh: &Arc<Shared>, allocated: &[weft_ipam::Allocation]) {
     for a in allocated {
         let _ = crate::ipam::release(sh, a.id.clone(), Some(a.addr)).await;
