@@ -678,9 +678,8 @@ impl Ipam {
     }
 
     fn finish(&mut self, req: u64, result: Result<Allocation, Failure>) {
-        match &result {
-            Ok(_) => {}
-            Err(_) => self.stats.failed += 1,
+        if result.is_err() {
+            self.stats.failed += 1;
         }
         self.out.push_back(Output::Done { req, result });
     }
@@ -742,38 +741,29 @@ impl Ipam {
             .collect()
     }
 
-    /// The free runs (no allocation) of our space in `[lo, hi)`.
-    fn free_runs(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
-        let mut out = Vec::new();
-        for (s, e) in self.own_runs(lo, hi) {
+    /// The free runs (no allocation) of our space in `[lo, hi)`, in address
+    /// order, found lazily (the first one costs only the allocations before it).
+    fn free_runs(&self, lo: u64, hi: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.own_runs(lo, hi).into_iter().flat_map(move |(s, e)| {
             let mut cur = s;
-            for a in self.allocs.range(s as u32..).map(|(a, _)| u64::from(*a)).take_while(|a| *a < e) {
-                if a > cur {
-                    out.push((cur, a));
+            let mut taken = self.allocs.range(s as u32..).map(|(a, _)| u64::from(*a)).take_while(move |a| *a < e);
+            std::iter::from_fn(move || {
+                for a in taken.by_ref() {
+                    let gap = (a > cur).then_some((cur, a));
+                    cur = a + 1;
+                    if gap.is_some() {
+                        return gap;
+                    }
                 }
-                cur = a + 1;
-            }
-            if cur < e {
-                out.push((cur, e));
-            }
-        }
-        out
+                let rest = (cur < e).then_some((cur, e));
+                cur = e;
+                rest
+            })
+        })
     }
 
     fn first_free(&self, lo: u64, hi: u64) -> Option<u32> {
-        for (s, e) in self.own_runs(lo, hi) {
-            let mut cur = s;
-            for a in self.allocs.range(s as u32..).map(|(a, _)| u64::from(*a)).take_while(|a| *a < e) {
-                if a > cur {
-                    return Some(cur as u32);
-                }
-                cur = a + 1;
-            }
-            if cur < e {
-                return Some(cur as u32);
-            }
-        }
-        None
+        self.free_runs(lo, hi).next().map(|(s, _)| s as u32)
     }
 
     fn record(&mut self, id: &str, addr: u32, subnet: Cidr, netns: Option<NetnsRef>) -> Allocation {
@@ -1017,8 +1007,7 @@ impl Ipam {
             return refuse(self, format!("{range} is outside the range {}", self.cfg.range));
         }
         let (lo, hi) = range.usable();
-        let runs = self.free_runs(lo, hi);
-        let Some((s, e)) = runs.iter().copied().max_by_key(|(s, e)| (e - s, std::cmp::Reverse(*s))) else {
+        let Some((s, e)) = self.free_runs(lo, hi).max_by_key(|(s, e)| (e - s, std::cmp::Reverse(*s))) else {
             let why = if range.prefix == 32 {
                 match (self.ring.owner(range.addr), self.allocs.get(&range.addr)) {
                     (_, Some(a)) => format!("{} is in use by container {}", ip(range.addr), a.id),

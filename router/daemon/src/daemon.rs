@@ -125,7 +125,6 @@ pub(crate) struct Shared {
     pub(crate) ipam_range: weft_ipam::Cidr,
     pub(crate) ipam_default_subnet: weft_ipam::Cidr,
     pub(crate) dns_server: std::sync::Mutex<Option<weft_dns::ServerHandle>>,
-    pub(crate) dns_stats: Arc<weft_dns::DnsStats>,
     next_conn: AtomicU64,
     pub(crate) shutdown: tokio::sync::Notify,
 }
@@ -242,7 +241,6 @@ pub async fn run(opts: Options) -> Result<()> {
         ipam_range: ipam_cfg.range,
         ipam_default_subnet: ipam_cfg.default_subnet,
         dns_server: std::sync::Mutex::new(None),
-        dns_stats: ctl.dns.clone(),
         next_conn: AtomicU64::new(1),
         shutdown: tokio::sync::Notify::new(),
     });

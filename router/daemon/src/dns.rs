@@ -182,7 +182,7 @@ impl Actor {
             .ok()
             .and_then(|g| g.as_ref().map(|h| h.udp_addrs().iter().map(|a| a.to_string()).collect()))
             .unwrap_or_default();
-        let stats = self.shared.dns_stats.snapshot();
+        let stats = self.shared.ctl.dns.snapshot();
         let r = self.dns();
         let entries: Vec<Value> = r
             .entries()
@@ -225,7 +225,7 @@ pub(crate) async fn keep_serving(sh: Arc<Shared>, view: ZoneView) {
                 cfg.ttl = o.ttl;
                 cfg.upstreams = o.upstreams.clone();
                 cfg.reverse_ranges = vec![(IpAddr::V4(sh.ipam_range.addr.into()), sh.ipam_range.prefix)];
-                match weft_dns::serve(cfg, view.clone(), sh.dns_stats.clone()).await {
+                match weft_dns::serve(cfg, view.clone(), sh.ctl.dns.clone()).await {
                     Ok(h) => {
                         info!(listen = ?h.udp_addrs(), domain = %o.domain, "DNS server listening");
                         set_server(&sh, h);

@@ -140,10 +140,9 @@ impl Actor {
         self.core.channel_mut::<Ipam>(weft_ipam::CHANNEL).expect("the ipam channel is registered at start")
     }
 
-    /// Saves the allocator if it changed, then carries out its outputs.
-    /// Returns whether anything was handed to the core (whose transmits must
-    /// then be drained again).
-    pub(crate) fn flush_ipam(&mut self) -> bool {
+    /// Saves the allocator if it changed, then carries out its outputs
+    /// (`drain` sends what they hand to the core).
+    pub(crate) fn flush_ipam(&mut self) {
         let mut outs = Vec::new();
         let ipam = self.ipam();
         let save = ipam.take_dirty().then(|| ipam.state());
@@ -159,15 +158,12 @@ impl Actor {
                 error!(file = %self.ipam_shell.path.display(), error = %format!("{e:#}"), "could not save IPAM state");
             }
         }
-        let mut sent = false;
         for o in outs {
             match o {
-                Output::Broadcast(p) => {
-                    self.core.broadcast(weft_ipam::CHANNEL, p);
-                    sent = true;
-                }
+                Output::Broadcast(p) => self.core.broadcast(weft_ipam::CHANNEL, p),
                 Output::Unicast(to, p) => {
-                    sent |= self.core.send_unicast(to, weft_ipam::CHANNEL, p);
+                    // Unreachable: the allocator's own time-outs handle it.
+                    self.core.send_unicast(to, weft_ipam::CHANNEL, p);
                 }
                 Output::Done { req, result } => {
                     if let Some(w) = self.ipam_shell.waiters.remove(&req) {
@@ -176,7 +172,6 @@ impl Actor {
                 }
             }
         }
-        sent
     }
 
     /// The peers reachable now, for donation.

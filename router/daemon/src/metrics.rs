@@ -59,7 +59,7 @@ pub struct IpamMetrics {
     pub unreachable: u64,
     /// Requests waiting (consensus, donation).
     pub pending: u64,
-    /// Addresses given out, released; requests failed.
+    /// Addresses given out.
     pub allocated_total: u64,
     /// Addresses released.
     pub released_total: u64,
