@@ -313,6 +313,8 @@ pub struct Ipam {
     now: Instant,
     next_seq: u64,
     propose_at: Option<Instant>,
+    /// Consensus was asked for without a request ([`Ipam::prime`]): keep proposing.
+    primed: bool,
     next_free: Instant,
     last_error: Option<String>,
     stats: Stats,
@@ -347,6 +349,7 @@ impl Ipam {
             now,
             next_seq: 1,
             propose_at: None,
+            primed: false,
             next_free: now,
             last_error: None,
             stats: Stats::default(),
@@ -549,6 +552,17 @@ impl Ipam {
             }
         }
         self.process();
+    }
+
+    /// Starts agreeing on the ring now instead of with the first request, for
+    /// a caller that asks whether allocation is possible before it asks for
+    /// an address (a CNI runtime's STATUS). Proposals repeat until consensus.
+    pub fn prime(&mut self, now: Instant) {
+        self.now = now;
+        if self.ring.is_empty() && !self.primed {
+            self.primed = true;
+            self.process();
+        }
     }
 
     /// Timers: donor time-outs, proposal retries, free-count updates.
@@ -853,7 +867,7 @@ impl Ipam {
             }
         }
         self.pending = waiting;
-        if self.ring.is_empty() && !self.pending.is_empty() {
+        if self.ring.is_empty() && (!self.pending.is_empty() || self.primed) {
             self.maybe_propose();
         }
     }

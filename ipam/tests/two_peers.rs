@@ -64,3 +64,21 @@ fn two_peers_agree_and_serve_without_anti_entropy() {
     assert!(done[0].iter().any(|(r, x)| *r == 2 && x.is_ok()), "{done:?}");
     assert_eq!(ps[0].ring(), ps[1].ring());
 }
+
+/// `prime` starts consensus with no request waiting (a CNI runtime's STATUS
+/// comes before any ADD), and it completes on the messages alone.
+#[test]
+fn prime_reaches_consensus_without_a_request() {
+    let now = Instant::now();
+    let mut ps = [peer(1, now), peer(2, now)];
+    for (i, p) in ps.iter_mut().enumerate() {
+        let other = PeerName::from_u64(2 - i as u64);
+        p.set_reachable(now, BTreeSet::from([other]));
+    }
+    assert!(ps[0].status().state.contains("not started"), "{}", ps[0].status().state);
+    ps[0].prime(now);
+    let done = run(&mut ps);
+    assert!(done.iter().all(Vec::is_empty), "no request was made: {done:?}");
+    assert!(ps[0].ready() && ps[1].ready(), "no consensus: {:?} / {:?}", ps[0].status().state, ps[1].status().state);
+    assert_eq!(ps[0].ring(), ps[1].ring());
+}
