@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-mod client;
+use weft_router::client;
 mod output;
+mod setup_cni;
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "weft: an encrypted mesh network for containers")]
@@ -35,12 +36,14 @@ enum Cmd {
     Launch(RouterArgs),
     /// Stop the running router.
     Stop,
-    /// Show the router's state: peers, connections, targets, address allocation.
+    /// Show the router's state: peers, connections, targets, address allocation, DNS, CNI attachments.
     Status {
         /// Only this part.
-        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns"])]
+        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns", "cni"])]
         what: Option<String>,
     },
+    /// Install the CNI plugin (weft-cni) and a network configuration for container runtimes.
+    SetupCni(SetupCniArgs),
     /// Everything the router knows, as JSON.
     Report,
     /// Connect to more peers (HOST, HOST:PORT or IP).
@@ -188,6 +191,31 @@ enum LabCmd {
     Cleanup,
 }
 
+#[derive(Args)]
+struct SetupCniArgs {
+    /// Where runtimes look for CNI plugin binaries.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    /// Where runtimes look for CNI network configurations.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The weft-cni binary to install (default: the one next to this weft binary).
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+    /// The network's name, as runtimes know it (e.g. `podman run --network weft`).
+    #[arg(long, default_value = "weft")]
+    network: String,
+    /// The router's API socket as the plugin should reach it (default: --api-socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Subnet of the weft range for this network's containers (default: the router's default subnet).
+    #[arg(long)]
+    subnet: Option<String>,
+    /// Chain the standard portmap plugin, for published ports (`podman run -p`, hostPort).
+    #[arg(long)]
+    portmap: bool,
+}
+
 #[derive(Args, Clone)]
 struct RouterArgs {
     /// Peers to connect to: HOST, HOST:PORT or IP.
@@ -297,6 +325,19 @@ fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?;
             } else {
                 output::status(&mut out, &v, what.as_deref())?;
+            }
+            Ok(())
+        }
+        Cmd::SetupCni(a) => {
+            let socket = a.socket.clone().unwrap_or_else(|| sock.clone());
+            let done = setup_cni::setup_cni(&a, &socket)?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&done)?)?;
+            } else {
+                let s = |k: &str| done[k].as_str().unwrap_or_default().to_string();
+                writeln!(out, "installed the CNI plugin {}", s("plugin"))?;
+                writeln!(out, "wrote network configuration {} (network {:?})", s("conflist"), a.network)?;
+                writeln!(out, "containers started on network {:?} now join weft (the router must be running)", a.network)?;
             }
             Ok(())
         }

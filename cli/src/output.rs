@@ -83,6 +83,9 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             writeln!(out, "Attached (bridge ports): {}", ports.join(", "))?;
         }
     }
+    if what.is_none() || what == Some("cni") {
+        cni(out, &v["cni"], what.is_some())?;
+    }
     if what.is_none() || what == Some("ipam") {
         ipam(out, &v["ipam"])?;
     }
@@ -109,6 +112,35 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             }
             writeln!(out, "{line}")?;
         }
+    }
+    Ok(())
+}
+
+/// The CNI part of `weft status`: a count, or (for `weft status cni`) every attachment.
+fn cni(out: &mut impl Write, v: &Value, each: bool) -> Result<()> {
+    let list = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if list.is_empty() {
+        if each {
+            writeln!(out, "CNI attachments: (none)")?;
+        }
+        return Ok(());
+    }
+    writeln!(out, "CNI attachments: {}", list.len())?;
+    if !each {
+        return Ok(());
+    }
+    for a in list {
+        let join = |k: &str| a[k].as_array().map(|x| x.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let id = s(&a["container_id"]);
+        writeln!(
+            out,
+            "  {:<12} {:<16} {:<6} {:<18} {}",
+            s(&a["network"]),
+            id.get(..12).unwrap_or(id),
+            s(&a["ifname"]),
+            join("addresses"),
+            join("names")
+        )?;
     }
     Ok(())
 }

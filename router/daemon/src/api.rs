@@ -1,5 +1,5 @@
-//! The local API (HTTP/JSON on a root-only unix socket) used by the CLI and,
-//! later, the CNI plugin; and the status/metrics endpoint on 127.0.0.1:6782.
+//! The local API (HTTP/JSON on a root-only unix socket) used by the CLI and
+//! the CNI plugin; and the status/metrics endpoint on 127.0.0.1:6782.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -34,11 +34,11 @@ pub(crate) fn bad(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, e.to_string())
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
+pub(crate) fn internal(e: anyhow::Error) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+pub(crate) type ApiResult = Result<Json<Value>, ApiError>;
 
 /// Accepts only connections from root (checked with SO_PEERCRED), on top of
 /// the socket file's 0600 mode.
@@ -95,6 +95,7 @@ pub(crate) async fn serve_api(shared: Arc<Shared>) -> Result<JoinHandle<()>> {
         .route("/v1/stop", post(stop))
         .merge(crate::ipam::routes())
         .merge(crate::dns::routes())
+        .merge(crate::cni::routes())
         .with_state(shared);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(RootOnly(listener), app).await {
@@ -138,6 +139,7 @@ async fn status(State(sh): State<Arc<Shared>>) -> ApiResult {
         .await
         .map_err(internal)?;
     v["attachments"] = json!(attachments(&sh).await);
+    v["cni"] = json!(crate::cni::attachments(&sh).await.map_err(internal)?);
     Ok(Json(v))
 }
 
@@ -345,7 +347,7 @@ fn is_netns_name(spec: &str) -> bool {
 }
 
 /// The DNS server's address, waiting briefly for it to come up on a fresh host address.
-async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
+pub(crate) async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
     for _ in 0..30 {
         if let Some(a) = crate::dns::nameserver(sh) {
             return Some(a);
@@ -357,21 +359,31 @@ async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
 
 /// Gives the bridge an address from IPAM if it has no IPv4 address yet.
 async fn ensure_host_address(sh: &Arc<Shared>) -> anyhow::Result<()> {
+    host_address_in(sh, sh.ipam_default_subnet).await.map(|_| ())
+}
+
+/// An IPv4 address of the host on the bridge inside `subnet`: one it has, or
+/// a new one from IPAM (kept under the `weft:expose` ID, as `weft expose` does).
+pub(crate) async fn host_address_in(sh: &Arc<Shared>, subnet: weft_ipam::Cidr) -> anyhow::Result<std::net::Ipv4Addr> {
+    let _one_at_a_time = sh.host_addr_lock.lock().await;
     let have = sh.netdev.addresses(&sh.opts.bridge).await?;
-    if have.iter().any(|(ip, _)| ip.is_ipv4()) {
-        return Ok(());
+    if let Some(ip) = have.iter().find_map(|(ip, _)| match ip {
+        IpAddr::V4(v4) if subnet.contains(u32::from(*v4)) => Some(*v4),
+        _ => None,
+    }) {
+        return Ok(ip);
     }
-    let want = weft_ipam::Want::Any(sh.ipam_default_subnet);
+    let want = weft_ipam::Want::Any(subnet);
     let a = crate::ipam::allocate(sh, crate::ipam::EXPOSE_ID.into(), want, None, std::time::Duration::from_secs(10))
         .await
         .map_err(|f| anyhow::anyhow!(f.message))?;
     sh.netdev.add_address(&sh.opts.bridge, IpAddr::V4(a.addr.into()), a.subnet.prefix).await?;
-    info!(address = %a.cidr(), bridge = %sh.opts.bridge, "gave the host an address on the bridge for DNS");
-    Ok(())
+    info!(address = %a.cidr(), bridge = %sh.opts.bridge, "gave the host an address on the bridge");
+    Ok(a.addr.into())
 }
 
 /// Releases what an attach that failed half-way had newly allocated.
-async fn undo_allocations(sh: &Arc<Shared>, allocated: &[weft_ipam::Allocation]) {
+pub(crate) async fn undo_allocations(sh: &Arc<Shared>, allocated: &[weft_ipam::Allocation]) {
     for a in allocated {
         let _ = crate::ipam::release(sh, a.id.clone(), Some(a.addr)).await;
     }

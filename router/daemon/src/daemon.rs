@@ -125,6 +125,9 @@ pub(crate) struct Shared {
     pub(crate) ipam_range: weft_ipam::Cidr,
     pub(crate) ipam_default_subnet: weft_ipam::Cidr,
     pub(crate) dns_server: std::sync::Mutex<Option<weft_dns::ServerHandle>>,
+    /// Held while giving the host an address on the bridge, so that concurrent
+    /// attachments do not each allocate one.
+    pub(crate) host_addr_lock: tokio::sync::Mutex<()>,
     next_conn: AtomicU64,
     pub(crate) shutdown: tokio::sync::Notify,
 }
@@ -241,6 +244,7 @@ pub async fn run(opts: Options) -> Result<()> {
         ipam_range: ipam_cfg.range,
         ipam_default_subnet: ipam_cfg.default_subnet,
         dns_server: std::sync::Mutex::new(None),
+        host_addr_lock: tokio::sync::Mutex::new(()),
         next_conn: AtomicU64::new(1),
         shutdown: tokio::sync::Notify::new(),
     });

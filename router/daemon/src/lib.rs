@@ -8,6 +8,8 @@
 //! the `ipam` and `dns` channels. Left out for now: the kernel VXLAN fastpath.
 
 pub mod api;
+pub mod client;
+pub mod cni;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;

@@ -19,8 +19,13 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{AddressMessageBuilder, Handle, LinkBridge, LinkUnspec, LinkVeth};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
 use tracing::{debug, warn};
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
@@ -42,6 +47,8 @@ pub struct AttachInfo {
     pub container_ifname: String,
     /// MAC address of the container end.
     pub container_mac: [u8; 6],
+    /// MAC address of the host end.
+    pub host_mac: [u8; 6],
 }
 
 impl NetDev {
@@ -257,6 +264,22 @@ impl NetDev {
         addrs: &[(IpAddr, u8)],
         mtu: u32,
     ) -> Result<AttachInfo> {
+        let opts = AttachOpts { addrs, mtu, routes: &[], hairpin: false };
+        self.attach_netns_with(bridge, netns_path, ifname, &opts).await
+    }
+
+    /// [`NetDev::attach_netns`] with routes inside the namespace (added after the
+    /// addresses, so a gateway on the interface's subnet is reachable) and, optionally,
+    /// hairpin mode on the bridge port (frames may go back out of the port they came in
+    /// on: a container reaching itself through an address the host translates).
+    pub async fn attach_netns_with(
+        &self,
+        bridge: &str,
+        netns_path: &Path,
+        ifname: &str,
+        opts: &AttachOpts<'_>,
+    ) -> Result<AttachInfo> {
+        let AttachOpts { addrs, mtu, .. } = *opts;
         let ns_name = netns_path.display().to_string();
         check_ifname(ifname)
             .with_context(|| format!("cannot attach network namespace {ns_name}"))?;
@@ -336,19 +359,19 @@ impl NetDev {
                 &host_ifname,
                 &peer_ifname,
                 ifname,
-                addrs,
-                mtu,
+                opts,
                 bridge,
                 bridge_index,
             )
             .await;
         match result {
-            Ok(container_mac) => {
+            Ok((container_mac, host_mac)) => {
                 debug!(host = %host_ifname, netns = %ns_name, ifname, "namespace attached");
                 Ok(AttachInfo {
                     host_ifname,
                     container_ifname: ifname.to_owned(),
                     container_mac,
+                    host_mac,
                 })
             }
             Err(e) => {
@@ -494,7 +517,8 @@ impl NetDev {
             .collect())
     }
 
-    /// The part of attach_netns after the veth pair exists. Returns the container end's MAC.
+    /// The part of attach_netns after the veth pair exists. Returns the container end's
+    /// MAC and the host end's.
     #[allow(clippy::too_many_arguments)]
     async fn attach_created(
         &self,
@@ -503,11 +527,11 @@ impl NetDev {
         host_ifname: &str,
         peer_ifname: &str,
         ifname: &str,
-        addrs: &[(IpAddr, u8)],
-        mtu: u32,
+        opts: &AttachOpts<'_>,
         bridge: &str,
         bridge_index: u32,
-    ) -> Result<[u8; 6]> {
+    ) -> Result<([u8; 6], [u8; 6])> {
+        let mtu = opts.mtu;
         let ns_name = netns_path.display().to_string();
         let peer_index = self.require_link(peer_ifname).await?;
         // Move and rename in one request: the kernel renames the device as it enters the
@@ -535,7 +559,8 @@ impl NetDev {
         debug!(peer = peer_ifname, netns = %ns_name, ifname, "moved into namespace");
 
         let name = ifname.to_owned();
-        let addrs = addrs.to_vec();
+        let addrs = opts.addrs.to_vec();
+        let routes = opts.routes.to_vec();
         let ns_name2 = ns_name.clone();
         let mac = in_netns(ns, netns_path, move |nd| async move {
             let link = nd.get_link(&name).await?.ok_or_else(|| {
@@ -549,24 +574,184 @@ impl NetDev {
             if nd.link_index("lo").await?.is_some() {
                 nd.set_up("lo").await?;
             }
-            let mac = link
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
-                    _ => None,
-                })
-                .ok_or_else(|| anyhow!("interface {name} has no Ethernet address"))?;
-            Ok(mac)
+            for r in routes {
+                nd.add_route(link.header.index, &name, r).await?;
+            }
+            mac_of(&link).ok_or_else(|| anyhow!("interface {name} has no Ethernet address"))
         })
         .await
         .with_context(|| format!("configuring {ifname} inside network namespace {ns_name} failed"))?;
 
-        let host_index = self.require_link(host_ifname).await?;
-        self.set_master_and_up(host_ifname, host_index, bridge, bridge_index)
+        let host = self
+            .get_link(host_ifname)
+            .await?
+            .ok_or_else(|| anyhow!("interface {host_ifname} does not exist"))?;
+        self.set_master_and_up(host_ifname, host.header.index, bridge, bridge_index)
             .await?;
-        Ok(mac)
+        if opts.hairpin {
+            self.handle
+                .link()
+                .set_port(LinkBridgePort::new(host.header.index).hairpin(true).build())
+                .execute()
+                .await
+                .with_context(|| format!("turning on hairpin mode on {host_ifname} failed"))?;
+        }
+        let host_mac = mac_of(&host)
+            .ok_or_else(|| anyhow!("interface {host_ifname} has no Ethernet address"))?;
+        Ok((mac, host_mac))
     }
+
+    /// Adds a route through interface `index` (called `ifname`) of this namespace.
+    async fn add_route(&self, index: u32, ifname: &str, r: RouteSpec) -> Result<()> {
+        let message = match (r.dst, r.gw) {
+            (IpAddr::V4(dst), gw) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst, r.prefix)
+                    .output_interface(index);
+                if let Some(IpAddr::V4(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                b.build()
+            }
+            (IpAddr::V6(dst), gw) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(dst, r.prefix)
+                    .output_interface(index);
+                if let Some(IpAddr::V6(gw)) = gw {
+                    b = b.gateway(gw);
+                }
+                b.build()
+            }
+        };
+        match self.handle.route().add(message).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                let via = r.gw.map(|g| format!(" via {g}")).unwrap_or_default();
+                format!("adding route {}/{}{via} on {ifname} failed", r.dst, r.prefix)
+            }),
+        }
+    }
+
+    /// What `ifname` inside the namespace at `netns_path` looks like, or `None` when the
+    /// namespace has no such interface. For verifying an attachment (CNI CHECK).
+    pub async fn netns_link_state(&self, netns_path: &Path, ifname: &str) -> Result<Option<LinkState>> {
+        check_ifname(ifname)?;
+        let ns = open_netns(netns_path)?;
+        let name = ifname.to_owned();
+        in_netns(&ns, netns_path, move |nd| async move {
+            let Some(link) = nd.get_link(&name).await? else {
+                return Ok(None);
+            };
+            let index = link.header.index;
+            let mut routes = Vec::new();
+            for v6 in [false, true] {
+                let msg = if v6 {
+                    RouteMessageBuilder::<Ipv6Addr>::new().build()
+                } else {
+                    RouteMessageBuilder::<Ipv4Addr>::new().build()
+                };
+                let all: Vec<RouteMessage> = nd
+                    .handle
+                    .route()
+                    .get(msg)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .context("listing routes failed")?;
+                routes.extend(all.iter().filter_map(|m| route_through(m, index)));
+            }
+            Ok(Some(LinkState {
+                mtu: mtu_attr(&link),
+                mac: mac_of(&link),
+                up: link.header.flags.contains(LinkFlags::Up),
+                addrs: nd.addresses_of(index).await?,
+                routes,
+            }))
+        })
+        .await
+    }
+
+    /// Ethernet address of `ifname` in this namespace (`None` when there is no such link).
+    pub async fn link_mac(&self, ifname: &str) -> Result<Option<[u8; 6]>> {
+        Ok(self.get_link(ifname).await?.as_ref().and_then(mac_of))
+    }
+}
+
+/// What [`NetDev::attach_netns_with`] sets up inside the namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachOpts<'a> {
+    /// Addresses with prefix length for the container end.
+    pub addrs: &'a [(IpAddr, u8)],
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// Routes through the container end, added after the addresses.
+    pub routes: &'a [RouteSpec],
+    /// Hairpin mode on the host end's bridge port.
+    pub hairpin: bool,
+}
+
+/// A route: destination prefix and optional gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub dst: IpAddr,
+    pub prefix: u8,
+    pub gw: Option<IpAddr>,
+}
+
+/// State of an interface inside a namespace, see [`NetDev::netns_link_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub mtu: Option<u32>,
+    pub mac: Option<[u8; 6]>,
+    pub up: bool,
+    /// Addresses, including those the kernel added itself (IPv6 link-local).
+    pub addrs: Vec<(IpAddr, u8)>,
+    /// Routes of the main table whose output interface is this one.
+    pub routes: Vec<RouteSpec>,
+}
+
+fn mac_of(link: &LinkMessage) -> Option<[u8; 6]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+        _ => None,
+    })
+}
+
+fn mtu_attr(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    })
+}
+
+/// The route in `m` when it goes out of interface `index` (main table only).
+fn route_through(m: &RouteMessage, index: u32) -> Option<RouteSpec> {
+    if m.header.table != RouteHeader::RT_TABLE_MAIN {
+        return None;
+    }
+    let mut oif = None;
+    let mut dst = None;
+    let mut gw = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => gw = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => gw = Some(IpAddr::V6(*v6)),
+            _ => {}
+        }
+    }
+    if oif != Some(index) {
+        return None;
+    }
+    let unspecified = if m.header.address_family == AddressFamily::Inet6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    Some(RouteSpec { dst: dst.unwrap_or(unspecified), prefix: m.header.destination_prefix_length, gw })
 }
 
 /// Name of the host end of the veth pair for `ifname` in the namespace at `netns_path`:
@@ -751,7 +936,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_route::link::LinkFlags;
     use std::path::PathBuf;
     use std::sync::mpsc;
 
@@ -1224,8 +1408,7 @@ mod tests {
                     "vwtest",
                     "vptest",
                     "ethx",
-                    &[],
-                    1500,
+                    &AttachOpts { addrs: &[], mtu: 1500, routes: &[], hairpin: false },
                     "weft",
                     br,
                 )

@@ -442,6 +442,17 @@ impl Lab {
         }
     }
 
+    /// Creates an empty namespace `<id>-<name>`, removed with the lab, for a container that
+    /// something other than `weft attach` joins (a CNI plugin, a runtime). Returns its name.
+    pub fn add_namespace(&mut self, name: &str) -> Result<String> {
+        if name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            bail!("namespace name {name:?} must be 1-40 characters of [A-Za-z0-9_-]");
+        }
+        let ns = format!("{}-{name}", self.id);
+        self.add_netns(&ns).with_context(|| format!("creating namespace {name}"))?;
+        Ok(ns)
+    }
+
     /// Creates container namespace `<id>-<name>` and runs `weft attach <ns> <cidr>` on `host`.
     pub fn add_container(&mut self, host: usize, name: &str, cidr: &str) -> Result<Container> {
         self.checked_host(host)?;
