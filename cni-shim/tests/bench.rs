@@ -1,5 +1,5 @@
-//! Benchmark: ADD+DEL latency of weft-cni against Debian's reference `bridge`
-//! + `host-local` plugins, in the same run, driven by the same spec-following
+//! Benchmark: ADD+DEL latency of weft-cni against Debian's reference plugins
+//! `bridge` with `host-local`, in the same run, driven by the same spec-following
 //! runtime (tests/common), in the same lab host namespace: 100 ADD/DEL pairs
 //! each, interleaved. Prints p50/p99 and the ratios; asserts only that every
 //! call succeeded and nothing was left behind (figures go to

@@ -347,7 +347,7 @@ fn is_netns_name(spec: &str) -> bool {
 }
 
 /// The DNS server's address, waiting briefly for it to come up on a fresh host address.
-pub(crate) async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
+async fn wait_nameserver(sh: &Shared) -> Option<IpAddr> {
     for _ in 0..30 {
         if let Some(a) = crate::dns::nameserver(sh) {
             return Some(a);
@@ -378,6 +378,7 @@ pub(crate) async fn host_address_in(sh: &Arc<Shared>, subnet: weft_ipam::Cidr) -
         .await
         .map_err(|f| anyhow::anyhow!(f.message))?;
     sh.netdev.add_address(&sh.opts.bridge, IpAddr::V4(a.addr.into()), a.subnet.prefix).await?;
+    sh.dns_recheck.notify_one();
     info!(address = %a.cidr(), bridge = %sh.opts.bridge, "gave the host an address on the bridge");
     Ok(a.addr.into())
 }

@@ -144,7 +144,13 @@ async fn add(State(sh): State<Arc<Shared>>, Json(req): Json<AddReq>) -> Result<J
             Err(e) => warn!(error = %e, "could not register the DNS name"),
         }
     }
-    let nameserver = if sh.opts.dns.enabled { crate::api::wait_nameserver(&sh).await } else { None };
+    // The server listens on the bridge's addresses; on a fresh gateway address it may not be
+    // up yet, but will be in a moment, so the gateway is the answer then.
+    let nameserver = match (sh.opts.dns.enabled, &sh.opts.dns.listen) {
+        (false, _) => None,
+        (true, Some(_)) => crate::dns::nameserver(&sh),
+        (true, None) => crate::dns::nameserver(&sh).or(gateway.map(IpAddr::V4)),
+    };
     info!(container = %req.at.container_id, network = %req.at.network, ifname = %req.at.ifname,
         netns = req.netns.as_deref().unwrap_or(""), address = %a.cidr(), new, names = ?fqdns,
         "CNI attachment");

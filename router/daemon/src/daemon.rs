@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     /// Held while giving the host an address on the bridge, so that concurrent
     /// attachments do not each allocate one.
     pub(crate) host_addr_lock: tokio::sync::Mutex<()>,
+    /// Wakes the DNS server's address check at once (a new bridge address).
+    pub(crate) dns_recheck: tokio::sync::Notify,
     next_conn: AtomicU64,
     pub(crate) shutdown: tokio::sync::Notify,
 }
@@ -245,6 +247,7 @@ pub async fn run(opts: Options) -> Result<()> {
         ipam_default_subnet: ipam_cfg.default_subnet,
         dns_server: std::sync::Mutex::new(None),
         host_addr_lock: tokio::sync::Mutex::new(()),
+        dns_recheck: tokio::sync::Notify::new(),
         next_conn: AtomicU64::new(1),
         shutdown: tokio::sync::Notify::new(),
     });

@@ -200,8 +200,9 @@ impl Actor {
 }
 
 /// Keeps the server listening where it should: `--dns-listen`, or port 53 on
-/// the bridge's IPv4 addresses (re-checked every second: an address added by
-/// `weft expose` or by hand is picked up, one removed is dropped).
+/// the bridge's IPv4 addresses (re-checked every second, and at once when the
+/// router adds one: an address added by `weft expose` or by hand is picked up,
+/// one removed is dropped).
 pub(crate) async fn keep_serving(sh: Arc<Shared>, view: ZoneView) {
     let o = sh.opts.dns.clone();
     let mut last_error = String::new();
@@ -242,7 +243,7 @@ pub(crate) async fn keep_serving(sh: Arc<Shared>, view: ZoneView) {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), sh.dns_recheck.notified()).await;
     }
 }
 
