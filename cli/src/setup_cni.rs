@@ -1,12 +1,11 @@
 //! `weft setup-cni`: installs the CNI plugin and a network configuration.
 
-use std::fs::{self, File};
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use weft_router::identity::write_atomic_mode;
 
 use crate::SetupCniArgs;
 
@@ -39,12 +38,10 @@ pub(crate) fn conflist(network: &str, socket: &Path, subnet: Option<&str>, portm
 }
 
 /// Copies the plugin and writes the configuration, each atomically (a
-/// temporary file in the same directory, synced, then renamed), so a runtime
-/// never runs half a binary or reads half a file.
+/// temporary file in the same directory, synced, then renamed: see
+/// `write_atomic_mode`), so a runtime never runs half a binary or reads half a file.
 pub(crate) fn setup_cni(a: &SetupCniArgs, socket: &Path) -> Result<Value> {
-    let valid_name = a.network.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && a.network.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if !valid_name {
+    if !weft_router::cni::is_valid_name(&a.network) {
         bail!("network name {:?} is not valid for CNI: use letters, digits, '_', '.' and '-'", a.network);
     }
     if let Some(s) = &a.subnet {
@@ -68,35 +65,17 @@ pub(crate) fn setup_cni(a: &SetupCniArgs, socket: &Path) -> Result<Value> {
         fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let bin = a.bin_dir.join(PLUGIN);
-    write_atomic(&bin, &bytes, 0o755)?;
+    write_atomic_mode(&bin, &bytes, 0o755)?;
     let conf = a.conf_dir.join(format!("10-{}.conflist", a.network));
     let text = serde_json::to_string_pretty(&conflist(&a.network, socket, a.subnet.as_deref(), a.portmap))? + "\n";
-    write_atomic(&conf, text.as_bytes(), 0o644)?;
+    write_atomic_mode(&conf, text.as_bytes(), 0o644)?;
     Ok(json!({ "plugin": bin.display().to_string(), "conflist": conf.display().to_string(), "network": a.network }))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let write = || -> Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()?;
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        e.context(format!("writing {}", path.display()))
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn conflist_shape() {

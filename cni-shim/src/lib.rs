@@ -31,6 +31,7 @@ use rscni_types::types::{CNIResult, CNIResultWithVersion, Cmd, ContainerId, Dns,
 use rscni_types::version::{PluginInfo, SpecVersion};
 use serde_json::{json, Value};
 use weft_router::client::{self, CallError};
+use weft_router::dataplane::fmt_mac;
 use weft_router::netdev::{host_ifname_for, AttachOpts, NetDev, RouteSpec};
 
 /// Where the router's API socket is unless the configuration says otherwise.
@@ -349,12 +350,11 @@ fn configure(env: &Env, cfg: &Config, netns: &Path, got: &Value) -> Result<Strin
     let info = netlink(async { NetDev::new().await?.attach_netns_with(&bridge, netns, &env.ifname, &opts).await })
         .map_err(|e| interface_error("Setting up the container's interface failed", &e))?;
 
-    let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
     let with_mtu = cfg.version >= SpecVersion::new(1, 1, 0);
     let result = CNIResult {
         interfaces: vec![
-            Interface { name: info.host_ifname.clone(), mac: mac(info.host_mac), mtu: with_mtu.then_some(mtu), sandbox: None, socket_path: None, pci_id: None },
-            Interface { name: info.container_ifname.clone(), mac: mac(info.container_mac), mtu: with_mtu.then_some(mtu), sandbox: Some(env.netns.clone()), socket_path: None, pci_id: None },
+            Interface { name: info.host_ifname.clone(), mac: fmt_mac(&info.host_mac), mtu: with_mtu.then_some(mtu), sandbox: None, socket_path: None, pci_id: None },
+            Interface { name: info.container_ifname.clone(), mac: fmt_mac(&info.container_mac), mtu: with_mtu.then_some(mtu), sandbox: Some(env.netns.clone()), socket_path: None, pci_id: None },
         ],
         ips: vec![IpConfig { interface: Some(1), address, gateway }],
         routes: routes

@@ -63,17 +63,7 @@ pub fn established(lab: &Lab, i: usize) -> usize {
         .unwrap_or(0)
 }
 
-/// Polls `cond` every 200 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    cond()
-}
+pub use weft_lab::wait_for;
 
 /// Runs `f` on a thread that has entered network namespace `ns` (a lab namespace).
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {

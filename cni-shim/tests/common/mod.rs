@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use weft_lab::{Lab, LabConfig};
@@ -258,17 +258,8 @@ pub fn lab(test: &str, hosts: usize, router_args: &[&str]) -> Option<Lab> {
     Some(lab)
 }
 
-/// Polls `cond` every 100 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
-}
+#[allow(unused_imports)] // not every test file polls
+pub use weft_lab::wait_for;
 
 /// The IPAM allocations of host `i` (id → address).
 pub fn allocations(lab: &Lab, i: usize) -> Vec<(String, String)> {

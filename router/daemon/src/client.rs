@@ -17,12 +17,7 @@ pub enum CallError {
     NotRunning(String),
     /// The router answered with an error status.
     #[error("{message}")]
-    Answer {
-        status: u16,
-        /// The router's error class (e.g. IPAM's `exhausted`), when it gave one.
-        kind: Option<String>,
-        message: String,
-    },
+    Answer { status: u16, message: String },
     /// Talking to the router failed half-way, or its answer was malformed.
     #[error("{0:#}")]
     Io(anyhow::Error),
@@ -58,8 +53,7 @@ fn exchange(mut s: UnixStream, method: &str, path: &str, body: Option<&Value>) -
     let (status, v, body) = parse_answer(&raw).map_err(CallError::Io)?;
     if !(200..300).contains(&status) {
         let message = v.get("error").and_then(Value::as_str).map(str::to_string).unwrap_or(body);
-        let kind = v.get("kind").and_then(Value::as_str).map(str::to_string);
-        return Err(CallError::Answer { status, kind, message });
+        return Err(CallError::Answer { status, message });
     }
     Ok(v)
 }

@@ -74,10 +74,13 @@ pub fn parse_attachment_id(id: &str) -> Option<(&str, &str, &str)> {
 
 /// The CNI spec's rule for network names and container IDs: letters, digits,
 /// `_`, `.` and `-`, starting with a letter or digit.
+pub fn is_valid_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 fn check_part(what: &str, s: &str) -> Result<(), ApiError> {
-    let ok = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok && s.len() <= 512 {
+    if is_valid_name(s) && s.len() <= 512 {
         Ok(())
     } else {
         Err(bad(format!("{what} {s:?} is not valid: use letters, digits, '_', '.' and '-'")))

@@ -81,20 +81,33 @@ pub fn fresh_uid() -> u64 {
 
 /// Writes `data` to `path` so that a crash leaves the old or the new content,
 /// never a torn file: write a temporary file, fsync, rename, fsync the directory.
+/// The file is readable by its owner only.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o600)
+}
+
+/// [`write_atomic`] with the file's permission bits (e.g. 0o755 for a program).
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
-    {
+    let write = || -> Result<()> {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
+        // The umask may have taken bits away at creation, and an old file keeps its mode.
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
         f.write_all(data).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     if let Some(parent) = path.parent() {
         if let Ok(d) = fs::File::open(parent) {
             let _ = d.sync_all();

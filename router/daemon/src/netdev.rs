@@ -643,7 +643,7 @@ impl NetDev {
                 routes.extend(all.iter().filter_map(|m| route_through(m, index)));
             }
             Ok(Some(LinkState {
-                mtu: mtu_attr(&link),
+                mtu: mtu_of(&link),
                 mac: mac_of(&link),
                 up: link.header.flags.contains(LinkFlags::Up),
                 addrs: nd.addresses_of(index).await?,
@@ -653,10 +653,6 @@ impl NetDev {
         .await
     }
 
-    /// Ethernet address of `ifname` in this namespace (`None` when there is no such link).
-    pub async fn link_mac(&self, ifname: &str) -> Result<Option<[u8; 6]>> {
-        Ok(self.get_link(ifname).await?.as_ref().and_then(mac_of))
-    }
 }
 
 /// What [`NetDev::attach_netns_with`] sets up inside the namespace.
@@ -699,7 +695,7 @@ fn mac_of(link: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
-fn mtu_attr(link: &LinkMessage) -> Option<u32> {
+fn mtu_of(link: &LinkMessage) -> Option<u32> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::Mtu(m) => Some(*m),
         _ => None,
@@ -1012,13 +1008,6 @@ mod tests {
         nd.get_link(name)
             .await?
             .ok_or_else(|| anyhow!("{name} missing"))
-    }
-
-    fn mtu_of(l: &LinkMessage) -> Option<u32> {
-        l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        })
     }
 
     fn controller_of(l: &LinkMessage) -> Option<u32> {

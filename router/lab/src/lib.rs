@@ -620,6 +620,19 @@ impl Drop for Lab {
     }
 }
 
+/// For tests: polls `cond` every 200 ms until it holds or `timeout` passes; returns whether it
+/// held (asked once more at the end).
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    cond()
+}
+
 /// Whether this process runs as root (effective UID 0).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
