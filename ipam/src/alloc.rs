@@ -425,6 +425,12 @@ impl Ipam {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Whether the state changed and [`Ipam::take_dirty`] has not been called
+    /// since: what [`Ipam::state`] returns is not on disk yet. Does not clear it.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Next thing for the shell to do.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
