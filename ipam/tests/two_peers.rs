@@ -26,6 +26,7 @@ fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
                     Output::Broadcast(p) => q.push_back((i, 1 - i, false, p)),
                     Output::Unicast(_, p) => q.push_back((i, 1 - i, true, p)),
                     Output::Done { req, result } => done[i].push((req, result.map(|a| a.cidr()).map_err(|f| f.message))),
+                    Output::HandedOver { to, .. } => panic!("peer {i} handed over to {to} without leaving"),
                 }
             }
         }
