@@ -1455,6 +1455,22 @@ mod tests {
         assert!(r.own().is_empty());
     }
 
+    /// The router sends no empty full state; an empty store is not empty on
+    /// the wire (an empty list), and merges as nothing.
+    #[test]
+    fn an_empty_store_encodes_to_an_empty_list() {
+        let empty = Records::new(peer(1), 1);
+        assert_eq!(empty.encode_full(), [0, 0]);
+        let mut r = Records::new(peer(2), 1);
+        r.add("c", "web", ip("10.0.0.1")).unwrap();
+        r.take_dirty();
+        let before = state(&r);
+        assert_eq!(r.merge_payload(peer(1), &empty.encode_full()).unwrap(), None);
+        assert_eq!(state(&r), before);
+        assert!(!r.is_dirty());
+        assert!(r.poll_output().is_none());
+    }
+
     #[test]
     fn malformed_and_invalid_payloads_are_refused_whole() {
         let mut r = Records::new(peer(1), 1);

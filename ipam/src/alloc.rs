@@ -1330,4 +1330,21 @@ mod tests {
         assert_eq!(encode(&Msg::HandoverAck { seq: 7 }), [6, 7]);
         assert_eq!(encode(&Msg::HandoverAck { seq: 300 }), [6, 0xac, 0x02]);
     }
+
+    /// A peer with neither a ring nor claims has nothing to gossip: its full
+    /// state is empty, which the router does not send, and an empty payload
+    /// (from a router that still sends one) changes nothing.
+    #[test]
+    fn nothing_to_say_is_an_empty_payload_and_merges_as_nothing() {
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1).expect("config");
+        let mut ipam = Ipam::new(cfg, now);
+        assert!(ipam.encode_full().is_empty());
+        assert_eq!(ipam.merge(PeerName::from_u64(2), &[]), Ok(None));
+        assert!(!ipam.is_dirty());
+        assert_eq!(ipam.poll_output(), None);
+        ipam.prime(now);
+        assert!(!ipam.encode_full().is_empty(), "claims to gossip once consensus starts");
+    }
 }
