@@ -858,6 +858,13 @@ impl Records {
         std::mem::take(&mut self.dirty)
     }
 
+    /// Whether our own live entries changed and [`Records::take_dirty`] has
+    /// not been called since: [`Records::own`] is not on disk yet. Does not
+    /// clear it.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Sizes.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
@@ -1423,9 +1430,13 @@ mod tests {
     #[test]
     fn own_registrations_and_dirty() {
         let mut r = Records::new(peer(1), 1);
+        assert!(!r.is_dirty());
         assert!(!r.take_dirty());
         r.add("c", "web", ip("10.0.0.1")).unwrap();
+        assert!(r.is_dirty());
+        assert!(r.is_dirty(), "peeking does not clear it");
         assert!(r.take_dirty());
+        assert!(!r.is_dirty());
         assert!(!r.take_dirty());
         let mut other = Records::new(peer(2), 1);
         other.add("o", "x", ip("10.0.0.9")).unwrap();
@@ -1442,6 +1453,22 @@ mod tests {
         r.remove_container(1, "c");
         assert!(r.take_dirty());
         assert!(r.own().is_empty());
+    }
+
+    /// The router sends no empty full state; an empty store is not empty on
+    /// the wire (an empty list), and merges as nothing.
+    #[test]
+    fn an_empty_store_encodes_to_an_empty_list() {
+        let empty = Records::new(peer(1), 1);
+        assert_eq!(empty.encode_full(), [0, 0]);
+        let mut r = Records::new(peer(2), 1);
+        r.add("c", "web", ip("10.0.0.1")).unwrap();
+        r.take_dirty();
+        let before = state(&r);
+        assert_eq!(r.merge_payload(peer(1), &empty.encode_full()).unwrap(), None);
+        assert_eq!(state(&r), before);
+        assert!(!r.is_dirty());
+        assert!(r.poll_output().is_none());
     }
 
     #[test]

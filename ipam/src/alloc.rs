@@ -14,7 +14,23 @@
 //! with the current time; outputs are drained with [`Ipam::poll_output`]. The
 //! shell must persist [`Ipam::state`] whenever [`Ipam::take_dirty`] says so
 //! *before* acting on the outputs drained in the same round, so that nothing
-//! another peer or a caller has seen is lost in a crash.
+//! another peer or a caller has seen is lost in a crash. When that save fails,
+//! none of the round's outputs may leave: in particular a hand-over
+//! acknowledgement (see "Leaving" below) promises the sender that our ring is
+//! on disk.
+//!
+//! # Leaving
+//!
+//! [`Ipam::leave`] hands every piece we own to one reachable peer P and sends
+//! P a `Handover { seq, ring }` unicast (and the ring as gossip to everyone).
+//! P merges that ring like any other (a ring it refuses gets no answer),
+//! which marks its state dirty, and queues `HandoverAck { seq }` to us in the
+//! same round; by the rule above P's shell saves the new ring before that ack
+//! leaves P. The ack, from P and with the pending `seq`, becomes
+//! [`Output::HandedOver`] here: only then may the shell stop the router. A
+//! lost hand-over or ack gives no [`Output::HandedOver`]; the shell bounds the
+//! wait (see [`Ipam::pending_handover`]) and may call [`Ipam::leave`] again,
+//! which re-sends the same hand-over.
 
 use std::any::Any;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -180,6 +196,27 @@ pub enum Output {
         /// The address, or why not.
         result: Result<Allocation, Failure>,
     },
+    /// The peer we handed our space to ([`Ipam::leave`]) acknowledged it: its
+    /// ring with our space is on its disk, so the router may stop now.
+    HandedOver {
+        /// The peer that took our space.
+        to: PeerName,
+        /// How many addresses it took.
+        addresses: u64,
+    },
+}
+
+/// A hand-over sent by [`Ipam::leave`] and not acknowledged yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingHandover {
+    /// The peer our space was handed to.
+    pub to: PeerName,
+    /// How many addresses.
+    pub addresses: u64,
+    /// When [`Ipam::leave`] first handed it over.
+    pub since: Instant,
+    /// Matches the acknowledgement to the hand-over.
+    seq: u64,
 }
 
 /// What is persisted.
@@ -256,6 +293,11 @@ pub struct Stats {
     pub refusals: u64,
     /// Rings refused.
     pub refused_rings: u64,
+    /// Hand-overs we acknowledged (we took a leaving peer's space).
+    pub handovers_taken: u64,
+    /// Hand-over acknowledgements ignored: no hand-over of ours pending with
+    /// that number, or from another peer than the one we handed over to.
+    pub stray_handover_acks: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -265,6 +307,10 @@ enum Msg {
     Request { seq: u64, range: Cidr },
     Donated { seq: u64, ring: Ring },
     Refused { seq: u64, reason: String },
+    // Appended: postcard numbers variants by position, so older peers keep
+    // decoding the ones above.
+    Handover { seq: u64, ring: Ring },
+    HandoverAck { seq: u64 },
 }
 
 fn encode(m: &Msg) -> Vec<u8> {
@@ -317,6 +363,11 @@ pub struct Ipam {
     primed: bool,
     next_free: Instant,
     last_error: Option<String>,
+    /// Our space was handed over by `leave` and not acknowledged yet.
+    handover: Option<PendingHandover>,
+    /// `leave` succeeded: new requests fail, so no space comes back to us by
+    /// donation while the shell waits for the acknowledgement.
+    leaving: bool,
     stats: Stats,
 }
 
@@ -352,6 +403,8 @@ impl Ipam {
             primed: false,
             next_free: now,
             last_error: None,
+            handover: None,
+            leaving: false,
             stats: Stats::default(),
         }
     }
@@ -420,9 +473,16 @@ impl Ipam {
         }
     }
 
-    /// Whether the state changed since the last call (then persist it).
+    /// Whether the state changed since the last call, or must be saved before
+    /// a hand-over acknowledgement leaves (then persist it).
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Whether the state changed and [`Ipam::take_dirty`] has not been called
+    /// since: what [`Ipam::state`] returns is not on disk yet. Does not clear it.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
     }
 
     /// Next thing for the shell to do.
@@ -467,6 +527,11 @@ impl Ipam {
         self.now = now;
         if let Err(f) = self.check(id, &want) {
             self.finish(req, Err(f));
+            return;
+        }
+        if self.leaving {
+            // As for the requests `leave` cancelled.
+            self.finish(req, Err(Failure::new(FailureKind::Timeout, "cancelled: this peer is leaving")));
             return;
         }
         self.pending.push_back(Pending { req, id: id.to_owned(), want, netns });
@@ -591,6 +656,9 @@ impl Ipam {
     /// no-duplicates promise; the shell warns when the peer is reachable.
     pub fn rmpeer(&mut self, now: Instant, peer: PeerName) -> Result<u64, String> {
         self.now = now;
+        if self.leaving {
+            return Err("this peer is leaving the mesh; space it took over now would be lost when it stops".into());
+        }
         if self.ring.is_empty() {
             return Err("the ring is not started yet; there is no space to take over".into());
         }
@@ -609,12 +677,26 @@ impl Ipam {
     }
 
     /// Leaves: hands every piece we own to a reachable peer (the one owning
-    /// most already, so the ring stays simple) and forgets our allocations.
-    /// Returns who got our space and how much, or `None` when we own none.
+    /// most already, so the ring stays simple), forgets our allocations and
+    /// cancels waiting requests; requests made after it fail. Returns who got
+    /// our space and how much, or `None` when we own none and no hand-over is
+    /// pending.
+    ///
+    /// The peer gets a hand-over message and answers it, once our space is on
+    /// its disk, with an acknowledgement that becomes [`Output::HandedOver`]
+    /// (see "Leaving" in the module docs). Calling `leave` again while that is
+    /// pending re-sends the same hand-over (same peer, same sequence number,
+    /// our current ring) and returns the same answer: our space is already
+    /// that peer's in our ring, so it cannot go to anyone else.
     pub fn leave(&mut self, now: Instant) -> Result<Option<(PeerName, u64)>, String> {
         self.now = now;
+        if let Some(h) = self.handover {
+            self.send_handover(h);
+            return Ok(Some((h.to, h.addresses)));
+        }
         let owned: u64 = self.ring.owned(self.cfg.me).iter().map(|(s, e)| e - s).sum();
         if owned == 0 {
+            self.leaving = true;
             return Ok(None);
         }
         let shares = self.ring.shares();
@@ -633,9 +715,56 @@ impl Ipam {
         self.allocs.clear();
         self.by_id.clear();
         self.dirty = true;
-        self.out.push_back(Output::Unicast(to, encode(&Msg::Ring(self.ring.clone()))));
-        self.broadcast_ring();
+        self.leaving = true;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let h = PendingHandover { to, addresses: moved, since: now, seq };
+        self.handover = Some(h);
+        self.send_handover(h);
         Ok(Some((to, moved)))
+    }
+
+    /// The hand-over [`Ipam::leave`] sent and the peer has not acknowledged
+    /// yet, for a shell that bounds the wait and says whom it waited for.
+    pub fn pending_handover(&self) -> Option<PendingHandover> {
+        self.handover
+    }
+
+    fn send_handover(&mut self, h: PendingHandover) {
+        let m = Msg::Handover { seq: h.seq, ring: self.ring.clone() };
+        self.out.push_back(Output::Unicast(h.to, encode(&m)));
+        // Everyone else learns of it by gossip as usual; the receiver may well
+        // merge this first, and still acknowledges the unicast.
+        self.broadcast_ring();
+    }
+
+    /// A leaving peer hands its space to us: merge its ring like any other,
+    /// then acknowledge. A refused ring gets no acknowledgement.
+    fn take_handover(&mut self, from: PeerName, seq: u64, ring: &Ring) -> Result<(), String> {
+        self.merge_ring(from, ring)?;
+        // The acknowledgement tells `from` our ring is on disk; it leaves in
+        // this round's outputs, which the shell sends only after saving a
+        // dirty state. When the merge changed nothing (the gossiped copy came
+        // first, or this is a re-sent hand-over) that ring was saved in an
+        // earlier round; asking for a save anyway keeps the promise even if
+        // that earlier save failed.
+        self.dirty = true;
+        self.stats.handovers_taken += 1;
+        self.out.push_back(Output::Unicast(from, encode(&Msg::HandoverAck { seq })));
+        Ok(())
+    }
+
+    /// The peer we handed our space to acknowledged it.
+    fn handover_acked(&mut self, from: PeerName, seq: u64) {
+        match self.handover {
+            Some(h) if h.to == from && h.seq == seq => {
+                self.handover = None;
+                self.out.push_back(Output::HandedOver { to: h.to, addresses: h.addresses });
+            }
+            // A late duplicate, or a peer confused about who left: nothing to
+            // do, and nothing worth tearing down a connection for.
+            _ => self.stats.stray_handover_acks += 1,
+        }
     }
 
     /// For `weft status ipam`.
@@ -664,7 +793,12 @@ impl Ipam {
                 Init::Observer => "observer".into(),
             },
             ready: !self.ring.is_empty(),
-            state: if self.ring.is_empty() { self.waiting_for() } else { "ready".into() },
+            state: match self.handover {
+                Some(h) => format!("leaving: handed {} addresses to {}, waiting for its acknowledgement", h.addresses, h.to),
+                None if self.leaving => "left the mesh's range".into(),
+                None if self.ring.is_empty() => self.waiting_for(),
+                None => "ready".into(),
+            },
             seeds: self.ring.seeds().iter().map(|s| s.to_string()).collect(),
             peers,
             unreachable_addresses,
@@ -1132,7 +1266,7 @@ impl GossipChannel for Ipam {
                 }
                 Ok(Some(delta))
             }
-            _ => Err("a donation message arrived as gossip".into()),
+            _ => Err("a unicast IPAM message (donation, hand-over) arrived as gossip".into()),
         }
     }
 
@@ -1164,11 +1298,53 @@ impl GossipChannel for Ipam {
                 Ok(())
             }
             Msg::Ring(r) => self.merge_ring(from, &r).map(|_| ()),
+            Msg::Handover { seq, ring } => self.take_handover(from, seq, &ring),
+            Msg::HandoverAck { seq } => {
+                self.handover_acked(from, seq);
+                Ok(())
+            }
             Msg::Paxos { .. } => Err("consensus claims arrived as a unicast".into()),
         }
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Postcard numbers enum variants by position: the hand-over messages come
+    /// after the older ones, which keep their numbers (a peer of an older
+    /// version still decodes everything it knows).
+    #[test]
+    fn handover_messages_keep_their_wire_numbers() {
+        let range: Cidr = "10.32.0.0/30".parse().expect("cidr");
+        let ring = Ring::empty(range);
+        assert_eq!(encode(&Msg::Ring(ring.clone()))[0], 0);
+        assert_eq!(encode(&Msg::Refused { seq: 1, reason: String::new() }), [4, 1, 0]);
+        assert_eq!(encode(&Msg::Handover { seq: 7, ring: ring.clone() })[..2], [5, 7]);
+        assert_eq!(&encode(&Msg::Handover { seq: 7, ring: ring.clone() })[2..], &postcard::to_stdvec(&ring).expect("ring")[..]);
+        assert_eq!(encode(&Msg::HandoverAck { seq: 7 }), [6, 7]);
+        assert_eq!(encode(&Msg::HandoverAck { seq: 300 }), [6, 0xac, 0x02]);
+    }
+
+    /// A peer with neither a ring nor claims has nothing to gossip: its full
+    /// state is empty, which the router does not send, and an empty payload
+    /// (from a router that still sends one) changes nothing.
+    #[test]
+    fn nothing_to_say_is_an_empty_payload_and_merges_as_nothing() {
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1).expect("config");
+        let mut ipam = Ipam::new(cfg, now);
+        assert!(ipam.encode_full().is_empty());
+        assert_eq!(ipam.merge(PeerName::from_u64(2), &[]), Ok(None));
+        assert!(!ipam.is_dirty());
+        assert_eq!(ipam.poll_output(), None);
+        ipam.prime(now);
+        assert!(!ipam.encode_full().is_empty(), "claims to gossip once consensus starts");
     }
 }

@@ -391,6 +391,8 @@ impl Net {
                 Output::Broadcast(b) => self.spread(i, Rc::new(b), None),
                 Output::Unicast(dst, b) => self.unicast(i, dst, b),
                 Output::Done { req, result } => self.done(i, req, result),
+                // Nobody leaves in these scenarios.
+                Output::HandedOver { to, .. } => ensure!(self, false, "peer {i} handed over to {to} without leaving"),
             }
         }
     }

@@ -26,6 +26,7 @@ fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
                     Output::Broadcast(p) => q.push_back((i, 1 - i, false, p)),
                     Output::Unicast(_, p) => q.push_back((i, 1 - i, true, p)),
                     Output::Done { req, result } => done[i].push((req, result.map(|a| a.cidr()).map_err(|f| f.message))),
+                    Output::HandedOver { to, .. } => panic!("peer {i} handed over to {to} without leaving"),
                 }
             }
         }
@@ -81,4 +82,22 @@ fn prime_reaches_consensus_without_a_request() {
     assert!(done.iter().all(Vec::is_empty), "no request was made: {done:?}");
     assert!(ps[0].ready() && ps[1].ready(), "no consensus: {:?} / {:?}", ps[0].status().state, ps[1].status().state);
     assert_eq!(ps[0].ring(), ps[1].ring());
+}
+
+/// `is_dirty` peeks at what `take_dirty` takes.
+#[test]
+fn is_dirty_peeks_without_clearing() {
+    let now = Instant::now();
+    let mut ps = [peer(1, now), peer(2, now)];
+    for (i, p) in ps.iter_mut().enumerate() {
+        let other = PeerName::from_u64(2 - i as u64);
+        p.set_reachable(now, BTreeSet::from([other]));
+    }
+    assert!(!ps[0].is_dirty(), "a fresh consensus peer has nothing to save");
+    ps[0].prime(now);
+    assert!(ps[0].is_dirty(), "a proposal is a promise to save");
+    assert!(ps[0].is_dirty());
+    assert!(ps[0].take_dirty());
+    assert!(!ps[0].is_dirty());
+    assert!(!ps[0].take_dirty());
 }

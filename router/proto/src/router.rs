@@ -73,7 +73,10 @@ pub enum ControlMsg {
 
 /// A piece of replicated state that rides on gossip (IPAM, DNS, ...).
 pub trait GossipChannel: Any + Send {
-    /// The whole state, for anti-entropy and new neighbours.
+    /// The whole state, for anti-entropy and new neighbours. An empty payload
+    /// means nothing to send now: the router sends nothing for this channel
+    /// (a channel with no state yet, or holding its state back until it is
+    /// saved).
     fn encode_full(&self) -> Vec<u8>;
     /// Merges a payload from a neighbour. Returns the encoded delta of what was
     /// new (to pass on), `None` when nothing was, or a description of why the
@@ -667,11 +670,12 @@ impl Router {
 
     fn send_channels(&mut self, conn: ConnId) {
         for (name, ch) in &self.channels {
+            let payload = ch.encode_full();
+            if payload.is_empty() {
+                continue;
+            }
             self.stats.gossip_sent += 1;
-            self.transmits.push_back(Transmit {
-                conn,
-                msg: ControlMsg::Gossip { channel: name.clone(), payload: ch.encode_full() },
-            });
+            self.transmits.push_back(Transmit { conn, msg: ControlMsg::Gossip { channel: name.clone(), payload } });
         }
     }
 
@@ -962,6 +966,55 @@ mod tests {
         a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "future".into(), payload: vec![1] }).expect("ignored");
         assert!(a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: "set".into(), payload: vec![0xff; 3] }).is_err());
         assert_eq!(a.stats().gossip_refused, 1);
+    }
+
+    /// A channel that has nothing to say (or holds its state back) until told.
+    #[derive(Default)]
+    struct Held {
+        state: Vec<u8>,
+    }
+
+    impl GossipChannel for Held {
+        fn encode_full(&self) -> Vec<u8> {
+            self.state.clone()
+        }
+        fn merge(&mut self, _from: PeerName, _payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+            Ok(None)
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    #[test]
+    fn channels_with_an_empty_full_state_send_nothing() {
+        let t0 = Instant::now();
+        let mut a = router(1, t0);
+        a.register_channel("held", Box::new(Held::default()));
+        a.register_channel("set", Box::new(Set::default()));
+        let gossip_of = |tx: &[Transmit], ch: &str| {
+            tx.iter().filter(|t| matches!(&t.msg, ControlMsg::Gossip { channel, .. } if channel == ch)).count()
+        };
+        // On connect: the set (an empty set still encodes to one byte) goes, the held channel does not.
+        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
+        let (tx, _) = drain(&mut a);
+        assert_eq!((gossip_of(&tx, "set"), gossip_of(&tx, "held")), (1, 0), "{tx:?}");
+        // Nor in anti-entropy.
+        let t1 = t0 + Duration::from_secs(60);
+        a.handle_timeout(t1);
+        let (tx, _) = drain(&mut a);
+        assert_eq!((gossip_of(&tx, "set"), gossip_of(&tx, "held")), (1, 0), "{tx:?}");
+        let sent = a.stats().gossip_sent;
+        // Once it has something to say, it goes like any channel's state.
+        a.channel_mut::<Held>("held").expect("held").state = vec![7];
+        let t2 = t1 + Duration::from_secs(60);
+        a.handle_timeout(t2);
+        let (tx, _) = drain(&mut a);
+        assert!(
+            tx.iter().any(|t| t.msg == ControlMsg::Gossip { channel: "held".into(), payload: vec![7] }),
+            "{tx:?}"
+        );
+        assert_eq!(a.stats().gossip_sent - sent, tx.len() as u64, "only what was sent is counted");
     }
 
     #[test]
