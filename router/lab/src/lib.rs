@@ -51,6 +51,8 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod probe;
+
 const NETNS_DIR: &str = "/run/netns";
 /// Limit for `ip`, `nft` and `weft` client commands.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
