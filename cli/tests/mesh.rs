@@ -551,3 +551,59 @@ fn bad_api_requests_get_clear_errors_and_harm_nothing() {
     assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic stopped after bad API requests");
     assert_eq!(status(&lab, 0)["connections"][0]["state"], "established");
 }
+
+/// The README's first command on a bare machine: `weft lab demo` with a PATH holding only `ip`
+/// and `nsenter` (no `ping`, no `dig`, no `nft`): real routers, pings and name lookups all done
+/// by weft itself.
+#[test]
+fn lab_demo_needs_no_ping_or_dig() {
+    if !weft_lab::require_lab("lab_demo_needs_no_ping_or_dig", &[]) {
+        return;
+    }
+    let _ = weft_lab::cleanup_stale();
+    // named like a lab's temp dir (`/tmp/weft-lab-wl<pid>x<n>...`), so cleanup_stale removes it if
+    // this test process dies
+    let dir = std::path::PathBuf::from(format!("/tmp/weft-lab-wl{}x1000000-bare", std::process::id()));
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(dir.clone());
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("temp dir");
+    let path = std::env::var_os("PATH").expect("PATH");
+    for tool in ["ip", "nsenter"] {
+        let found = std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file()).expect("tool in PATH");
+        std::os::unix::fs::symlink(found, bin.join(tool)).expect("symlink");
+    }
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["lab", "demo"])
+        .env("PATH", &bin)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("starting weft lab demo");
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(240) {
+            let _ = child.kill(); // by PID; the demo's lab is removed by the next cleanup_stale
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    eprintln!("{out}{err}");
+    let status = status.unwrap_or_else(|| panic!("weft lab demo did not finish within 240 s:\n{out}{err}"));
+    assert!(status.success(), "weft lab demo failed ({status}):\n{out}{err}");
+    assert!(out.contains("2 of 2 pings ok") && out.contains("2 of 2 names resolved"), "{out}");
+    assert!(out.contains("dns c0 resolves c1.weft.local: ") && out.contains("cleaned up"), "{out}");
+}

@@ -9,6 +9,16 @@
 //! nftables rule on the switch. Dropping the [`Lab`] stops the routers and deletes everything it
 //! made; [`cleanup_stale`] removes what a crashed run left behind. [`demo`] is `weft lab demo`.
 //!
+//! [`probe`] has what the demo checks with, done by weft itself from inside a namespace (on a
+//! thread that enters it): an ICMP echo ([`probe::icmp_echo`]) and a DNS A query
+//! ([`probe::dns_query_a`]), so the lab needs no `ping` or `dig`.
+//!
+//! What it needs: root, and `ip` (Debian package iproute2) and `nsenter` (util-linux) in PATH;
+//! [`Lab::new`] checks for them and names the package to install. [`Lab::block`] also needs `nft`
+//! (nftables) and checks for it. Tests that run real tools in the lab's namespaces with
+//! [`Lab::exec`] (`ping`, `dig`, `iperf3`, ...) need those too; [`require_lab`] skips them with a
+//! message when something is missing.
+//!
 //! Names: every lab has an id `wl<pid>x<n>` (creator PID, per-process counter); its namespaces are
 //! `<id>-sw`, `<id>-h<i>` and `<id>-<container>`. Commands run in a namespace with
 //! `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, whose private mount namespace would hide
@@ -24,7 +34,7 @@
 //! # fn main() -> anyhow::Result<()> {
 //! use std::time::Duration;
 //! use weft_lab::{Lab, LabConfig};
-//! if !weft_lab::require_root("two_hosts") {
+//! if !weft_lab::require_lab("two_hosts", &[]) {
 //!     return Ok(());
 //! }
 //! weft_lab::cleanup_stale()?; // what crashed runs left behind
@@ -34,6 +44,9 @@
 //! lab.wait_established(1, 1, Duration::from_secs(20))?;
 //! let a = lab.add_container(0, "a", "10.50.0.1/24")?;
 //! let b = lab.add_container(1, "b", "10.50.0.2/24")?;
+//! let rtt = weft_lab::probe::icmp_echo(&lab.netns_path(&a.ns)?, b.ip, Duration::from_secs(2))?;
+//! println!("a -> b: {rtt:?}");
+//! // Real tools run in a namespace with `exec` (this one needs iputils-ping installed):
 //! assert!(lab.exec(&a.ns, &["ping", "-c1", "-W2", &b.ip.to_string()])?.status.success());
 //! # Ok(()) }
 //! ```
@@ -43,7 +56,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Read;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,7 +64,11 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod probe;
+
 const NETNS_DIR: &str = "/run/netns";
+/// The tools every lab needs in PATH (see [`debian_package`]); `nft` only for [`Lab::block`].
+const LAB_TOOLS: [&str; 2] = ["ip", "nsenter"];
 /// Limit for `ip`, `nft` and `weft` client commands.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Limit for [`Lab::exec`] commands (long enough for an iperf3 run).
@@ -147,10 +164,19 @@ pub struct Lab {
 
 impl Lab {
     /// Creates the switch and host namespaces and the underlay. Does not start routers.
-    /// On failure everything made so far is removed again.
+    /// On failure everything made so far is removed again. Fails first, before making anything,
+    /// if `ip` or `nsenter` is not in PATH (naming the Debian package) or if not root.
     pub fn new(cfg: LabConfig) -> Result<Lab> {
         if !(1..=250).contains(&cfg.hosts) {
             bail!("a lab needs 1 to 250 hosts, not {}", cfg.hosts);
+        }
+        // Tools before root: this check makes nothing and needs no privilege, so it can be
+        // tested (and a user can learn what to install) without root.
+        for tool in LAB_TOOLS {
+            need_tool(tool, "the lab")?;
+        }
+        if !is_root() {
+            bail!("the lab needs root: it creates network namespaces (run it with sudo)");
         }
         let id = fresh_id();
         let dir = PathBuf::from(format!("/tmp/weft-lab-{id}"));
@@ -517,9 +543,7 @@ impl Lab {
     /// Runs `cmd` in namespace `ns` (one of this lab's) via `nsenter --net=`; returns its output
     /// whatever the exit status (killed after 300 s).
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Result<Output> {
-        if !self.namespaces.iter().any(|n| n == ns) {
-            bail!("{ns} is not a namespace of lab {} (the lab only runs commands in its own namespaces)", self.id);
-        }
+        self.netns_path(ns)?;
         let (prog, args) = cmd
             .split_first()
             .ok_or_else(|| anyhow!("exec in {ns}: empty command"))?;
@@ -528,13 +552,24 @@ impl Lab {
         run(&mut c, EXEC_TIMEOUT)
     }
 
+    /// The path of namespace `ns`, one of this lab's (`/run/netns/<ns>`), for the [`probe`]s.
+    /// Errors for any other namespace: lab traffic stays between the lab's own namespaces.
+    pub fn netns_path(&self, ns: &str) -> Result<PathBuf> {
+        if !self.namespaces.iter().any(|n| n == ns) {
+            bail!("{ns} is not a namespace of lab {} (the lab only works in its own namespaces)", self.id);
+        }
+        Ok(Path::new(NETNS_DIR).join(ns))
+    }
+
     /// Drops all underlay frames between hosts `a` and `b`, both ways (nftables `bridge` table
     /// `weft_lab` in the switch namespace, matching switch ports). Blocking twice is a no-op.
+    /// Needs `nft` (Debian package nftables) in PATH.
     pub fn block(&mut self, a: usize, b: usize) -> Result<()> {
         let key = self.pair(a, b)?;
         if self.blocked.contains(&key) {
             return Ok(());
         }
+        need_tool("nft", "Lab::block")?;
         self.ensure_nft()?;
         self.nft(&format!(
             "add element bridge weft_lab blocked {{ \"s{a}\" . \"s{b}\", \"s{b}\" . \"s{a}\" }}"
@@ -581,7 +616,7 @@ impl Lab {
     fn nft(&self, rule: &str) -> Result<()> {
         let mut c = nsenter(&self.switch);
         c.arg("nft").arg(rule);
-        checked(&mut c).context("nftables in the switch namespace (is `nft` installed?)")
+        checked(&mut c).context("nftables in the switch namespace")
     }
 
     /// Stops routers (SIGTERM, SIGKILL after 2 s), kills leftover processes in the lab's
@@ -639,20 +674,29 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// For tests: returns `false` and prints "skipping <test>: ..." when not root or when `ip`,
-/// `nft` or `nsenter` is missing; `true` when lab tests can run.
-pub fn require_root(test: &str) -> bool {
+/// For tests: `true` when a lab test can run: root, the tools every lab needs (`ip`, `nsenter`)
+/// and `tools` (what the test itself runs, e.g. `nft` for [`Lab::block`], `ping` or `dig` for
+/// [`Lab::exec`]) in PATH. Otherwise prints `skipping <test>: ...` naming what is missing and its
+/// Debian package, and returns `false`.
+pub fn require_lab(test: &str, tools: &[&str]) -> bool {
     if !is_root() {
         eprintln!("skipping {test}: needs root (lab tests create network namespaces)");
         return false;
     }
-    for tool in ["ip", "nft", "nsenter"] {
+    for tool in LAB_TOOLS.iter().chain(tools) {
         if !in_path(tool) {
-            eprintln!("skipping {test}: `{tool}` not found in PATH (install iproute2, nftables, util-linux)");
+            let pkg = debian_package(tool);
+            eprintln!("skipping {test}: `{tool}` not found in PATH (apt-get install {pkg})");
             return false;
         }
     }
     true
+}
+
+/// For tests: [`require_lab`] with `nft` as well (root, `ip`, `nsenter`, `nft`), the gate the
+/// end-to-end suites have always used.
+pub fn require_root(test: &str) -> bool {
+    require_lab(test, &["nft"])
 }
 
 /// Finds the `weft` binary for tests: `$WEFT_BIN` if set, else `weft` next to the running test
@@ -739,10 +783,12 @@ pub fn cleanup_stale() -> Result<usize> {
 }
 
 /// `weft lab demo`: builds `cfg.hosts` hosts, starts a router on each (host i>0 gets host 0 as
-/// its peer), waits for a full mesh, attaches container `c<i>` to each host with an address
-/// from weft's IPAM (the hosts agree on the range split on the first request),
-/// pings every other container from `c0`, and writes progress and a summary to `out`.
-/// Cleans up unless `cfg.keep`. Errors if any step or ping fails.
+/// its peer), waits for a full mesh, attaches container `c<i>` (name `c<i>.weft.local`) to each
+/// host with an address from weft's IPAM (the hosts agree on the range split on the first
+/// request), pings every other container from `c0` ([`probe::icmp_echo`]), resolves their names
+/// from `c0` through h0's weft DNS server ([`probe::dns_query_a`]; skipped if none listens), and
+/// writes progress and a summary to `out`. Needs root, `ip` and `nsenter`, nothing else.
+/// Cleans up unless `cfg.keep`. Errors if any step, ping or name lookup fails.
 pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
     let n = cfg.hosts;
     if !(2..=250).contains(&n) {
@@ -831,14 +877,15 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
         )?;
         containers.push(c);
     }
+    let from = lab.netns_path(&containers[0].ns)?;
     let mut failed = Vec::new();
     let mut summary = String::new();
     for c in &containers[1..] {
-        let result = ping_until(&lab, &containers[0].ns, c.ip, Duration::from_secs(15));
+        let result = ping_until(&from, c.ip, Duration::from_secs(15));
         let line = match &result {
             Ok(rtt) => format!("c0 -> c{} {} on h{}: ok, {rtt}", c.host, c.ip, c.host),
             Err(e) => {
-                failed.push(format!("c{} {}", c.host, c.ip));
+                failed.push(format!("ping c{} {}", c.host, c.ip));
                 format!("c0 -> c{} {} on h{}: FAILED ({e:#})", c.host, c.ip, c.host)
             }
         };
@@ -847,38 +894,35 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
     }
     let pings_failed = failed.len();
     let mut names = String::new();
-    // Names: ask h0's DNS server from c0 for every other container's name.
-    let server = lab.weft_json(0, &["status", "dns"]).ok().and_then(|v| v["listening"][0].as_str().map(str::to_string));
-    let dig = Command::new("dig").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    match server.filter(|_| dig) {
+    // Names: ask h0's DNS server from c0 for every other container's name. The server listens
+    // on port 53 of h0's bridge address once the bridge has one; `status dns` fails (or lists
+    // nothing) when there is no server.
+    let server = lab.weft_json(0, &["status", "dns"]).ok().and_then(|v| {
+        v["listening"].as_array().and_then(|l| {
+            l.iter()
+                .filter_map(|a| a.as_str()?.parse::<SocketAddrV4>().ok())
+                .map(|a| *a.ip())
+                .next()
+        })
+    });
+    match server {
         Some(server) => {
-            let before = failed.len();
-            let ip = server.rsplit_once(':').map_or(server.as_str(), |(ip, _)| ip).to_string();
             for c in &containers[1..] {
                 let name = format!("c{}.weft.local", c.host);
-                let mut got = String::new();
-                let t0 = Instant::now();
-                while t0.elapsed() < Duration::from_secs(10) {
-                    let at = format!("@{ip}");
-                    let o = lab.exec(&containers[0].ns, &["dig", "+short", "+time=1", "+tries=1", &at, &name])?;
-                    got = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                    if got == c.ip.to_string() {
-                        break;
+                let line = match resolve_until(&from, server, &name, c.ip, Duration::from_secs(10)) {
+                    Ok(()) => format!("c0 resolves {name}: {} (weft DNS at {server})", c.ip),
+                    Err(e) => {
+                        failed.push(format!("name {name}"));
+                        format!("c0 resolves {name}: FAILED ({e:#})")
                     }
-                    thread::sleep(Duration::from_millis(200));
-                }
-                let line = if got == c.ip.to_string() {
-                    format!("c0 resolves {name}: {got} (weft DNS at {ip})")
-                } else {
-                    failed.push(format!("name {name}"));
-                    format!("c0 resolves {name}: FAILED (got {got:?}, want {})", c.ip)
                 };
                 writeln!(out, "{} dns {line}", stamp(start))?;
                 let _ = writeln!(summary, "  {line}");
             }
-            names = format!(", {} of {} names resolved", n - 1 - (failed.len() - before), n - 1);
+            let names_failed = failed.len() - pings_failed;
+            names = format!(", {} of {} names resolved", n - 1 - names_failed, n - 1);
         }
-        None => writeln!(out, "{} dns: skipped (no dig, or no DNS server listening)", stamp(start))?,
+        None => writeln!(out, "{} dns: skipped (no DNS server listening on h0)", stamp(start))?,
     }
     writeln!(
         out,
@@ -914,42 +958,49 @@ pub fn demo(cfg: LabConfig, out: &mut dyn std::io::Write) -> Result<()> {
         writeln!(out, "{} cleaned up", stamp(start))?;
     }
     if !failed.is_empty() {
-        bail!(
-            "{} of {} pings from c0 failed: {}",
-            failed.len(),
-            n - 1,
-            failed.join(", ")
-        );
+        bail!("{} checks from c0 failed: {}", failed.len(), failed.join(", "));
     }
     Ok(())
 }
 
-/// Pings `ip` from namespace `ns` once a second until it answers (or `limit`), then 3 more
-/// times; returns the "rtt avg" text.
-fn ping_until(lab: &Lab, ns: &str, ip: Ipv4Addr, limit: Duration) -> Result<String> {
-    let target = ip.to_string();
+/// Sends ICMP echoes to `ip` from the namespace at `from` (1 s timeout each) until one is
+/// answered or `limit` passes, then 3 more; returns "rtt avg X ms" over the answered ones.
+fn ping_until(from: &Path, ip: Ipv4Addr, limit: Duration) -> Result<String> {
+    const EACH: Duration = Duration::from_secs(1);
     let deadline = Instant::now() + limit;
-    loop {
-        let out = lab.exec(ns, &["ping", "-c1", "-W1", &target])?;
-        if out.status.success() {
-            break;
+    let first = loop {
+        let t0 = Instant::now();
+        match probe::icmp_echo(from, ip, EACH) {
+            Ok(rtt) => break rtt,
+            Err(e) if Instant::now() >= deadline => bail!("no answer within {limit:?}; last: {e:#}"),
+            // A quick failure (e.g. "network unreachable") waits out its second, so as not to spin.
+            Err(_) => thread::sleep(EACH.saturating_sub(t0.elapsed()).min(deadline.saturating_duration_since(Instant::now()))),
         }
-        if Instant::now() >= deadline {
-            bail!("no answer within {limit:?}");
-        }
+    };
+    let mut rtts: Vec<Duration> = (0..3).filter_map(|_| probe::icmp_echo(from, ip, EACH).ok()).collect();
+    if rtts.is_empty() {
+        rtts.push(first);
     }
-    let out = lab.exec(ns, &["ping", "-q", "-c3", "-i0.2", "-W1", &target])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let avg = text
-        .lines()
-        .find_map(|l| {
-            l.split_once(" = ")
-                .filter(|(k, _)| k.starts_with("rtt"))
-                .map(|(_, v)| v.to_string())
-        })
-        .and_then(|v| v.split('/').nth(1).map(|a| format!("rtt avg {a} ms")))
-        .unwrap_or_else(|| "answered".to_string());
-    Ok(avg)
+    let avg = rtts.iter().sum::<Duration>() / rtts.len() as u32;
+    Ok(format!("rtt avg {:.3} ms", avg.as_secs_f64() * 1000.0))
+}
+
+/// Asks DNS server `server` from the namespace at `from` for `name` (1 s timeout each, every
+/// 200 ms) until the answer includes `want` or `limit` passes; the error has the last answer.
+fn resolve_until(from: &Path, server: Ipv4Addr, name: &str, want: Ipv4Addr, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let last = match probe::dns_query_a(from, server, name, Duration::from_secs(1)) {
+            Ok(addrs) if addrs.contains(&want) => return Ok(()),
+            Ok(addrs) if addrs.is_empty() => "no address (NXDOMAIN or no A record)".to_string(),
+            Ok(addrs) => format!("{addrs:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if t0.elapsed() >= limit {
+            bail!("got {last}, want {want}, after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn count_established(status: &serde_json::Value) -> usize {
@@ -1163,6 +1214,29 @@ fn tail(path: &Path, lines: usize) -> String {
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
+}
+
+/// The Debian package that has `tool`, for "install it" messages.
+fn debian_package(tool: &str) -> &str {
+    match tool {
+        "ip" => "iproute2",
+        "nsenter" => "util-linux",
+        "nft" => "nftables",
+        "ping" => "iputils-ping",
+        "dig" => "bind9-dnsutils",
+        "dnsmasq" => "dnsmasq-base",
+        "ls" | "wc" | "sleep" => "coreutils",
+        other => other,
+    }
+}
+
+/// Fails unless `tool` is in PATH: "<who> needs `<tool>` from <package>: apt-get install <package>".
+fn need_tool(tool: &str, who: &str) -> Result<()> {
+    if in_path(tool) {
+        return Ok(());
+    }
+    let pkg = debian_package(tool);
+    bail!("{who} needs `{tool}` from {pkg}: apt-get install {pkg} (`{tool}` is not in PATH)")
 }
 
 fn in_path(tool: &str) -> bool {

@@ -1,5 +1,7 @@
-//! The lab's own tests. They need root; the router ones use a fake `weft` shell script, so they
-//! check the lab's plumbing (arguments, logs, PIDs, JSON, cleanup), not weft itself.
+//! The lab's own tests. They need root, `ip` and `nsenter` (and `nft` for blocking) and skip
+//! otherwise; they reach other namespaces with the lab's own [`probe`]s, not `ping` or `dig`. The
+//! router ones use a fake `weft` shell script, so they check the lab's plumbing (arguments, logs,
+//! PIDs, JSON, cleanup), not weft itself.
 #![allow(clippy::unwrap_used)]
 
 use super::*;
@@ -8,70 +10,18 @@ fn ns_exists(ns: &str) -> bool {
     Path::new(NETNS_DIR).join(ns).exists()
 }
 
+/// One ICMP echo from lab namespace `from` to `to`, answered within 1 s.
 fn ping(lab: &Lab, from: &str, to: Ipv4Addr) -> bool {
-    lab.exec(from, &["ping", "-c1", "-W1", &to.to_string()])
-        .unwrap()
-        .status
-        .success()
+    probe::icmp_echo(&lab.netns_path(from).unwrap(), to, Duration::from_secs(1)).is_ok()
 }
 
-/// A fake `weft`: `router` logs its arguments and sleeps; `status --json` reports an established
-/// connection to every other host of the lab; `attach` plugs the container straight into the
-/// lab's underlay switch (so containers on all hosts share one L2 segment, as with a real mesh).
-const FAKE_WEFT: &str = r#"#!/bin/sh
-sock=
-if [ "$1" = --api-socket ]; then sock=$2; shift 2; fi
-cmd=$1; shift
-case "$cmd" in
-router)
-  echo "fake router: $* RUST_LOG=$RUST_LOG"
-  exec sleep 1000;;
-status)
-  n=$(( $(ls -d "${sock%/h*}"/h* | wc -l) - 1 ))
-  printf '{"name":"fake","connections":['
-  i=0
-  while [ $i -lt $n ]; do
-    if [ $i -gt 0 ]; then printf ','; fi
-    printf '{"address":"192.168.77.1:6783","state":"established"}'
-    i=$((i+1))
-  done
-  printf ']}\n';;
-attach)
-  ns=$1; shift
-  if [ "$1" = --name ]; then shift 2; fi
-  [ -e "/run/netns/$ns" ] || { echo "no such netns $ns" >&2; exit 1; }
-  # Without an address (IPAM), container cN gets 10.50.0.(N+1)/24 and the answer is JSON.
-  json=
-  case "$1" in ""|--json) c=${ns##*-c}; addr="10.50.0.$((c+1))/24"; json=1;; *) addr=$1;; esac
-  sw="${ns%-*}-sw"
-  ip link add "v$$" netns "$ns" type veth peer name "p$$" netns "$sw" || exit 1
-  ip -n "$sw" link set "p$$" master br0 up && ip -n "$ns" addr add "$addr" dev "v$$" && ip -n "$ns" link set "v$$" up || exit 1
-  if [ -n "$json" ]; then printf '{"addresses":["%s"]}\n' "$addr"; fi;;
-*) echo "fake weft: unknown command $cmd" >&2; exit 2;;
-esac
-"#;
-
-/// Writes the fake weft into a fresh file; removed when the guard drops.
-struct Fake(PathBuf);
-impl Fake {
-    fn new() -> Fake {
-        use std::os::unix::fs::PermissionsExt;
-        // named like a lab's temp dir, so cleanup_stale removes it if this test process dies
-        let p = PathBuf::from(format!("/tmp/weft-lab-{}-fake-weft", fresh_id()));
-        fs::write(&p, FAKE_WEFT).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-        Fake(p)
-    }
-}
-impl Drop for Fake {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
+#[path = "../tests/common/fake_weft.rs"]
+mod fake_weft;
+use fake_weft::Fake;
 
 #[test]
 fn underlay_ping_and_drop_cleans_up() {
-    if !require_root("underlay_ping_and_drop_cleans_up") {
+    if !require_lab("underlay_ping_and_drop_cleans_up", &[]) {
         return;
     }
     let lab = Lab::new(LabConfig::new(2, "/nonexistent/weft")).unwrap();
@@ -86,6 +36,7 @@ fn underlay_ping_and_drop_cleans_up() {
         assert!(ping(&lab, n, Ipv4Addr::LOCALHOST), "lo down in {n}");
     }
     assert!(lab.exec("not-a-lab-ns", &["true"]).is_err());
+    assert!(lab.netns_path("not-a-lab-ns").is_err());
     let dir = lab.dir().to_path_buf();
     drop(lab);
     assert!(
@@ -97,7 +48,7 @@ fn underlay_ping_and_drop_cleans_up() {
 
 #[test]
 fn block_and_unblock() {
-    if !require_root("block_and_unblock") {
+    if !require_lab("block_and_unblock", &["nft"]) {
         return;
     }
     let mut lab = Lab::new(LabConfig::new(3, "/nonexistent/weft")).unwrap();
@@ -122,7 +73,7 @@ fn block_and_unblock() {
 
 #[test]
 fn cleanup_stale_removes_dead_labs_only() {
-    if !require_root("cleanup_stale_removes_dead_labs_only") {
+    if !require_lab("cleanup_stale_removes_dead_labs_only", &[]) {
         return;
     }
     // A PID that certainly belonged to a process that is gone now.
@@ -157,7 +108,7 @@ fn cleanup_stale_removes_dead_labs_only() {
 
 #[test]
 fn routers_and_containers_with_fake_weft() {
-    if !require_root("routers_and_containers_with_fake_weft") {
+    if !require_lab("routers_and_containers_with_fake_weft", &[]) {
         return;
     }
     let fake = Fake::new();
@@ -231,7 +182,7 @@ fn routers_and_containers_with_fake_weft() {
 
 #[test]
 fn keep_leaves_lab_in_place() {
-    if !require_root("keep_leaves_lab_in_place") {
+    if !require_lab("keep_leaves_lab_in_place", &[]) {
         return;
     }
     let mut cfg = LabConfig::new(1, "/nonexistent/weft");
@@ -248,7 +199,7 @@ fn keep_leaves_lab_in_place() {
 
 #[test]
 fn start_router_needs_the_binary() {
-    if !require_root("start_router_needs_the_binary") {
+    if !require_lab("start_router_needs_the_binary", &[]) {
         return;
     }
     let mut lab = Lab::new(LabConfig::new(1, "/nonexistent/weft")).unwrap();
@@ -258,7 +209,7 @@ fn start_router_needs_the_binary() {
 
 #[test]
 fn demo_with_fake_weft() {
-    if !require_root("demo_with_fake_weft") {
+    if !require_lab("demo_with_fake_weft", &[]) {
         return;
     }
     let fake = Fake::new();
@@ -271,4 +222,135 @@ fn demo_with_fake_weft() {
         text.contains("2 of 2 pings ok") && text.contains("cleaned up"),
         "{text}"
     );
+    // the fake's `status dns` has no listener
+    assert!(text.contains("dns: skipped (no DNS server listening on h0)"), "{text}");
+    assert!(text.contains("on h1: ok, rtt avg ") && text.contains(" ms\n"), "{text}");
+}
+
+/// The namespace the calling thread is in (the target of /proc/thread-self/ns/net).
+fn own_netns() -> PathBuf {
+    fs::read_link("/proc/thread-self/ns/net").unwrap()
+}
+
+#[test]
+fn icmp_echo_between_lab_namespaces() {
+    if !require_lab("icmp_echo_between_lab_namespaces", &[]) {
+        return;
+    }
+    let lab = Lab::new(LabConfig::new(2, "/nonexistent/weft")).unwrap();
+    let h0 = lab.netns_path(&lab.host(0).ns).unwrap();
+    let ip1 = lab.host(1).underlay_ip;
+    let before = own_netns();
+    // the first echo may wait for ARP
+    let rtt = probe::icmp_echo(&h0, ip1, Duration::from_secs(2)).unwrap();
+    assert!(rtt < Duration::from_secs(2), "{rtt:?}");
+    assert_eq!(own_netns(), before, "the probe moved the calling thread");
+    for _ in 0..20 {
+        probe::icmp_echo(&h0, ip1, Duration::from_secs(1)).unwrap();
+    }
+    // On loopback the raw socket sees our own request too; only the reply may count.
+    probe::icmp_echo(&h0, Ipv4Addr::LOCALHOST, Duration::from_secs(1)).unwrap();
+    // .2 is h1's, not h0's: from h1's namespace the same address is local
+    let h1 = lab.netns_path(&lab.host(1).ns).unwrap();
+    probe::icmp_echo(&h1, ip1, Duration::from_secs(1)).unwrap();
+
+    // Nobody has 192.168.77.200 on the lab's switch: no reply, a clear error, in time.
+    let t0 = Instant::now();
+    let nobody = Ipv4Addr::new(192, 168, 77, 200);
+    let err = format!("{:#}", probe::icmp_echo(&h0, nobody, Duration::from_secs(1)).unwrap_err());
+    let took = t0.elapsed();
+    assert!(err.contains("no echo reply from 192.168.77.200 within 1s"), "{err}");
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(own_netns(), before);
+}
+
+/// A DNS response to `query` (which has one question): QR, RD, RA and `rcode`, the question
+/// copied, and an A record for each of `addrs` owned by a pointer to the question's name.
+fn dns_reply(query: &[u8], rcode: u8, addrs: &[Ipv4Addr]) -> Vec<u8> {
+    let mut m = query[..2].to_vec();
+    m.extend([0x81, 0x80 | rcode, 0, 1, 0, addrs.len() as u8, 0, 0, 0, 0]);
+    m.extend(&query[12..]);
+    for a in addrs {
+        m.extend([0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        m.extend(a.octets());
+    }
+    m
+}
+
+#[test]
+fn dns_query_a_against_a_tiny_responder() {
+    if !require_lab("dns_query_a_against_a_tiny_responder", &[]) {
+        return;
+    }
+    let lab = Lab::new(LabConfig::new(2, "/nonexistent/weft")).unwrap();
+    let h0 = lab.netns_path(&lab.host(0).ns).unwrap();
+    let h1 = lab.netns_path(&lab.host(1).ns).unwrap();
+    let server = lab.host(1).underlay_ip;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    // The responder: UDP 53 on h1's underlay address, one scripted answer per query.
+    let responder = thread::spawn(move || {
+        probe::in_netns(&h1, || {
+            let s = std::net::UdpSocket::bind((server, 53))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let _ = ready_tx.send(());
+            let mut queries = Vec::new();
+            let mut buf = [0u8; 512];
+            let mut next = |s: &std::net::UdpSocket| -> Result<(Vec<u8>, std::net::SocketAddr)> {
+                let (n, from) = s.recv_from(&mut buf)?;
+                Ok((buf[..n].to_vec(), from))
+            };
+            // 1. web: first a stale answer with another id (to be ignored), then two A records
+            let (q, from) = next(&s)?;
+            let mut stale = dns_reply(&q, 0, &[Ipv4Addr::new(10, 6, 6, 6)]);
+            stale[0] ^= 0xff;
+            s.send_to(&stale, from)?;
+            s.send_to(&dns_reply(&q, 0, &[Ipv4Addr::new(10, 32, 0, 5), Ipv4Addr::new(10, 32, 0, 6)]), from)?;
+            queries.push(q);
+            // 2. nope: NXDOMAIN
+            let (q, from) = next(&s)?;
+            s.send_to(&dns_reply(&q, 3, &[]), from)?;
+            queries.push(q);
+            // 3. broken: SERVFAIL
+            let (q, from) = next(&s)?;
+            s.send_to(&dns_reply(&q, 2, &[]), from)?;
+            queries.push(q);
+            // 4. slow: no answer at all
+            let (q, _) = next(&s)?;
+            queries.push(q);
+            // 5. garbage: an answer cut inside its A record
+            let (q, from) = next(&s)?;
+            let full = dns_reply(&q, 0, &[Ipv4Addr::new(10, 32, 0, 7)]);
+            s.send_to(&full[..full.len() - 2], from)?;
+            queries.push(q);
+            Ok(queries)
+        })
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("responder up");
+    let t = Duration::from_secs(2);
+    assert_eq!(
+        probe::dns_query_a(&h0, server, "web.weft.local", t).unwrap(),
+        [Ipv4Addr::new(10, 32, 0, 5), Ipv4Addr::new(10, 32, 0, 6)]
+    );
+    assert!(probe::dns_query_a(&h0, server, "nope.weft.local", t).unwrap().is_empty());
+    let err = format!("{:#}", probe::dns_query_a(&h0, server, "broken.weft.local", t).unwrap_err());
+    assert!(err.contains("SERVFAIL") && err.contains("broken.weft.local"), "{err}");
+    let t0 = Instant::now();
+    let err = format!(
+        "{:#}",
+        probe::dns_query_a(&h0, server, "slow.weft.local", Duration::from_millis(500)).unwrap_err()
+    );
+    assert!(err.contains("no DNS answer from 192.168.77.2:53 for slow.weft.local within 500ms"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let err = format!("{:#}", probe::dns_query_a(&h0, server, "garbage.weft.local", t).unwrap_err());
+    assert!(err.contains("cut off"), "{err}");
+    let queries = responder.join().unwrap().unwrap();
+    let names = ["web", "nope", "broken", "slow", "garbage"];
+    for (q, name) in queries.iter().zip(names) {
+        let want = probe::encode_query(u16::from_be_bytes([q[0], q[1]]), &format!("{name}.weft.local")).unwrap();
+        assert_eq!(q, &want, "query for {name}");
+    }
+    assert_eq!(queries.len(), names.len());
+    // The responder is gone: h1 answers "port unreachable", which is an error at once.
+    let err = format!("{:#}", probe::dns_query_a(&h0, server, "web.weft.local", t).unwrap_err());
+    assert!(err.contains("no DNS server listens on UDP 53"), "{err}");
 }
