@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use weft_router::client;
+use weft_router::api::client;
 mod output;
 mod setup_cni;
 
@@ -429,7 +429,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Reset { force } => {
             simple(&sock, "/v1/ipam/reset", json!({ "force": force }), cli.json, &mut out, |v| match v["handed_to"].as_str() {
-                Some(p) => format!("handed {} addresses to peer {p}; IPAM state forgotten; router stopping", v["addresses"]),
+                Some(p) if v["acknowledged"] == true => format!(
+                    "handed {} addresses to peer {p}, which confirmed it has them; IPAM state forgotten; router stopping",
+                    v["addresses"]
+                ),
+                Some(_) => format!("WARNING: {}; IPAM state forgotten; router stopping", v["warning"].as_str().unwrap_or("no confirmation")),
                 None => "this peer owned no address space; IPAM state forgotten; router stopping".into(),
             })
         }
@@ -553,7 +557,7 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
         peers: args.peers,
         max_datagram: args.max_datagram,
         offload: !args.no_offload,
-        ipam: weft_router::ipam::IpamOptions {
+        ipam: weft_router::services::ipam::IpamOptions {
             range: args.ipalloc_range.parse().map_err(|e| anyhow::anyhow!("--ipalloc-range: {e}"))?,
             default_subnet: match &args.ipalloc_default_subnet {
                 Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--ipalloc-default-subnet: {e}"))?),
@@ -562,7 +566,7 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
             init: args.ipalloc_init,
             gc_grace: Duration::from_secs(args.ipalloc_gc_grace),
         },
-        dns: weft_router::dns::DnsOptions {
+        dns: weft_router::services::dns::DnsOptions {
             enabled: !args.no_dns,
             listen: (!args.dns_listen.is_empty()).then_some(args.dns_listen),
             domain: args.dns_domain,
@@ -589,8 +593,7 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
     if opts.max_datagram < 576 || opts.max_datagram > 65_000 {
         bail!("--max-datagram {} is out of range (576..=65000)", opts.max_datagram);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    rt.block_on(weft_router::run(opts))
+    weft_router::run(opts)
 }
 
 fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) -> Result<()> {

@@ -159,6 +159,7 @@ fn ipam(out: &mut impl Write, v: &Value) -> Result<()> {
     if let Some(e) = v["last_error"].as_str() {
         writeln!(out, "  Last refused ring: {e}")?;
     }
+    save_failure(out, v)?;
     let empty = Vec::new();
     let peers = v["peers"].as_array().unwrap_or(&empty);
     let total: u64 = peers.iter().filter_map(|p| p["owned"].as_u64()).sum();
@@ -188,6 +189,21 @@ fn ipam(out: &mut impl Write, v: &Value) -> Result<()> {
         )?;
     }
     writeln!(out, "  Allocated here: {}, requests waiting: {}", v["allocated"], v["pending"])?;
+    Ok(())
+}
+
+/// A line when the service's state file cannot be written: while it fails, nothing that
+/// depends on the state leaves the router.
+fn save_failure(out: &mut impl Write, v: &Value) -> Result<()> {
+    if let Some(e) = v["save_error"].as_str() {
+        writeln!(
+            out,
+            "  SAVING {} FAILS ({} failures so far): {e}\n  Until it works again, changes are answered with an error and not gossiped ({} waiting)",
+            s(&v["state_file"]),
+            v["save_errors"],
+            v["held"]
+        )?;
+    }
     Ok(())
 }
 
@@ -225,6 +241,7 @@ fn dns(out: &mut impl Write, v: &Value, entries: bool) -> Result<()> {
         if listening.is_empty() { "nothing yet (the bridge has no address: `weft expose`)".to_string() } else { listening.join(", ") },
         upstreams
     )?;
+    save_failure(out, v)?;
     let c = &v["counts"];
     let q = &v["queries"];
     writeln!(

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use weft_router::identity::write_atomic_mode;
+use weft_router::host::identity::write_atomic_mode;
 
 use crate::SetupCniArgs;
 
@@ -41,7 +41,7 @@ pub(crate) fn conflist(network: &str, socket: &Path, subnet: Option<&str>, portm
 /// temporary file in the same directory, synced, then renamed: see
 /// `write_atomic_mode`), so a runtime never runs half a binary or reads half a file.
 pub(crate) fn setup_cni(a: &SetupCniArgs, socket: &Path) -> Result<Value> {
-    if !weft_router::cni::is_valid_name(&a.network) {
+    if !weft_router::services::cni::is_valid_name(&a.network) {
         bail!("network name {:?} is not valid for CNI: use letters, digits, '_', '.' and '-'", a.network);
     }
     if let Some(s) = &a.subnet {

@@ -30,9 +30,9 @@ use rscni_types::ipnet::IpNet;
 use rscni_types::types::{CNIResult, CNIResultWithVersion, Cmd, ContainerId, Dns, Interface, IpConfig, NetConf, Route};
 use rscni_types::version::{PluginInfo, SpecVersion};
 use serde_json::{json, Value};
-use weft_router::client::{self, CallError};
-use weft_router::dataplane::fmt_mac;
-use weft_router::netdev::{host_ifname_for, AttachOpts, NetDev, RouteSpec};
+use weft_router::api::client::{self, CallError};
+use weft_proto::switch::Mac;
+use weft_router::host::{host_ifname_for, AttachOpts, NetDev, RouteSpec};
 
 /// Where the router's API socket is unless the configuration says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";
@@ -353,8 +353,8 @@ fn configure(env: &Env, cfg: &Config, netns: &Path, got: &Value) -> Result<Strin
     let with_mtu = cfg.version >= SpecVersion::new(1, 1, 0);
     let result = CNIResult {
         interfaces: vec![
-            Interface { name: info.host_ifname.clone(), mac: fmt_mac(&info.host_mac), mtu: with_mtu.then_some(mtu), sandbox: None, socket_path: None, pci_id: None },
-            Interface { name: info.container_ifname.clone(), mac: fmt_mac(&info.container_mac), mtu: with_mtu.then_some(mtu), sandbox: Some(env.netns.clone()), socket_path: None, pci_id: None },
+            Interface { name: info.host_ifname.clone(), mac: Mac(info.host_mac).to_string(), mtu: with_mtu.then_some(mtu), sandbox: None, socket_path: None, pci_id: None },
+            Interface { name: info.container_ifname.clone(), mac: Mac(info.container_mac).to_string(), mtu: with_mtu.then_some(mtu), sandbox: Some(env.netns.clone()), socket_path: None, pci_id: None },
         ],
         ips: vec![IpConfig { interface: Some(1), address, gateway }],
         routes: routes

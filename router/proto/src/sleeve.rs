@@ -70,6 +70,18 @@ pub enum SleeveError {
 }
 
 impl SleeveError {
+    /// Every variant, for counters indexed by reason.
+    pub const ALL: [SleeveError; 8] = [
+        SleeveError::Malformed,
+        SleeveError::UnknownKind,
+        SleeveError::UnknownSession,
+        SleeveError::Replay,
+        SleeveError::TooOld,
+        SleeveError::Auth,
+        SleeveError::ModeMismatch,
+        SleeveError::BadRecord,
+    ];
+
     /// A short label for metrics.
     pub fn label(self) -> &'static str {
         match self {

@@ -14,6 +14,18 @@ use anyhow::{bail, Context, Result};
 
 use weft_proto::sleeve::VNET_LEN;
 
+/// TAP MTU: large, so the bridge never drops a frame for size on its way to the router; the
+/// sleeve fragments whatever it gets.
+pub const TAP_MTU: u32 = 65_521;
+/// Longest a write waits for room in the TAP's queue, in milliseconds.
+const WRITE_WAIT_MS: i32 = 100;
+
+/// The router's TAP name for a bridge ("weft" → "weft-tap").
+pub fn tap_name(bridge: &str) -> String {
+    let base: String = bridge.chars().take(10).collect();
+    format!("{base}-tap")
+}
+
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -100,12 +112,15 @@ impl Tap {
         Ok(Some(n as usize))
     }
 
-    /// Writes one frame with the virtio-net header that came with it.
+    /// Writes one frame with the virtio-net header that came with it. While the TAP's queue is
+    /// full it waits, at most 100 ms in all, then gives up with `WouldBlock` (the
+    /// caller drops the frame and counts it): the receiving thread must never stall for long.
     pub fn write(&self, vnet: &[u8; VNET_LEN], frame: &[u8]) -> io::Result<()> {
         let iov = [
             libc::iovec { iov_base: vnet.as_ptr() as *mut _, iov_len: VNET_LEN },
             libc::iovec { iov_base: frame.as_ptr() as *mut _, iov_len: frame.len() },
         ];
+        let mut waited = 0;
         loop {
             // SAFETY: both iovecs point at live buffers of the stated lengths.
             let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
@@ -113,8 +128,9 @@ impl Tap {
                 return Ok(());
             }
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                wait_fd(self.fd.as_raw_fd(), libc::POLLOUT, 100);
+            if e.kind() == io::ErrorKind::WouldBlock && waited < WRITE_WAIT_MS {
+                wait_fd(self.fd.as_raw_fd(), libc::POLLOUT, 10);
+                waited += 10;
                 continue;
             }
             return Err(e);

@@ -20,9 +20,13 @@ pub struct Identity {
     pub public_key: [u8; 32],
 }
 
-/// Loads the identity from `dir`, creating it (and `dir`, mode 0700) on first start.
+/// Makes a fresh static key pair: (private, public).
+pub type Keygen = fn() -> Result<([u8; 32], [u8; 32])>;
+
+/// Loads the identity from `dir`, creating it (and `dir`, mode 0700) on first start with a key
+/// pair from `keygen` (the handshake's; this module only keeps the keys).
 /// A present but unreadable or corrupt file stops the start with a message naming it.
-pub fn load_or_create(dir: &Path, name_override: Option<PeerName>) -> Result<Identity> {
+pub fn load_or_create(dir: &Path, name_override: Option<PeerName>, keygen: Keygen) -> Result<Identity> {
     fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making state directory {} private", dir.display()))?;
@@ -57,13 +61,10 @@ pub fn load_or_create(dir: &Path, name_override: Option<PeerName>) -> Result<Ide
             ),
         }
     } else {
-        let kp = crate::control::noise_builder()?.generate_keypair().context("generating a Noise key pair")?;
+        let (private, public) = keygen().context("generating a static key pair")?;
         let mut k = [0u8; 64];
-        if kp.private.len() != 32 || kp.public.len() != 32 {
-            bail!("unexpected X25519 key sizes from snow");
-        }
-        k[..32].copy_from_slice(&kp.private);
-        k[32..].copy_from_slice(&kp.public);
+        k[..32].copy_from_slice(&private);
+        k[32..].copy_from_slice(&public);
         write_atomic(&key_file, &k)?;
         k
     };
@@ -133,20 +134,24 @@ pub fn derive_psk(password: &str) -> [u8; 32] {
 mod tests {
     use super::*;
 
+    fn fake_keygen() -> Result<([u8; 32], [u8; 32])> {
+        Ok((rand::random(), rand::random()))
+    }
+
     #[test]
     fn identity_is_stable_and_corruption_is_refused() {
         let dir = std::env::temp_dir().join(format!("weft-id-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        let a = load_or_create(&dir, None).expect("create");
-        let b = load_or_create(&dir, None).expect("load");
+        let a = load_or_create(&dir, None, fake_keygen).expect("create");
+        let b = load_or_create(&dir, None, fake_keygen).expect("load");
         assert_eq!(a.name, b.name);
         assert_eq!(a.public_key, b.public_key);
         fs::write(dir.join("name"), "not a name").expect("write");
-        let err = load_or_create(&dir, None).err().expect("corrupt name refused");
+        let err = load_or_create(&dir, None, fake_keygen).err().expect("corrupt name refused");
         assert!(format!("{err:#}").contains("name is corrupt"), "{err:#}");
         fs::write(dir.join("name"), format!("{}\n", a.name)).expect("write");
         fs::write(dir.join("noise.key"), [1u8; 5]).expect("write");
-        let err = load_or_create(&dir, None).err().expect("corrupt key refused");
+        let err = load_or_create(&dir, None, fake_keygen).err().expect("corrupt key refused");
         assert!(format!("{err:#}").contains("noise.key is corrupt"), "{err:#}");
         let _ = fs::remove_dir_all(&dir);
     }

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use weft_proto::{ControlMsg, PeerName};
+use weft_proto::ControlMsg;
 
-use crate::dataplane::Dataplane;
+use super::links::Link;
 
 /// Silence after which a sleeve path counts as broken.
 pub const HEARTBEAT_DEAD: Duration = Duration::from_millis(3500);
@@ -46,21 +46,19 @@ pub trait Forwarder: Send {
 
 /// The sleeve: frames in encrypted UDP through the router's TAP threads.
 ///
-/// Probes are the sleeve heartbeats the data plane sends on every link; the
+/// Probes are the sleeve heartbeats the TAP thread sends on every link; the
 /// peer tells us over the control connection whether it hears ours.
 pub struct SleeveForwarder {
-    dp: Arc<Dataplane>,
-    peer: PeerName,
-    index: u32,
+    link: Arc<Link>,
     port: u16,
     hear_peer: bool,
     peer_hears_us: bool,
 }
 
 impl SleeveForwarder {
-    /// The sleeve path of link `index` to `peer`; `port` is our sleeve port (for messages).
-    pub fn new(dp: Arc<Dataplane>, peer: PeerName, index: u32, port: u16) -> Self {
-        SleeveForwarder { dp, peer, index, port, hear_peer: false, peer_hears_us: false }
+    /// The sleeve path of `link`; `port` is our sleeve port (for messages).
+    pub fn new(link: Arc<Link>, port: u16) -> Self {
+        SleeveForwarder { link, port, hear_peer: false, peer_hears_us: false }
     }
 }
 
@@ -79,14 +77,14 @@ impl Forwarder for SleeveForwarder {
     }
 
     fn tick(&mut self) -> Option<ControlMsg> {
-        // The heartbeats themselves go out for all links at once (Dataplane::send_heartbeats).
-        let hear = self.dp.heartbeat_age(self.peer, self.index).is_some_and(|a| a < HEARTBEAT_DEAD);
+        // The heartbeats themselves go out from the TAP thread, for all links at once.
+        let hear = self.link.heartbeat_age().is_some_and(|a| a < HEARTBEAT_DEAD);
         if hear == self.hear_peer {
             return None;
         }
         self.hear_peer = hear;
         if !hear {
-            tracing::warn!(peer = %self.peer, "no sleeve heartbeats for {:?}: UDP path broken", HEARTBEAT_DEAD);
+            tracing::warn!(peer = %self.link.peer, "no sleeve heartbeats for {:?}: UDP path broken", HEARTBEAT_DEAD);
         }
         Some(ControlMsg::SleeveState { receiving: hear })
     }

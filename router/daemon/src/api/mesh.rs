@@ -1,0 +1,78 @@
+//! The mesh: `/v1/status`, `/v1/connect`, `/v1/forget`, `/v1/stop`.
+
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::info;
+
+use super::cni::attachments as cni_attachments;
+use super::error::{bad, ApiError, ApiResult};
+use super::state::Shared;
+use crate::control::conn::resolve;
+
+/// The routes.
+pub fn routes() -> axum::Router<Shared> {
+    axum::Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/connect", post(connect))
+        .route("/v1/forget", post(forget))
+        .route("/v1/stop", post(stop))
+}
+
+/// Everything `weft status` shows: the mesh, IPAM and DNS (from the actor), the interfaces on
+/// the bridge, and the CNI attachments.
+pub async fn status(State(sh): State<Shared>) -> ApiResult {
+    let mut v = sh.control.status().await?;
+    v["attachments"] = json!(bridge_ports(&sh).await);
+    v["cni"] = json!(cni_attachments(&sh).await?);
+    Ok(Json(v))
+}
+
+/// Interfaces on the bridge other than the TAP: what is attached.
+async fn bridge_ports(sh: &Shared) -> Vec<Value> {
+    match sh.netdev.bridge_ports(&sh.bridge).await {
+        Ok(ports) => ports.into_iter().filter(|p| *p != sh.tap).map(|p| json!({ "host_ifname": p })).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Peers {
+    peers: Vec<String>,
+}
+
+/// Resolves every peer the user named; the first that fails is the error.
+async fn resolve_all(peers: &[String]) -> Result<Vec<SocketAddr>, ApiError> {
+    let mut addrs = Vec::with_capacity(peers.len());
+    for p in peers {
+        addrs.push(resolve(p).await.map_err(|e| bad(format!("{e:#}")))?);
+    }
+    Ok(addrs)
+}
+
+async fn connect(State(sh): State<Shared>, Json(req): Json<Peers>) -> ApiResult {
+    let addrs = resolve_all(&req.peers).await?;
+    let added: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    sh.control.connect(addrs).await?;
+    info!(peers = ?added, "connect requested");
+    Ok(Json(json!({ "added": added })))
+}
+
+async fn forget(State(sh): State<Shared>, Json(req): Json<Peers>) -> ApiResult {
+    let addrs = resolve_all(&req.peers).await?;
+    let forgotten = sh.control.forget(addrs).await?;
+    let unknown: Vec<String> = forgotten.iter().filter(|(_, k)| !k).map(|(a, _)| a.to_string()).collect();
+    if !unknown.is_empty() {
+        return Err(bad(format!("not a target: {unknown:?} (see `weft status targets`)")));
+    }
+    Ok(Json(json!({ "forgotten": forgotten.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>() })))
+}
+
+async fn stop(State(sh): State<Shared>) -> ApiResult {
+    sh.control.stop("stop requested").await;
+    Ok(Json(json!({ "stopping": true })))
+}

@@ -1,0 +1,39 @@
+//! What the API's handlers share: the control path's handle and the host-side facts and
+//! devices they work with. No key, no core, no frame path.
+
+use std::sync::Arc;
+
+use weft_ipam::Cidr;
+
+use crate::control::ControlHandle;
+use crate::host::NetDev;
+use crate::services::dns::DnsOptions;
+use crate::services::dns_server::DnsServer;
+
+/// See the module docs.
+pub struct ApiState {
+    /// The way to the actor.
+    pub control: ControlHandle,
+    /// Kernel devices (attach, expose).
+    pub netdev: Arc<NetDev>,
+    /// The bridge.
+    pub bridge: String,
+    /// The TAP on it (not an attachment).
+    pub tap: String,
+    /// Container MTU.
+    pub mtu: u32,
+    /// The mesh's address range.
+    pub ipam_range: Cidr,
+    /// The subnet of requests that name none.
+    pub ipam_default_subnet: Cidr,
+    /// DNS settings.
+    pub dns: DnsOptions,
+    /// Where the DNS server listens.
+    pub dns_server: DnsServer,
+    /// Held while giving the host an address on the bridge, so that concurrent attachments do
+    /// not each allocate one.
+    pub host_addr_lock: tokio::sync::Mutex<()>,
+}
+
+/// The handlers' state.
+pub type Shared = Arc<ApiState>;

@@ -1,0 +1,50 @@
+//! What `weft router` is told on its command line, and the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use weft_proto::PeerName;
+
+use crate::services::dns::DnsOptions;
+use crate::services::ipam::IpamOptions;
+
+/// Container MTU that fits sleeve encapsulation over a 1500-byte underlay
+/// (1500 − 20 IP − 8 UDP − 16 sleeve header − 16 tag − 29 frame record − 14 Ethernet = 1397, rounded down as Weave did).
+pub const DEFAULT_MTU: u32 = 1376;
+/// Largest UDP payload the sleeve sends (1500-byte underlay, IPv4).
+pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
+
+/// Everything `weft router` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Network password; `None` runs in plaintext.
+    pub password: Option<String>,
+    /// State directory (identity, IPAM and DNS state).
+    pub state_dir: PathBuf,
+    /// Local API socket.
+    pub api_socket: PathBuf,
+    /// Metrics and status HTTP address; `None` disables it.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Bridge name.
+    pub bridge: String,
+    /// Container MTU.
+    pub mtu: u32,
+    /// Address to listen on (TCP and UDP).
+    pub listen: SocketAddr,
+    /// Nickname; hostname when `None`.
+    pub nickname: Option<String>,
+    /// Fixed peer name; from the state directory when `None`.
+    pub name: Option<PeerName>,
+    /// Connect to peers learned from other peers.
+    pub discovery: bool,
+    /// Peers to connect to.
+    pub peers: Vec<String>,
+    /// Largest sleeve UDP payload.
+    pub max_datagram: usize,
+    /// Ask the kernel for TAP segmentation offload.
+    pub offload: bool,
+    /// Address allocation.
+    pub ipam: IpamOptions,
+    /// Container DNS.
+    pub dns: DnsOptions,
+}

@@ -1,0 +1,345 @@
+//! The actor: one task that owns the router core (`weft_proto::Router`) and drives the services.
+//!
+//! Everything that changes the control plane's state reaches it as an [`Input`] on one channel:
+//! connection events, API requests (through [`super::handle::ControlHandle`]), results of work
+//! done elsewhere. Finished saves arrive on a second channel from the persistence thread. After
+//! every round of inputs it flushes the services (saves start, outputs whose saves are done go),
+//! sends the core's transmits, acts on its events, and re-arms one timer. It never blocks: disk
+//! writes, namespace checks and sleeve heartbeats happen on other threads.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use weft_ipam::NetnsRef;
+use weft_proto::sleeve::{Cipher, Opener, Sealer};
+use weft_proto::{ConnId, ControlMsg, Event, Router};
+
+use super::conn::{dial, Dialer};
+use super::conns::{Conn, Conns};
+use super::input::{ConnUp, Input, Request};
+use super::stats::ControlStats;
+use super::status::{status, StatusInfo};
+use crate::frame::forwarder::{Paths, SleeveForwarder};
+use crate::frame::plane::FramePath;
+use crate::host::netns::netns_alive;
+use crate::services::dns::DnsService;
+use crate::services::ipam::IpamService;
+use crate::services::persist::{FileId, SaveDone, Writer};
+
+/// Inputs taken in one round before the services are flushed: one save covers a batch of
+/// requests.
+const BATCH: usize = 256;
+/// The actor's periodic work (paths, service timers, gauges).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Everything the actor owns, built by the wiring.
+pub struct Actor {
+    /// The control-plane core.
+    pub core: Router,
+    /// The frame path, to install links and routes.
+    pub frames: Arc<FramePath>,
+    /// For dialing peers the core asks for.
+    pub dialer: Arc<Dialer>,
+    /// Address allocation.
+    pub ipam: IpamService,
+    /// Container DNS.
+    pub dns: DnsService,
+    /// The persistence thread.
+    pub writer: Writer,
+    /// Counters and gauges.
+    pub stats: Arc<ControlStats>,
+    /// Fixed facts for the status.
+    pub info: StatusInfo,
+    /// Our own input channel, for work that reports back later.
+    pub inputs: mpsc::Sender<Input>,
+    conns: Conns,
+    stopping: Option<&'static str>,
+}
+
+impl Actor {
+    /// Assembles an actor; see the fields.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Router,
+        frames: Arc<FramePath>,
+        dialer: Arc<Dialer>,
+        ipam: IpamService,
+        dns: DnsService,
+        writer: Writer,
+        stats: Arc<ControlStats>,
+        info: StatusInfo,
+        inputs: mpsc::Sender<Input>,
+    ) -> Self {
+        Actor { core, frames, dialer, ipam, dns, writer, stats, info, inputs, conns: Conns::default(), stopping: None }
+    }
+
+    /// Runs until told to stop (SIGINT, SIGTERM, `weft stop`, `weft reset`) or every input
+    /// sender is gone.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut saves: mpsc::Receiver<SaveDone>) -> Result<()> {
+        self.drain();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = match self.ipam.poll_timeout() {
+                Some(t) => t.min(self.core.poll_timeout()),
+                None => self.core.poll_timeout(),
+            };
+            tokio::select! {
+                m = inputs.recv() => match m {
+                    Some(m) => {
+                        self.handle(m);
+                        for _ in 0..BATCH {
+                            match inputs.try_recv() {
+                                Ok(m) => self.handle(m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                Some(done) = saves.recv() => self.saved(done),
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                    let now = Instant::now();
+                    self.core.handle_timeout(now);
+                    self.ipam.handle_timeout(&mut self.core, now);
+                }
+                _ = tick.tick() => self.tick(),
+            }
+            if let Some(why) = self.stopping {
+                info!(reason = why, "stopping");
+                break;
+            }
+            self.drain();
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, m: Input) {
+        let now = Instant::now();
+        match m {
+            Input::ConnUp(up) => self.conn_up(now, *up),
+            Input::ConnDown { id, reason } => {
+                if let Some(c) = self.conns.remove(id) {
+                    info!(peer = %c.peer, %reason, "connection down");
+                    self.frames.remove_link(c.peer, c.index);
+                    self.core.handle_connection_down(now, id, &reason);
+                }
+            }
+            Input::ConnectFailed { addr, error } => {
+                debug!(%addr, %error, "dial failed");
+                self.core.handle_connect_failed(now, addr, error);
+            }
+            Input::Message { id, msg } => {
+                if let ControlMsg::SleeveState { .. } = msg {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        if c.paths.handle_report(&msg) {
+                            self.path_changed(id);
+                        }
+                    }
+                    return;
+                }
+                if let Err(e) = self.core.handle_message(now, id, msg) {
+                    let peer = self.conns.get(id).map(|c| c.peer.to_string()).unwrap_or_default();
+                    warn!(%peer, error = %e, "refused gossip from peer");
+                }
+            }
+            Input::Request(r) => self.request(now, r),
+            Input::NetnsGone(gone) => {
+                for id in self.ipam.netns_checked(&mut self.core, now, &gone) {
+                    self.dns.remove(&mut self.core, &id, None, None);
+                }
+            }
+            Input::Stop(why) => self.stopping = Some(why),
+        }
+    }
+
+    fn conn_up(&mut self, now: Instant, up: ConnUp) {
+        let ConnUp { id, remote, target, hello, ciphers, our_index, tx, close, reply } = up;
+        let peer = hello.hello.name;
+        let nick = hello.hello.nickname.clone();
+        match self.core.handle_connection_up(now, id, remote, target, hello.hello) {
+            Ok(()) => {
+                let encrypted = matches!(ciphers.0, Cipher::Aes256Gcm(_));
+                let udp = SocketAddr::new(remote.ip(), hello.udp_port);
+                let link = self.frames.add_link(
+                    peer,
+                    udp,
+                    our_index,
+                    Sealer::new(ciphers.0, hello.sleeve_index),
+                    Opener::new(ciphers.1),
+                );
+                info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, "connection up");
+                let paths = Paths::new(vec![Box::new(SleeveForwarder::new(link, self.info.udp_port))]);
+                self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths });
+                let _ = reply.send(true);
+            }
+            Err(e) => {
+                info!(%peer, %remote, reason = %e, "connection refused");
+                let _ = reply.send(false);
+            }
+        }
+    }
+
+    fn request(&mut self, now: Instant, r: Request) {
+        match r {
+            Request::Status(reply) => {
+                let mut v = status(&self.core, &self.conns, &self.frames, &self.stats, &self.info);
+                v["ipam"] = self.ipam.status(&mut self.core);
+                v["dns"] = self.dns.status(&mut self.core);
+                let _ = reply.send(v);
+            }
+            Request::Connect(addrs, reply) => {
+                for a in addrs {
+                    self.core.add_target(now, a);
+                }
+                let _ = reply.send(());
+            }
+            Request::Forget(addrs, reply) => {
+                let r = addrs.into_iter().map(|a| (a, self.core.forget_target(a))).collect();
+                let _ = reply.send(r);
+            }
+            Request::Ipam(r) => self.ipam.handle(&mut self.core, now, r),
+            Request::Dns(r) => self.dns.handle(&mut self.core, r),
+        }
+    }
+
+    fn saved(&mut self, done: SaveDone) {
+        let now = Instant::now();
+        match done.file {
+            FileId::Ipam => self.ipam.saved(&mut self.core, now, &done),
+            FileId::Dns => self.dns.saved(&mut self.core, now, &done),
+        }
+    }
+
+    /// The connection's working path changed: tell the core whether it has one.
+    fn path_changed(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get(id) else { return };
+        let active = c.paths.active();
+        info!(peer = %c.peer, path = active.unwrap_or("none"), "data path changed");
+        self.core.handle_sleeve_state(Instant::now(), id, active.is_some());
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(refs) = self.ipam.tick(&mut self.core, now) {
+            self.check_namespaces(refs);
+        }
+        self.dns.tick(&mut self.core, now);
+        for id in self.conns.ids() {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            let (reports, changed) = c.paths.tick();
+            for r in reports {
+                let _ = c.tx.try_send(r);
+            }
+            if changed {
+                self.path_changed(id);
+            }
+        }
+        self.refresh_gauges();
+    }
+
+    /// Checks which namespaces of allocations are gone, on a blocking thread; the answer comes
+    /// back as [`Input::NetnsGone`].
+    fn check_namespaces(&self, refs: Vec<NetnsRef>) {
+        if refs.is_empty() {
+            return;
+        }
+        let inputs = self.inputs.clone();
+        tokio::task::spawn_blocking(move || {
+            let gone: Vec<NetnsRef> = refs.into_iter().filter(|r| !netns_alive(r)).collect();
+            let _ = inputs.blocking_send(Input::NetnsGone(gone));
+        });
+    }
+
+    fn refresh_gauges(&mut self) {
+        let s = &self.stats;
+        let mut counts = [[0i64; 2]; 2];
+        for (id, c) in self.conns.iter() {
+            let state = usize::from(self.conns.state(*id).0 != "established");
+            counts[state][usize::from(!c.encrypted)] += 1;
+        }
+        for (row, gauges) in counts.iter().zip(&s.connections) {
+            for (v, g) in row.iter().zip(gauges) {
+                g.store(*v, Relaxed);
+            }
+        }
+        let st = self.core.stats();
+        s.gossip_received.store(st.gossip_received, Relaxed);
+        s.gossip_sent.store(st.gossip_sent, Relaxed);
+        s.gossip_refused.store(st.gossip_refused, Relaxed);
+        s.peers.store(self.core.topology().len() as u64, Relaxed);
+        s.ipam.set(&self.ipam.figures(&mut self.core));
+        let c = self.dns.counts(&mut self.core);
+        s.dns_entries.live.store(c.live as u64, Relaxed);
+        s.dns_entries.own.store(c.own as u64, Relaxed);
+        s.dns_entries.tombstones.store(c.tombstones as u64, Relaxed);
+        s.dns_entries.save_errors_total.store(self.dns.save_errors(&mut self.core), Relaxed);
+    }
+
+    /// After a round: the services' outputs, the core's transmits and events.
+    fn drain(&mut self) {
+        loop {
+            let now = Instant::now();
+            self.ipam.flush(&mut self.core, now, &self.writer);
+            self.dns.flush(&mut self.core, now, &self.writer);
+            let mut stuck = Vec::new();
+            while let Some(t) = self.core.poll_transmit() {
+                if let Some(c) = self.conns.get(t.conn) {
+                    if c.tx.try_send(t.msg).is_err() {
+                        warn!(peer = %c.peer, "control send queue full; closing the connection");
+                        stuck.push(t.conn);
+                    }
+                }
+            }
+            for id in stuck {
+                self.close(id, "send queue full".into());
+            }
+            let Some(ev) = self.core.poll_event() else { break };
+            match ev {
+                Event::Connect { addr } => {
+                    tokio::spawn(dial(self.dialer.clone(), addr));
+                }
+                Event::Disconnect { conn, reason } => self.close(conn, reason),
+                Event::RoutesChanged => {
+                    debug!(routes = ?self.core.routes().unicast, "routes changed");
+                    self.frames.set_routes(self.core.routes().clone());
+                    self.ipam.routes_changed(&mut self.core);
+                    self.dns.sync_origins(&mut self.core);
+                }
+                Event::Unicast { from, channel, .. } => debug!(%from, %channel, "unicast for an unknown channel"),
+            }
+        }
+    }
+
+    fn close(&mut self, id: ConnId, reason: String) {
+        if let Some(mut c) = self.conns.remove(id) {
+            info!(peer = %c.peer, %reason, "closing connection");
+            if let Some(cl) = c.close.take() {
+                let _ = cl.send(());
+            }
+            self.frames.remove_link(c.peer, c.index);
+        }
+        self.core.handle_connection_down(Instant::now(), id, &reason);
+    }
+}
+
+/// Forwards SIGINT and SIGTERM to the actor as [`Input::Stop`]. The signal streams are made once,
+/// at start, so a signal that arrives while the actor is busy waits for it instead of being lost.
+pub fn forward_signals(inputs: mpsc::Sender<Input>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        let why = tokio::select! {
+            _ = int.recv() => "interrupted",
+            _ = term.recv() => "terminated",
+        };
+        let _ = inputs.send(Input::Stop(why)).await;
+    });
+    Ok(())
+}

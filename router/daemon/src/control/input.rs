@@ -1,0 +1,84 @@
+//! What reaches the actor: connection events from the connection tasks, requests from the API
+//! (through [`super::handle::ControlHandle`]), results of work done off the control path, and the
+//! order to stop.
+
+use std::net::SocketAddr;
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use weft_ipam::NetnsRef;
+use weft_proto::sleeve::Cipher;
+use weft_proto::{ConnId, ControlMsg};
+
+use super::handshake::SessionHello;
+use crate::services::dns::DnsRequest;
+use crate::services::ipam::IpamRequest;
+
+/// A connection finished its handshake and hello.
+pub struct ConnUp {
+    /// Its handle.
+    pub id: ConnId,
+    /// The remote socket address.
+    pub remote: SocketAddr,
+    /// The address we dialed, for an outbound connection.
+    pub target: Option<SocketAddr>,
+    /// What the peer said about itself.
+    pub hello: SessionHello,
+    /// Sleeve keys: (send, receive).
+    pub ciphers: (Cipher, Cipher),
+    /// Our receive index on the sleeve for this link.
+    pub our_index: u32,
+    /// Messages to send on the connection.
+    pub tx: mpsc::Sender<ControlMsg>,
+    /// Closes the connection.
+    pub close: oneshot::Sender<()>,
+    /// Whether the actor took it (false: refused, e.g. a duplicate).
+    pub reply: oneshot::Sender<bool>,
+}
+
+/// One input for the actor.
+pub enum Input {
+    /// See [`ConnUp`].
+    ConnUp(Box<ConnUp>),
+    /// A connection ended.
+    ConnDown {
+        /// Which.
+        id: ConnId,
+        /// Why, for the log and the target's last error.
+        reason: String,
+    },
+    /// A dial failed before the connection was up.
+    ConnectFailed {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// Why.
+        error: String,
+    },
+    /// A control message arrived.
+    Message {
+        /// On which connection.
+        id: ConnId,
+        /// What.
+        msg: ControlMsg,
+    },
+    /// A request from the API.
+    Request(Request),
+    /// Which namespaces of allocations are gone (checked off the control path).
+    NetnsGone(Vec<NetnsRef>),
+    /// Stop the router.
+    Stop(&'static str),
+}
+
+/// A request from the API, with where its answer goes.
+pub enum Request {
+    /// The status document (mesh, IPAM and DNS parts).
+    Status(oneshot::Sender<Value>),
+    /// Keep connections to these addresses.
+    Connect(Vec<SocketAddr>, oneshot::Sender<()>),
+    /// Stop keeping connections to these addresses; answers which were targets.
+    Forget(Vec<SocketAddr>, oneshot::Sender<Vec<(SocketAddr, bool)>>),
+    /// For the IPAM service.
+    Ipam(IpamRequest),
+    /// For the DNS service.
+    Dns(DnsRequest),
+}

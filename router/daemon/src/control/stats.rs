@@ -1,0 +1,124 @@
+//! Counters and gauges of the control path, as atomics: connection tasks count failures, the
+//! actor refreshes its gauges once a second, and the metrics endpoint reads them at scrape time.
+//! No lock anywhere.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::services::ipam::IpamFigures;
+
+/// Handshake failure labels, in counter order.
+pub const HANDSHAKE_LABELS: [&str; 7] =
+    ["bad_preamble", "version", "encryption_mismatch", "wrong_password", "malformed", "io", "timeout"];
+/// Control read error labels, in counter order.
+pub const READ_LABELS: [&str; 5] = ["closed", "oversized", "decrypt", "malformed", "io"];
+/// Connection states, in gauge order.
+pub const CONN_STATES: [&str; 2] = ["established", "pending"];
+
+/// Address allocation figures, refreshed by the actor.
+#[derive(Debug, Default)]
+pub struct IpamGauges {
+    /// Addresses held by containers here.
+    pub allocations: AtomicU64,
+    /// Addresses of the range this peer owns.
+    pub owned: AtomicU64,
+    /// Of those, free.
+    pub free: AtomicU64,
+    /// Addresses owned by unreachable peers.
+    pub unreachable: AtomicU64,
+    /// Requests waiting (consensus, donation).
+    pub pending: AtomicU64,
+    /// Addresses given out.
+    pub allocated_total: AtomicU64,
+    /// Addresses released.
+    pub released_total: AtomicU64,
+    /// Requests that failed.
+    pub failed_total: AtomicU64,
+    /// Donations made to other peers.
+    pub donated_total: AtomicU64,
+    /// Donations received.
+    pub received_total: AtomicU64,
+    /// Rings from peers refused.
+    pub refused_rings_total: AtomicU64,
+    /// State saves that failed.
+    pub save_errors_total: AtomicU64,
+    /// Messages for peers dropped because their save failed.
+    pub dropped_total: AtomicU64,
+}
+
+impl IpamGauges {
+    /// Stores a fresh set of figures.
+    pub fn set(&self, f: &IpamFigures) {
+        for (g, v) in [
+            (&self.allocations, f.allocations),
+            (&self.owned, f.owned),
+            (&self.free, f.free),
+            (&self.unreachable, f.unreachable),
+            (&self.pending, f.pending),
+            (&self.allocated_total, f.allocated_total),
+            (&self.released_total, f.released_total),
+            (&self.failed_total, f.failed_total),
+            (&self.donated_total, f.donated_total),
+            (&self.received_total, f.received_total),
+            (&self.refused_rings_total, f.refused_rings_total),
+            (&self.save_errors_total, f.save_errors_total),
+            (&self.dropped_total, f.dropped_total),
+        ] {
+            g.store(v, Relaxed);
+        }
+    }
+}
+
+/// DNS entry counts, refreshed by the actor.
+#[derive(Debug, Default)]
+pub struct DnsGauges {
+    /// Live entries (all origins).
+    pub live: AtomicU64,
+    /// Of which ours.
+    pub own: AtomicU64,
+    /// Tombstones.
+    pub tombstones: AtomicU64,
+    /// DNS state saves that failed.
+    pub save_errors_total: AtomicU64,
+}
+
+/// Control-plane counters and gauges.
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// By [`HANDSHAKE_LABELS`].
+    pub handshake_failures: [AtomicU64; 7],
+    /// By [`READ_LABELS`]; bad input on established connections.
+    pub read_errors: [AtomicU64; 5],
+    /// Gossip refused as malformed or invalid.
+    pub gossip_refused: AtomicU64,
+    /// Gossip messages received.
+    pub gossip_received: AtomicU64,
+    /// Gossip messages sent.
+    pub gossip_sent: AtomicU64,
+    /// Connections by [`CONN_STATES`] × (encrypted, plaintext).
+    pub connections: [[AtomicI64; 2]; 2],
+    /// Known peers, including us.
+    pub peers: AtomicU64,
+    /// Address allocation.
+    pub ipam: IpamGauges,
+    /// The DNS server's counters.
+    pub dns: Arc<weft_dns::DnsStats>,
+    /// DNS entries.
+    pub dns_entries: DnsGauges,
+}
+
+impl ControlStats {
+    /// Counts a handshake failure by label.
+    pub fn handshake_failed(&self, label: &str) {
+        if let Some(i) = HANDSHAKE_LABELS.iter().position(|l| *l == label) {
+            self.handshake_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a read error by label.
+    pub fn read_failed(&self, label: &str) {
+        if let Some(i) = READ_LABELS.iter().position(|l| *l == label) {
+            self.read_errors[i].fetch_add(1, Relaxed);
+        }
+    }
+}

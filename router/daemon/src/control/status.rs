@@ -1,0 +1,125 @@
+//! The mesh part of the status document behind `weft status` and `weft report`: this router,
+//! its connections and their paths, the peers and routes it knows, its targets, and counters.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use weft_proto::router::TargetState;
+use weft_proto::Router;
+
+use super::conns::Conns;
+use super::stats::{ControlStats, HANDSHAKE_LABELS, READ_LABELS};
+use crate::frame::forwarder::Health;
+use crate::frame::plane::FramePath;
+use crate::frame::stats::{labelled, DROP_LABELS};
+
+/// Facts about this router that do not change while it runs.
+pub struct StatusInfo {
+    /// Bridge name.
+    pub bridge: String,
+    /// Container MTU.
+    pub mtu: u32,
+    /// Sleeve UDP port.
+    pub udp_port: u16,
+    /// Whether a password is set.
+    pub encrypted: bool,
+    /// When the router started.
+    pub started: Instant,
+}
+
+/// The document.
+pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlStats, info: &StatusInfo) -> Value {
+    let now = Instant::now();
+    let enc = info.encrypted;
+    let connections: Vec<Value> = core
+        .connections()
+        .iter()
+        .map(|(id, c)| {
+            let (state, why) = conns.state(*id);
+            let h = conns.get(*id);
+            let encrypted = h.is_some_and(|h| h.encrypted);
+            let path = h.and_then(|h| h.paths.active()).unwrap_or("none");
+            let paths: Vec<Value> = h
+                .map(|h| h.paths.report())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, hl)| match hl {
+                    Health::Up => json!({"kind": k, "up": true}),
+                    Health::Down(r) => json!({"kind": k, "up": false, "reason": r}),
+                })
+                .collect();
+            json!({
+                "peer_name": c.peer.to_string(), "peer_nickname": c.nickname, "address": c.remote.to_string(),
+                "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
+                "up_seconds": now.duration_since(c.since).as_secs(),
+            })
+        })
+        .collect();
+    let peers: Vec<Value> = core
+        .topology()
+        .peers()
+        .map(|p| {
+            let cs: Vec<Value> = p
+                .connections
+                .iter()
+                .map(|(n, ci)| {
+                    json!({"peer": n.to_string(), "established": ci.established, "outbound": ci.outbound,
+                    "address": ci.addr.map(|a| a.to_string())})
+                })
+                .collect();
+            json!({"name": p.name.to_string(), "nickname": p.nickname, "uid": p.uid, "version": p.version,
+                "reachable": p.name == core.name() || core.routes().next_hop(p.name).is_some(),
+                "connections": cs})
+        })
+        .collect();
+    let targets: Vec<Value> = core
+        .targets()
+        .values()
+        .map(|t| {
+            let (state, retry) = match &t.state {
+                TargetState::Waiting(at) => ("retrying", Some(at.saturating_duration_since(now).as_secs_f64())),
+                TargetState::Connecting => ("connecting", None),
+                TargetState::Connected(_) => ("connected", None),
+                TargetState::Idle => ("idle", None),
+            };
+            json!({"address": t.addr.to_string(), "configured": t.configured, "peer": t.peer.map(|p| p.to_string()),
+                "state": state, "retry_in_seconds": retry, "attempts": t.attempts, "last_error": t.last_error})
+        })
+        .collect();
+    let r = core.routes();
+    let s = frames.stats();
+    let as_map =
+        |rows: Vec<(&str, u64)>| rows.into_iter().map(|(l, v)| (l.to_string(), json!(v))).collect::<serde_json::Map<_, _>>();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "name": core.name().to_string(),
+        "nickname": core.config().nickname,
+        "uid": core.config().uid,
+        "uptime_seconds": now.duration_since(info.started).as_secs(),
+        "encryption": if enc { "enabled" } else { "disabled" },
+        "warning": if enc { Value::Null } else { json!("NO PASSWORD SET: traffic between hosts is NOT encrypted") },
+        "discovery": core.config().discovery,
+        "bridge": info.bridge, "mtu": info.mtu,
+        "sleeve": {"port": info.udp_port, "offload": frames.offload(),
+            "gso_segments": frames.gso_segments(), "max_datagram": frames.max_datagram()},
+        "connections": connections,
+        "peers": peers,
+        "targets": targets,
+        "routes": {
+            "unicast": r.unicast.iter().map(|(d, h)| (d.to_string(), json!(h.to_string()))).collect::<serde_json::Map<_, _>>(),
+            "broadcast": r.broadcast.iter().map(|(s, hs)| (s.to_string(), json!(hs.iter().map(|h| h.to_string()).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+        },
+        "macs": {"local": s.macs_local.load(Relaxed), "remote": s.macs_remote.load(Relaxed),
+            "announcements_lost": s.announce_lost.load(Relaxed)},
+        "stats": {
+            "frames_out": s.frames_out.load(Relaxed), "frames_in": s.frames_in.load(Relaxed),
+            "frames_relayed": s.frames_relayed.load(Relaxed), "bytes_out": s.bytes_out.load(Relaxed),
+            "bytes_in": s.bytes_in.load(Relaxed), "datagrams_out": s.datagrams_out.load(Relaxed),
+            "datagrams_in": s.datagrams_in.load(Relaxed), "drops": as_map(labelled(&DROP_LABELS, &s.drops)),
+            "gossip_refused": core.stats().gossip_refused,
+            "handshake_failures": as_map(labelled(&HANDSHAKE_LABELS, &ctl.handshake_failures)),
+            "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
+        },
+    })
+}

@@ -1,0 +1,62 @@
+//! Messages being built, one per next hop: frames for the same hop are packed into one sleeve
+//! message (one AEAD call, one segmented send) until it holds [`BATCH_BYTES`] or the thread
+//! flushes after a read batch.
+
+use std::sync::Arc;
+
+use weft_proto::sleeve::{FrameMeta, MessageBuilder};
+use weft_proto::switch::Reason;
+use weft_proto::PeerName;
+
+use super::links::{Link, Snapshot};
+use super::shared::Shared;
+use super::stats::DropReason;
+
+/// A message is sent once it holds this much (one TSO super-frame fits alone).
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Batch {
+    msgs: Vec<(Arc<Link>, Vec<u8>)>,
+    wire: Vec<u8>,
+}
+
+impl Batch {
+    /// Adds a frame for `hop`. Returns false (and counts the drop) when there is no link to it.
+    pub fn push(&mut self, sh: &Shared, snap: &Snapshot, hop: PeerName, meta: &FrameMeta, frame: &[u8]) -> bool {
+        let Some(link) = snap.links.get(&hop) else {
+            sh.stats.drop(DropReason::Switch(Reason::NoRoute));
+            return false;
+        };
+        let cost = MessageBuilder::frame_cost(frame.len());
+        let i = match self.msgs.iter().position(|(l, _)| Arc::ptr_eq(l, link)) {
+            Some(i) => i,
+            None => {
+                self.msgs.push((link.clone(), Vec::with_capacity(cost.max(2048))));
+                self.msgs.len() - 1
+            }
+        };
+        let (l, m) = &mut self.msgs[i];
+        if !m.is_empty() && m.len() + cost > BATCH_BYTES {
+            sh.seal_and_send(l, m, &mut self.wire);
+            m.clear();
+        }
+        MessageBuilder::push_frame(m, meta, frame);
+        true
+    }
+
+    /// Seals and sends every message built so far.
+    pub fn flush(&mut self, sh: &Shared) {
+        for (link, mut msg) in self.msgs.drain(..) {
+            sh.seal_and_send(&link, &mut msg, &mut self.wire);
+        }
+    }
+
+    /// Sends one heartbeat on `link` (through the same sealing as frames).
+    pub fn heartbeat(&mut self, sh: &Shared, link: &Arc<Link>) {
+        let mut msg = Vec::with_capacity(64);
+        MessageBuilder::push_heartbeat(&mut msg);
+        sh.seal_and_send(link, &mut msg, &mut self.wire);
+    }
+}

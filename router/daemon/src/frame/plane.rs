@@ -1,0 +1,131 @@
+//! [`FramePath`]: starts the frame path's threads and is the control path's handle on them:
+//! links in and out, new routes, counters.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use weft_proto::sleeve::{Opener, Sealer};
+use weft_proto::switch::{Limits, Mac};
+use weft_proto::{PeerName, Routes};
+
+use super::links::{lock, Link, Published, Snapshot};
+use super::shared::Shared;
+use super::stats::Stats;
+use super::tap::Tap;
+use super::udp::SleeveSocket;
+use super::{rx, tx};
+
+/// MAC announcements the UDP thread may queue for the TAP thread.
+const LEARN_QUEUE: usize = 4096;
+
+/// The running frame path. Stopping it (or dropping it) stops its threads.
+pub struct FramePath {
+    sh: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl FramePath {
+    /// Starts the TAP and UDP threads on an open TAP and a bound sleeve socket.
+    pub fn start(me: PeerName, tap: Tap, tap_mac: [u8; 6], sock: UdpSocket, max_datagram: usize, limits: Limits) -> Result<Self> {
+        let sh = Arc::new(Shared {
+            me,
+            tap,
+            tap_mac: Mac(tap_mac),
+            udp: SleeveSocket::new(sock, max_datagram)?,
+            snapshot: Published::new(Snapshot::default()),
+            limits,
+            moves_to_local: AtomicU64::new(0),
+            stats: Stats::default(),
+            stop: AtomicBool::new(false),
+            epoch: Instant::now(),
+        });
+        let (learn_tx, learn_rx) = std::sync::mpsc::sync_channel(LEARN_QUEUE);
+        let a = sh.clone();
+        let t1 = std::thread::Builder::new().name("weft-tap".into()).spawn(move || tx::run(a, learn_rx)).context("starting the TAP thread")?;
+        let b = sh.clone();
+        let t2 = match std::thread::Builder::new().name("weft-udp".into()).spawn(move || rx::run(b, learn_tx)) {
+            Ok(t) => t,
+            Err(e) => {
+                sh.stop.store(true, Relaxed);
+                let _ = t1.join();
+                return Err(e).context("starting the UDP thread");
+            }
+        };
+        Ok(FramePath { sh, threads: Mutex::new(vec![t1, t2]) })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.sh.stats
+    }
+
+    /// Whether the TAP has segmentation offload (the kernel hands us super-frames).
+    pub fn offload(&self) -> bool {
+        self.sh.tap.offload
+    }
+
+    /// GSO segments the kernel takes per send, as detected.
+    pub fn gso_segments(&self) -> usize {
+        self.sh.udp.gso_segments()
+    }
+
+    /// The largest UDP payload sent.
+    pub fn max_datagram(&self) -> usize {
+        self.sh.udp.max_datagram()
+    }
+
+    /// Adds (or replaces) the link to `peer`; returns it, for its path's health checks.
+    pub fn add_link(&self, peer: PeerName, addr: SocketAddr, index: u32, sealer: Sealer, opener: Opener) -> Arc<Link> {
+        let link = Arc::new(Link::new(peer, addr, index, sealer, opener, self.sh.epoch));
+        let l = link.clone();
+        self.sh.snapshot.update(move |cur| {
+            let mut s = cur.clone();
+            if let Some(old) = s.links.insert(peer, l.clone()) {
+                s.by_index.remove(&old.index);
+            }
+            s.by_index.insert(index, l);
+            s
+        });
+        link
+    }
+
+    /// Removes the link to `peer` if it is still the one with `index` (a replaced duplicate must
+    /// not take the winner's link with it).
+    pub fn remove_link(&self, peer: PeerName, index: u32) {
+        self.sh.snapshot.update(|cur| {
+            let mut s = cur.clone();
+            s.by_index.remove(&index);
+            if s.links.get(&peer).is_some_and(|l| l.index == index) {
+                s.links.remove(&peer);
+            }
+            s
+        });
+    }
+
+    /// Installs new routes.
+    pub fn set_routes(&self, routes: Routes) {
+        self.sh.snapshot.update(|cur| Snapshot { routes, links: cur.links.clone(), by_index: cur.by_index.clone() });
+    }
+
+    /// Stops the threads and waits for them (they notice within half a second): call it from a
+    /// thread that may block.
+    pub fn stop(&self) {
+        self.sh.stop.store(true, Relaxed);
+        let threads: Vec<JoinHandle<()>> = lock(&self.threads).drain(..).collect();
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a frame path thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for FramePath {
+    fn drop(&mut self) {
+        self.sh.stop.store(true, Relaxed);
+    }
+}

@@ -1,0 +1,154 @@
+//! The UDP thread: sleeve datagrams from peers go to the TAP, or on to the next hop.
+//!
+//! Per receive batch (GRO, recvmmsg): pick up new links and routes; for each datagram find the
+//! link by the header's receiver index, reassemble and open the message, then for each frame let
+//! the receive side of the switch (`weft_proto::switch::Inbound`) decide: deliver to our TAP,
+//! relay, or drop. What it learns about remote MACs goes to the TAP thread over a bounded queue;
+//! a full queue loses the announcement, which is repeated with the MAC's next frame.
+
+use std::io::IoSliceMut;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use quinn_udp::RecvMeta;
+use weft_proto::sleeve::{records, FrameMeta, Header, Record, SleeveError};
+use weft_proto::switch::{Inbound, Mac, Relay};
+use weft_proto::PeerName;
+
+use super::batch::Batch;
+use super::links::{lock, Link, Snapshot};
+use super::shared::Shared;
+use super::stats::DropReason;
+use super::tap::wait_fd;
+
+/// Receive batches per wake-up before the relay messages are flushed.
+const RECV_ROUNDS: usize = 8;
+/// Longest poll(2) wait, so the stop flag is noticed.
+const POLL_MS: i32 = 500;
+
+/// Runs the UDP thread until the stop flag is set.
+pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
+    let mut view = sh.snapshot.reader();
+    let mut inbound = Inbound::new(sh.me, sh.limits);
+    inbound.set_routes(view.get().routes.clone());
+    let mut moves = sh.moves_to_local.load(Relaxed);
+    let n_bufs = quinn_udp::BATCH_SIZE.clamp(1, 16);
+    let buf_len = (sh.udp.gro_segments().max(1) * sh.udp.max_datagram().max(1500)).max(65536);
+    let mut storage: Vec<Vec<u8>> = (0..n_bufs).map(|_| vec![0u8; buf_len]).collect();
+    let mut metas = vec![RecvMeta::default(); n_bufs];
+    let mut batch = Batch::default();
+    let mut rx = Rx { sh: &sh, learned: &learned, batch: &mut batch };
+    while !rx.sh.stop.load(Relaxed) {
+        let readable = wait_fd(rx.sh.udp.raw_fd(), libc::POLLIN, POLL_MS);
+        if view.refresh(&rx.sh.snapshot) {
+            inbound.set_routes(view.get().routes.clone());
+        }
+        let m = rx.sh.moves_to_local.load(Relaxed);
+        if m != moves {
+            moves = m;
+            inbound.remote_moved_to_local();
+        }
+        let now = Instant::now();
+        // Does nothing until the next sweep is due.
+        inbound.handle_timeout(now);
+        if !readable {
+            continue;
+        }
+        let snap = view.get().clone();
+        for _ in 0..RECV_ROUNDS {
+            let mut slices: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let n = match rx.sh.udp.recv(&mut slices, &mut metas) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive error");
+                    break;
+                }
+            };
+            drop(slices);
+            for (meta, buf) in metas.iter().zip(storage.iter()).take(n) {
+                let stride = meta.stride.max(1);
+                for dgram in buf[..meta.len].chunks(stride) {
+                    rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
+                    if let Err(e) = rx.datagram(&snap, &mut inbound, now, dgram) {
+                        rx.sh.stats.drop(DropReason::Sleeve(e));
+                        tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
+                    }
+                }
+            }
+        }
+        rx.batch.flush(rx.sh);
+    }
+}
+
+struct Rx<'a> {
+    sh: &'a Shared,
+    learned: &'a SyncSender<(Mac, PeerName)>,
+    batch: &'a mut Batch,
+}
+
+impl Rx<'_> {
+    fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
+        let (head, body) = Header::parse(dgram)?;
+        let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
+        let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
+        for rec in records(&msg) {
+            match rec? {
+                Record::Heartbeat => link.heard(),
+                Record::Frame(meta, frame) => self.frame(snap, inbound, now, link, meta, frame),
+            }
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, link: &Arc<Link>, meta: FrameMeta, frame: &[u8]) {
+        let sh = self.sh;
+        let d = inbound.handle_peer_frame(now, link.peer, &meta, frame);
+        if let Some(r) = d.dropped {
+            sh.stats.drop(DropReason::Switch(r));
+        }
+        let announce = d.announce;
+        if d.deliver {
+            match sh.tap.write(&meta.vnet, frame) {
+                Ok(()) => {
+                    sh.stats.frames_in.fetch_add(1, Relaxed);
+                    sh.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
+                }
+                Err(e) => {
+                    sh.stats.drop(DropReason::TapWrite);
+                    tracing::debug!(error = %e, "writing to the TAP failed");
+                }
+            }
+        }
+        let next = FrameMeta { ttl: d.ttl, ..meta };
+        match d.relay {
+            Relay::None => {}
+            Relay::One(hop) => {
+                if self.batch.push(sh, snap, hop, &next, frame) {
+                    sh.stats.frames_relayed.fetch_add(1, Relaxed);
+                }
+            }
+            Relay::Tree { hops, except } => {
+                for &hop in hops.iter().filter(|h| **h != except) {
+                    if self.batch.push(sh, snap, hop, &next, frame) {
+                        sh.stats.frames_relayed.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        // After the relays: the decision borrows `inbound`.
+        if let Some((mac, peer)) = announce {
+            match self.learned.try_send((mac, peer)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    sh.stats.announce_lost.fetch_add(1, Relaxed);
+                    inbound.announce_failed(mac);
+                }
+                // The TAP thread is gone: the router is stopping.
+                Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The sleeve's UDP socket: batched receive (GRO, recvmmsg) and segmented send (GSO) through
+//! quinn-udp, with large socket buffers.
+
+use std::io::IoSliceMut;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+
+use super::stats::{DropReason, Stats};
+use super::tap::wait_fd;
+
+/// Socket buffer size asked for (forced as root), so bursts are not dropped.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+/// Largest UDP payload of one segmented send: a GSO send is one IP packet
+/// before segmentation, so its payload obeys the 16-bit IPv4 length
+/// (65535 − 20 − 8).
+const MAX_GSO_BYTES: usize = 65_507;
+/// How often a send retries while the socket buffer is full, 10 ms apart.
+const SEND_TRIES: u32 = 50;
+
+/// The sleeve socket.
+pub struct SleeveSocket {
+    sock: UdpSocket,
+    state: UdpSocketState,
+    max_datagram: usize,
+}
+
+impl SleeveSocket {
+    /// Wraps a bound socket; `max_datagram` is the largest UDP payload to send.
+    pub fn new(sock: UdpSocket, max_datagram: usize) -> anyhow::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&sock).into())?;
+        for (what, r) in [
+            ("receive", force_buffer(&sock, libc::SO_RCVBUFFORCE, SOCKET_BUFFER)),
+            ("send", force_buffer(&sock, libc::SO_SNDBUFFORCE, SOCKET_BUFFER)),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, what, "could not force the UDP socket buffer size; bursts may be dropped");
+            }
+        }
+        Ok(SleeveSocket { sock, state, max_datagram })
+    }
+
+    /// The largest UDP payload sent.
+    pub fn max_datagram(&self) -> usize {
+        self.max_datagram
+    }
+
+    /// GSO segments the kernel takes per send, as detected.
+    pub fn gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// GRO segments the kernel may hand over per receive.
+    pub fn gro_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    /// The raw descriptor, for poll(2).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Receives a batch; `Ok(0)` when nothing is waiting.
+    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], metas: &mut [RecvMeta]) -> std::io::Result<usize> {
+        match self.state.recv((&self.sock).into(), bufs, metas) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `wire` (datagrams of `seg` bytes, the last maybe shorter) to `to`, in as few
+    /// segmented sends as the kernel takes. Failures are counted, not returned.
+    pub fn send_all(&self, to: SocketAddr, wire: &[u8], seg: usize, stats: &Stats) {
+        for chunk in wire.chunks(seg * gso_batch(seg, self.state.max_gso_segments())) {
+            if let Err(e) = self.send(to, chunk, seg, stats) {
+                if e.raw_os_error() == Some(libc::EMSGSIZE) && chunk.len() > seg {
+                    // The kernel refused the segmented send after all: one datagram per call.
+                    tracing::debug!(error = %e, %to, "GSO send refused; sending datagrams one by one");
+                    for d in chunk.chunks(seg) {
+                        if let Err(e) = self.send(to, d, seg, stats) {
+                            send_failed(to, &e, stats);
+                        }
+                    }
+                } else {
+                    send_failed(to, &e, stats);
+                }
+            }
+        }
+    }
+
+    /// One send of `contents` in datagrams of `seg` bytes, waiting briefly (at most
+    /// [`SEND_TRIES`] × 10 ms) while the socket buffer is full.
+    fn send(&self, destination: SocketAddr, contents: &[u8], seg: usize, stats: &Stats) -> std::io::Result<()> {
+        let t = Transmit { destination, ecn: None, contents, segment_size: (contents.len() > seg).then_some(seg), src_ip: None };
+        let mut tries = 0;
+        loop {
+            match self.state.try_send((&self.sock).into(), &t) {
+                Ok(()) => {
+                    stats.datagrams_out.fetch_add(contents.len().div_ceil(seg) as u64, Relaxed);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < SEND_TRIES => {
+                    tries += 1;
+                    wait_fd(self.sock.as_raw_fd(), libc::POLLOUT, 10);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn send_failed(to: SocketAddr, e: &std::io::Error, stats: &Stats) {
+    stats.drop(DropReason::UdpSend);
+    tracing::debug!(error = %e, %to, "sleeve send failed");
+}
+
+/// Datagrams per GSO send: what the kernel takes, and no more than fits [`MAX_GSO_BYTES`].
+fn gso_batch(seg: usize, max_segments: usize) -> usize {
+    (MAX_GSO_BYTES / seg.max(1)).clamp(1, max_segments.max(1))
+}
+
+fn force_buffer(sock: &UdpSocket, opt: libc::c_int, size: usize) -> std::io::Result<()> {
+    let v = size as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a c_int of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_sends_stay_within_one_ip_packet() {
+        // 64 segments of 1472 bytes would be 94 KB: the kernel refuses that with EMSGSIZE.
+        assert_eq!(gso_batch(1472, 64), 44);
+        assert!(gso_batch(1472, 64) * 1472 <= MAX_GSO_BYTES);
+        assert_eq!(gso_batch(1000, 64), 64);
+        assert_eq!(gso_batch(1472, 1), 1);
+        assert_eq!(gso_batch(70_000, 64), 1);
+    }
+}

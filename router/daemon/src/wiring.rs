@@ -1,0 +1,208 @@
+//! The wiring: loads the state, binds the ports, builds the parts and starts them, then waits for
+//! the actor to stop and takes everything down. No decisions are made here.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use weft_proto::switch::Limits;
+use weft_proto::{Hello, Router, RouterConfig};
+
+use crate::api::state::ApiState;
+use crate::api::server::{serve_api, serve_metrics};
+use crate::config::Options;
+use crate::control::actor::{forward_signals, Actor};
+use crate::control::conn::{accept_loop, resolve, Dialer};
+use crate::control::handshake::{generate_keypair, Handshaker};
+use crate::control::stats::ControlStats;
+use crate::control::status::StatusInfo;
+use crate::control::ControlHandle;
+use crate::frame::links::Indices;
+use crate::frame::tap::{tap_name, Tap, TAP_MTU};
+use crate::frame::FramePath;
+use crate::host::identity::{self, derive_psk};
+use crate::host::links::{bridge_mac, hw_addr};
+use crate::host::sysctl::disable_ipv6;
+use crate::host::NetDev;
+use crate::services::dns::DnsService;
+use crate::services::ipam::IpamService;
+use crate::services::persist::{FileId, SaveGate, Writer};
+use crate::services::{dns, dns_server, ipam};
+
+/// Inputs queued for the actor before senders wait.
+const INPUT_QUEUE: usize = 4096;
+/// How long requests under way get to finish when the router stops.
+const API_DRAIN: Duration = Duration::from_secs(3);
+
+/// Runs the router until SIGTERM/SIGINT, `weft stop` or `weft reset`.
+pub fn run(opts: Options) -> Result<()> {
+    // The state first, before any device is touched: a corrupt file stops the start here.
+    let id = identity::load_or_create(&opts.state_dir, opts.name, generate_keypair)?;
+    let uid = identity::fresh_uid();
+    let ipam_cfg = weft_ipam::Config::new(
+        id.name,
+        opts.ipam.range,
+        opts.ipam.default_subnet,
+        ipam::parse_init(&opts.ipam.init, opts.peers.len())?,
+        rand::random(),
+    )
+    .map_err(|e| anyhow!(e))?;
+    let ipam_path = opts.state_dir.join(ipam::STATE_FILE);
+    let allocator = ipam::load(ipam_cfg.clone(), &ipam_path, Instant::now())?;
+    // A restarted router's entries must outrank its previous life's: versions start at the
+    // start time in µs.
+    let initial_version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
+    let dns_path = opts.state_dir.join(dns::STATE_FILE);
+    let records = dns::load(id.name, initial_version, &dns_path)?;
+    let psk = opts.password.as_deref().map(derive_psk);
+    if psk.is_none() {
+        warn!("no password set: control and data traffic between hosts is NOT encrypted (set --password or WEFT_PASSWORD)");
+    }
+    let nickname = opts.nickname.clone().unwrap_or_else(hostname);
+    let keys = Handshaker::new(psk, id.private_key);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    info!(range = %ipam_cfg.range, default_subnet = %ipam_cfg.default_subnet, init = %opts.ipam.init,
+        ready = allocator.ready(), allocations = allocator.allocations().count(), file = %ipam_path.display(), "IPAM loaded");
+    let start = Start { opts, id_name: id.name, uid, nickname, keys, allocator, records, initial_version, ipam_cfg };
+    rt.block_on(start.run(ipam_path, dns_path))
+}
+
+/// What `run` loaded before the runtime started.
+struct Start {
+    opts: Options,
+    id_name: weft_proto::PeerName,
+    uid: u64,
+    nickname: String,
+    keys: Handshaker,
+    allocator: weft_ipam::Ipam,
+    records: weft_dns::Records,
+    initial_version: u64,
+    ipam_cfg: weft_ipam::Config,
+}
+
+impl Start {
+    async fn run(self, ipam_path: std::path::PathBuf, dns_path: std::path::PathBuf) -> Result<()> {
+        let Start { opts, id_name, uid, nickname, keys, allocator, records, initial_version, ipam_cfg } = self;
+        let encrypted = keys.encrypted();
+        // The ports first: if another router runs here, say so before touching any device.
+        let udp = std::net::UdpSocket::bind(opts.listen)
+            .with_context(|| format!("binding UDP {} for the sleeve: is another router running?", opts.listen))?;
+        let udp_port = udp.local_addr()?.port();
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("binding TCP {} for control connections: is another router running?", opts.listen))?;
+        let listen_port = listener.local_addr()?.port();
+
+        // The host's devices: the bridge with its own MAC, and the TAP on it.
+        let netdev = Arc::new(NetDev::new().await.context("opening a netlink socket")?);
+        netdev.ensure_bridge(&opts.bridge, opts.mtu).await.with_context(|| format!("creating bridge {}", opts.bridge))?;
+        netdev.set_mac(&opts.bridge, bridge_mac(id_name)).await?;
+        let tap_name = tap_name(&opts.bridge);
+        let tap = Tap::open(&tap_name, opts.offload)?;
+        netdev.set_mtu(&tap_name, TAP_MTU).await?;
+        if let Err(e) = disable_ipv6(&tap_name) {
+            debug!(error = %e, "could not disable IPv6 on the TAP");
+        }
+        netdev.enslave(&tap_name, &opts.bridge).await?;
+        let tap_mac = hw_addr(&tap_name)?;
+        let offload = tap.offload;
+
+        // The frame path.
+        let frames = Arc::new(FramePath::start(id_name, tap, tap_mac, udp, opts.max_datagram, Limits::default())?);
+
+        // The control path's core, with its services.
+        let now = Instant::now();
+        let mut cfg = RouterConfig::new(id_name, nickname.clone(), uid, rand::random());
+        cfg.discovery = opts.discovery;
+        cfg.initial_version = initial_version;
+        let mut core = Router::new(cfg, now);
+        for p in &opts.peers {
+            match resolve(p).await {
+                Ok(a) => core.add_target(now, a),
+                Err(e) => warn!(peer = %p, error = %format!("{e:#}"), "cannot resolve peer; ignoring it"),
+            }
+        }
+        let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
+        let (saves_tx, saves_rx) = mpsc::channel(16);
+        let writer = Writer::spawn(saves_tx)?;
+        let stats = Arc::new(ControlStats::default());
+        let dns_server = if opts.dns.enabled {
+            let reverse = (IpAddr::V4(ipam_cfg.range.addr.into()), ipam_cfg.range.prefix);
+            dns_server::spawn(opts.dns.clone(), reverse, opts.bridge.clone(), netdev.clone(), records.view(), stats.dns.clone())
+        } else {
+            dns_server::disabled()
+        };
+        let ipam = IpamService::register(&mut core, allocator, SaveGate::new(FileId::Ipam, ipam_path), opts.ipam.gc_grace, now);
+        let dns = DnsService::register(
+            &mut core,
+            records,
+            SaveGate::new(FileId::Dns, dns_path),
+            opts.dns.clone(),
+            stats.dns.clone(),
+            dns_server.subscribe(),
+            now,
+        );
+
+        // Connections.
+        let hello = Hello { name: id_name, nickname: nickname.clone(), uid, listen_port };
+        let dialer = Arc::new(Dialer::new(keys, hello, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()));
+        tokio::spawn(accept_loop(dialer.clone(), listener));
+
+        // The API.
+        let control = ControlHandle::new(inputs_tx.clone());
+        let api = Arc::new(ApiState {
+            control,
+            netdev,
+            bridge: opts.bridge.clone(),
+            tap: tap_name.clone(),
+            mtu: opts.mtu,
+            ipam_range: ipam_cfg.range,
+            ipam_default_subnet: ipam_cfg.default_subnet,
+            dns: opts.dns.clone(),
+            dns_server,
+            host_addr_lock: tokio::sync::Mutex::new(()),
+        });
+        let (stop_api, api_stopped) = watch::channel(false);
+        let api_task = serve_api(api.clone(), &opts.api_socket, api_stopped).await?;
+        if let Some(addr) = opts.metrics_addr {
+            if let Err(e) = serve_metrics(api.clone(), frames.clone(), stats.clone(), addr).await {
+                warn!(%addr, error = %format!("{e:#}"), "metrics endpoint disabled");
+            }
+        }
+        forward_signals(inputs_tx.clone())?;
+
+        info!(
+            name = %id_name, %nickname, uid, encryption = encrypted, bridge = %opts.bridge, tap = %tap_name,
+            offload, gso_segments = frames.gso_segments(), port = listen_port, "router started"
+        );
+        let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now };
+        let actor = Actor::new(core, frames.clone(), dialer, ipam, dns, writer, stats, info, inputs_tx);
+        let result = actor.run(inputs_rx, saves_rx).await;
+
+        // Down: answers under way go out, then the threads stop.
+        let _ = stop_api.send(true);
+        if tokio::time::timeout(API_DRAIN, api_task).await.is_err() {
+            warn!("API requests still under way after {API_DRAIN:?}; stopping anyway");
+        }
+        let _ = tokio::task::spawn_blocking(move || frames.stop()).await;
+        let _ = std::fs::remove_file(&opts.api_socket);
+        result
+    }
+}
+
+fn hostname() -> String {
+    let mut b = [0u8; 256];
+    // SAFETY: gethostname writes at most len bytes into b.
+    let r = unsafe { libc::gethostname(b.as_mut_ptr().cast(), b.len()) };
+    if r != 0 {
+        return "weft".into();
+    }
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    let mut s = String::from_utf8_lossy(&b[..end]).into_owned();
+    s.truncate(weft_proto::topology::MAX_NICKNAME);
+    s
+}
