@@ -56,7 +56,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
         if !readable {
             continue;
         }
-        let snap = view.get().clone();
+        let snap = view.get();
         for _ in 0..RECV_ROUNDS {
             let mut slices: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             let n = match rx.sh.udp.recv(&mut slices, &mut metas) {
@@ -72,7 +72,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
-                    if let Err(e) = rx.datagram(&snap, &mut inbound, now, dgram) {
+                    if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram) {
                         rx.sh.stats.drop(DropReason::Sleeve(e));
                         tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
                     }

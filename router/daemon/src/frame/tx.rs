@@ -39,10 +39,10 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
     let mut buf = vec![0u8; 65536 + VNET_LEN + 256];
     let mut batch = Batch::default();
     let mut next_heartbeat = Instant::now();
+    let mut moves = 0;
     while !sh.stop.load(Relaxed) {
         let now = Instant::now();
-        let wake = switch.poll_timeout().map_or(next_heartbeat, |t| t.min(next_heartbeat));
-        let wait = wake.saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
+        let wait = next_heartbeat.saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
         let readable = wait_fd(sh.tap.raw_fd(), libc::POLLIN, wait.max(1));
         if view.refresh(&sh.snapshot) {
             let purged = switch.set_routes(view.get().routes.clone());
@@ -57,10 +57,10 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
             }
         }
         if readable {
-            let snap = view.get().clone();
+            let snap = view.get();
             for _ in 0..READ_BATCH {
                 match sh.tap.read(&mut buf) {
-                    Ok(Some(n)) => handle_frame(&sh, &mut switch, &snap, now, &buf[..n], &mut batch),
+                    Ok(Some(n)) => handle_frame(&sh, &mut switch, snap, now, &buf[..n], &mut batch),
                     Ok(None) => break,
                     Err(e) => {
                         tracing::error!(error = %e, "reading the TAP failed");
@@ -71,19 +71,22 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
             }
             batch.flush(&sh);
         }
+        if switch.moves_to_local() != moves {
+            moves = switch.moves_to_local();
+            sh.moves_to_local.store(moves, Relaxed);
+        }
         let now = Instant::now();
         if now >= next_heartbeat {
             next_heartbeat = now + HEARTBEAT;
             for link in view.get().links.values() {
                 batch.heartbeat(&sh, link);
             }
+            // Once a second too: the sweep when due, and the table's gauges.
+            switch.handle_timeout(now);
+            let local = switch.table().count(Owner::Local) as u64;
+            sh.stats.macs_local.store(local, Relaxed);
+            sh.stats.macs_remote.store((switch.table().len() as u64).saturating_sub(local), Relaxed);
         }
-        // Does nothing until the next sweep is due.
-        switch.handle_timeout(now);
-        sh.moves_to_local.store(switch.moves_to_local(), Relaxed);
-        let local = switch.table().count(Owner::Local) as u64;
-        sh.stats.macs_local.store(local, Relaxed);
-        sh.stats.macs_remote.store((switch.table().len() as u64).saturating_sub(local), Relaxed);
     }
 }
 
