@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{lab, start_star, wait_for};
+use common::{lab, start_star, wait_for, Tmpfs};
 use serde_json::{json, Value};
 use weft_lab::Lab;
 
@@ -435,4 +435,119 @@ fn attach_without_address_and_gone_containers_are_released() {
     eprintln!("address of a vanished namespace released {:.1}s after it went", t.elapsed().as_secs_f64());
     let log = std::fs::read_to_string(&lab.host(1).log).unwrap_or_default();
     assert!(log.contains("network namespace is gone"), "no log line for the release");
+}
+
+/// How host `viewer` sees host `of`'s free addresses (from the ring as gossiped).
+fn free_seen(lab: &Lab, viewer: usize, of: &str) -> Option<u64> {
+    ipam_status(lab, viewer)["peers"].as_array()?.iter().find(|p| p["peer"] == of)?["free"].as_u64()
+}
+
+#[test]
+fn a_full_disk_holds_back_every_answer_and_message_until_it_is_saved() {
+    let Some(mut lab) = lab("full_disk", 2, Some("pw"), &[]) else { return };
+    let disk = Tmpfs::mount(&lab.host(0).state_dir, "1m");
+    mesh(&mut lab);
+    let (code, v) = alloc(&lab, 0, "before");
+    assert_eq!(code, 200, "{v}");
+    let a = name_of(&lab, 0);
+    // Host 1 has host 0's free count as it is now (refreshed every 5 s, then gossiped).
+    assert!(wait_for(UP, || free_seen(&lab, 1, &a) == free_seen(&lab, 0, &a)), "host 1 never saw host 0's free count");
+    let seen_before = free_seen(&lab, 1, &a);
+
+    disk.fill();
+    let (code, v) = alloc(&lab, 0, "during");
+    assert_eq!(code, 503, "an allocation that cannot be saved must not be answered: {v}");
+    assert_eq!(v["kind"], "save_failed", "{v}");
+    let err = v["error"].as_str().unwrap_or("");
+    assert!(err.contains("could not save") && err.contains("ipam.json") && err.contains("No space left"), "{err}");
+    let o = lab.weft(0, &["dns-add", "10.32.99.7", "during"]).expect("dns-add");
+    assert!(!o.status.success(), "a name that cannot be saved must not be added");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("could not save"), "{}", String::from_utf8_lossy(&o.stderr));
+    let st = ipam_status(&lab, 0);
+    assert!(st["save_error"].as_str().is_some_and(|e| e.contains("No space left")), "{st}");
+    assert!(st["save_errors"].as_u64().unwrap_or(0) >= 1, "{st}");
+    let text = String::from_utf8_lossy(&lab.weft(0, &["status", "ipam"]).expect("status").stdout).to_string();
+    assert!(text.contains("FAILS") && text.contains("ipam.json"), "{text}");
+    let metrics = lab.weft(0, &["status", "dns"]).expect("status dns");
+    assert!(String::from_utf8_lossy(&metrics.stdout).contains("FAILS"), "{}", String::from_utf8_lossy(&metrics.stdout));
+    // Two free-count refreshes and an anti-entropy round later, host 1 still has the old figure:
+    // no ring left host 0 while its state was not on disk. Nor the name.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(free_seen(&lab, 1, &a), seen_before, "gossip left host 0 while its state was not saved");
+    let o = lab.weft(1, &["dns-lookup", "during"]).expect("dns-lookup");
+    assert!(!o.status.success(), "host 1 learned a name host 0 could not save");
+
+    disk.free();
+    assert!(wait_for(UP, || ipam_status(&lab, 0)["save_error"].is_null()), "the save did not come back");
+    // The same container asking again gets the address it was refused; nothing is handed out twice.
+    let (code, during) = alloc(&lab, 0, "during");
+    assert_eq!(code, 200, "{during}");
+    let (code, after) = alloc(&lab, 0, "after");
+    assert_eq!(code, 200, "{after}");
+    let (code, other) = alloc(&lab, 1, "other");
+    assert_eq!(code, 200, "{other}");
+    let mut all: Vec<String> = held(&lab, 0).into_values().chain(held(&lab, 1).into_values()).collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "an address was handed out twice: {all:?}");
+    assert_eq!(n, 4, "{all:?}");
+    let on_disk = std::fs::read_to_string(lab.host(0).state_dir.join("ipam.json")).expect("ipam.json");
+    assert!(on_disk.contains("\"during\"") && on_disk.contains("\"after\""), "{on_disk}");
+    assert!(wait_for(UP, || free_seen(&lab, 1, &a) == free_seen(&lab, 0, &a)), "host 0's ring never reached host 1 again");
+    let o = lab.weft(0, &["dns-add", "10.32.99.7", "during"]).expect("dns-add");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(wait_for(UP, || lab.weft(1, &["dns-lookup", "during"]).is_ok_and(|o| o.status.success())));
+    drop(disk);
+}
+
+/// The owner of every entry of the ring saved in `file`.
+fn owners_on_disk(file: &Path) -> BTreeSet<String> {
+    let v: Value = serde_json::from_slice(&std::fs::read(file).expect("state file")).expect("state JSON");
+    v["ring"]["entries"].as_array().map(Vec::as_slice).unwrap_or_default().iter().map(|e| e["peer"].to_string()).collect()
+}
+
+#[test]
+fn reset_waits_until_the_receiver_has_the_space_on_disk() {
+    let Some(mut lab) = lab("reset_ack", 2, Some("pw"), &[]) else { return };
+    mesh(&mut lab);
+    for i in 0..2 {
+        let (code, v) = alloc(&lab, i, &format!("x{i}"));
+        assert_eq!(code, 200, "{v}");
+        let o = lab.weft(i, &["ipam", "release", &format!("x{i}")]).expect("release");
+        assert!(o.status.success());
+    }
+    let file = lab.host(1).state_dir.join("ipam.json");
+    assert!(wait_for(UP, || owners_on_disk(&file).len() == 2), "host 1's saved ring lacks host 0: {:?}", owners_on_disk(&file));
+    let v = lab.weft_json(0, &["reset"]).expect("reset");
+    assert_eq!(v["acknowledged"], true, "{v}");
+    assert_eq!(v["handed_to"].as_str(), Some(name_of(&lab, 1).as_str()), "{v}");
+    // When the answer came, host 1's disk already held all of host 0's former space.
+    assert_eq!(owners_on_disk(&file).len(), 1, "acknowledged before the receiver saved it: {:?}", owners_on_disk(&file));
+    let pid = lab.host(0).router_pid().expect("router 0");
+    assert!(wait_for(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    }), "the router did not stop after reset");
+}
+
+#[test]
+fn reset_says_plainly_when_the_receiver_never_confirms() {
+    let Some(mut lab) = lab("reset_unconfirmed", 2, Some("pw"), &[]) else { return };
+    let disk = Tmpfs::mount(&lab.host(1).state_dir, "1m");
+    mesh(&mut lab);
+    let (code, v) = alloc(&lab, 0, "x");
+    assert_eq!(code, 200, "{v}");
+    let o = lab.weft(0, &["ipam", "release", "x"]).expect("release");
+    assert!(o.status.success());
+    // Host 1 cannot save what it is given, so it must not confirm it.
+    disk.fill();
+    let t0 = Instant::now();
+    let o = lab.weft(0, &["reset"]).expect("reset");
+    let waited = t0.elapsed();
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("WARNING") && out.contains("did not confirm") && out.contains("rmpeer"), "{out}");
+    assert!(waited >= Duration::from_secs(9), "gave up after {waited:?}, before the 10 s wait");
+    assert!(!lab.host(0).state_dir.join("ipam.json").exists(), "reset left the IPAM state behind");
+    drop(disk);
 }

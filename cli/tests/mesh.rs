@@ -607,3 +607,44 @@ fn lab_demo_needs_no_ping_or_dig() {
     assert!(out.contains("2 of 2 pings ok") && out.contains("2 of 2 names resolved"), "{out}");
     assert!(out.contains("dns c0 resolves c1.weft.local: ") && out.contains("cleaned up"), "{out}");
 }
+
+#[test]
+fn one_sigint_stops_a_busy_router() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Arc;
+    let Some(mut lab) = lab("one_sigint_stops_a_busy_router", 2, Some("pw"), &[]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(0, 1, UP).expect("connected");
+    // Keep the actor busy with status requests (each a round through it) from four threads.
+    let sock = lab.host(0).api_socket.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (sock, stop, answered) = (sock.clone(), stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    match weft_router::api::client::call(&sock, "GET", "/v1/status", None) {
+                        Ok(_) => answered.fetch_add(1, Relaxed),
+                        Err(_) => break,
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = answered.load(Relaxed);
+    let t0 = std::time::Instant::now();
+    // One signal, sent while the router is busy, must stop it (kill_router fails after 10 s).
+    lab.kill_router(0, libc::SIGINT).expect("one SIGINT stops the router");
+    let took = t0.elapsed();
+    stop.store(true, Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+    assert!(before > 50, "the router was not busy ({before} answers in a second)");
+    assert!(took < Duration::from_secs(5), "SIGINT took {took:?}");
+    let log = std::fs::read_to_string(&lab.host(0).log).expect("log");
+    assert!(log.contains("interrupted"), "{log}");
+    assert!(!sock.exists(), "the API socket is left behind");
+}

@@ -206,3 +206,53 @@ pub fn spawn_in(ns: &str, cmd: &[&str]) -> Reaped {
         .unwrap_or_else(|e| panic!("starting {cmd:?} in {ns}: {e}"));
     Reaped(child)
 }
+
+/// A small tmpfs mounted over a directory for a test (a disk that can be filled); unmounted on
+/// drop. Mount it before the router that uses the directory starts.
+pub struct Tmpfs {
+    dir: std::path::PathBuf,
+    filler: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "1m") over `dir`.
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("running mount");
+        assert!(ok.success(), "mounting a tmpfs on {}", dir.display());
+        Tmpfs { dir: dir.to_path_buf(), filler: dir.join("filler") }
+    }
+
+    /// Fills it: writes a file until the disk says it is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = File::create(&self.filler).expect("creating the filler");
+        let chunk = vec![0u8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling {}: {e}", self.dir.display());
+                    break;
+                }
+            }
+        }
+        let _ = f.sync_all();
+    }
+
+    /// Gives the space back.
+    pub fn free(&self) {
+        std::fs::remove_file(&self.filler).expect("removing the filler");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazily: a router may still hold files in it; it writes to the directory below after.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}

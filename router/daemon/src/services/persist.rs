@@ -521,3 +521,219 @@ impl<C: Durable> GossipChannel for Gated<C> {
         self
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A core with one number as its state: `bump` changes it and queues an output carrying it;
+    /// `merge` takes a bigger number from a neighbour and returns it as the delta to pass on.
+    #[derive(Default)]
+    struct Counter {
+        n: u64,
+        dirty: bool,
+        out: VecDeque<u64>,
+    }
+
+    impl Counter {
+        fn bump(&mut self) {
+            self.n += 1;
+            self.dirty = true;
+            self.out.push_back(self.n);
+        }
+    }
+
+    impl GossipChannel for Counter {
+        fn encode_full(&self) -> Vec<u8> {
+            self.n.to_be_bytes().to_vec()
+        }
+        fn merge(&mut self, _from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+            let n = u64::from_be_bytes(payload.try_into().map_err(|_| "bad".to_string())?);
+            if n <= self.n {
+                return Ok(None);
+            }
+            self.n = n;
+            self.dirty = true;
+            Ok(Some(payload.to_vec()))
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+
+    impl Durable for Counter {
+        type Output = u64;
+        fn take_dirty(&mut self) -> bool {
+            std::mem::take(&mut self.dirty)
+        }
+        fn is_dirty(&self) -> bool {
+            self.dirty
+        }
+        fn save_bytes(&self) -> Result<Vec<u8>, String> {
+            Ok(self.n.to_string().into_bytes())
+        }
+        fn poll_output(&mut self) -> Option<u64> {
+            self.out.pop_front()
+        }
+    }
+
+    struct Rig {
+        dir: PathBuf,
+        path: PathBuf,
+        writer: Writer,
+        done: mpsc::Receiver<SaveDone>,
+        g: Gated<Counter>,
+    }
+
+    impl Rig {
+        fn new(name: &str) -> Rig {
+            let dir = std::env::temp_dir().join(format!("weft-persist-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("state.json");
+            let (tx, done) = mpsc::channel(4);
+            let writer = Writer::spawn(tx).unwrap();
+            let g = Gated::new(Counter::default(), SaveGate::new(FileId::Ipam, path.clone()));
+            Rig { dir, path, writer, done, g }
+        }
+
+        /// Waits for the save under way and hands it to the gate.
+        fn finish(&mut self, now: Instant) -> (Released<u64>, Result<(), String>) {
+            let d = self.done.blocking_recv().unwrap();
+            let r = d.result.clone();
+            (self.g.saved(&d, now), r)
+        }
+
+        fn on_disk(&self) -> Option<String> {
+            std::fs::read_to_string(&self.path).ok()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn core_outputs(r: &Released<u64>) -> (Vec<u64>, Vec<u64>) {
+        let pick = |v: &[Pending<u64>]| v.iter().filter_map(|p| if let Pending::Core(n) = p { Some(*n) } else { None }).collect();
+        (pick(&r.ready), pick(&r.failed))
+    }
+
+    fn answer(g: &mut Gated<Counter>, value: &'static str) -> oneshot::Receiver<Result<&'static str, SaveError>> {
+        let (tx, rx) = oneshot::channel();
+        g.hold(Box::new(Deferred { tx, value }));
+        rx
+    }
+
+    fn send_answers(r: Released<u64>) {
+        for p in r.ready {
+            if let Pending::Answer(a) = p {
+                a.send(Ok(()));
+            }
+        }
+        if let Some(e) = r.error {
+            for p in r.failed {
+                if let Pending::Answer(a) = p {
+                    a.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_wait_for_their_save() {
+        let mut rig = Rig::new("wait");
+        let now = Instant::now();
+        rig.g.inner_mut().bump();
+        let mut ans = answer(&mut rig.g, "bumped");
+        let r = rig.g.flush(now, &rig.writer);
+        assert!(r.ready.is_empty() && r.failed.is_empty(), "nothing goes before the save");
+        assert!(rig.g.encode_full().is_empty(), "no full state while unsaved");
+        // A delta learned meanwhile waits too.
+        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes()).unwrap(), None);
+        let (r, res) = rig.finish(now);
+        assert!(res.is_ok());
+        assert_eq!(core_outputs(&r).0, vec![1]);
+        // The merge made the state dirty again: its delta waits for the next save.
+        assert!(!r.ready.iter().any(|p| matches!(p, Pending::Delta(_))));
+        send_answers(r);
+        assert_eq!(ans.try_recv().unwrap(), Ok("bumped"));
+        let r = rig.g.flush(now, &rig.writer);
+        assert!(r.ready.is_empty());
+        let (r, _) = rig.finish(now);
+        assert!(r.ready.iter().any(|p| matches!(p, Pending::Delta(d) if d == &5u64.to_be_bytes())));
+        assert_eq!(rig.on_disk().as_deref(), Some("5"));
+        assert!(rig.g.settled());
+        assert_eq!(rig.g.encode_full(), 5u64.to_be_bytes().to_vec());
+        // Settled: a delta passes straight through, a query answer goes at once.
+        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes()).unwrap(), None);
+        let mut q = answer(&mut rig.g, "query");
+        send_answers(rig.g.flush(now, &rig.writer));
+        assert_eq!(q.try_recv().unwrap(), Ok("query"));
+    }
+
+    #[test]
+    fn a_failed_save_fails_what_depends_on_it_and_is_retried() {
+        let mut rig = Rig::new("fail");
+        let now = Instant::now();
+        // The directory goes away: the temporary file cannot be created.
+        std::fs::remove_dir_all(&rig.dir).unwrap();
+        rig.g.inner_mut().bump();
+        let mut ans = answer(&mut rig.g, "bumped");
+        let r = rig.g.flush(now, &rig.writer);
+        assert!(r.ready.is_empty());
+        let (r, res) = rig.finish(now);
+        assert!(res.is_err());
+        assert_eq!(core_outputs(&r), (vec![], vec![1]), "the gossip of a failed save is dropped");
+        let err = r.error.clone().unwrap();
+        assert!(err.message.contains("state.tmp"), "{err}");
+        assert!(err.to_string().contains("nothing was handed out"), "{err}");
+        send_answers(r);
+        assert_eq!(ans.try_recv().unwrap(), Err(err));
+        assert_eq!(rig.g.gate().errors(), 1);
+        assert!(rig.g.gate().failure().is_some());
+        assert!(rig.g.encode_full().is_empty(), "still unsaved: no full state");
+        // More work while failing waits; the retry is not due yet.
+        rig.g.inner_mut().bump();
+        let r = rig.g.flush(now, &rig.writer);
+        assert!(r.ready.is_empty() && r.failed.is_empty());
+        assert!(!rig.g.gate().in_flight(), "no retry before a second has passed");
+        // The disk is back: the retry saves everything, and what waited goes.
+        std::fs::create_dir_all(&rig.dir).unwrap();
+        let later = now + Duration::from_secs(2);
+        rig.g.flush(later, &rig.writer);
+        let (r, res) = rig.finish(later);
+        assert!(res.is_ok());
+        assert_eq!(core_outputs(&r).0, vec![2]);
+        assert_eq!(rig.on_disk().as_deref(), Some("2"));
+        assert!(rig.g.gate().failure().is_none());
+        assert!(rig.g.settled());
+    }
+
+    #[test]
+    fn removing_the_file_fails_what_waited_and_then_lets_everything_go() {
+        let mut rig = Rig::new("remove");
+        let now = Instant::now();
+        rig.g.inner_mut().bump();
+        rig.g.flush(now, &rig.writer);
+        rig.finish(now);
+        assert_eq!(rig.on_disk().as_deref(), Some("1"));
+        let seq = rig.g.freeze_and_remove(&rig.writer).unwrap();
+        rig.g.inner_mut().bump();
+        let mut ans = answer(&mut rig.g, "during");
+        assert!(rig.g.flush(now, &rig.writer).ready.is_empty(), "nothing saved or sent while removing");
+        let d = rig.done.blocking_recv().unwrap();
+        assert_eq!(d.seq, seq);
+        let r = rig.g.removed(&d, "left").unwrap();
+        assert_eq!(core_outputs(&r).1, vec![2]);
+        send_answers(r);
+        assert!(ans.try_recv().unwrap().is_err());
+        assert_eq!(rig.on_disk(), None);
+        // Left: outputs go at once, nothing is written again.
+        rig.g.inner_mut().bump();
+        assert_eq!(core_outputs(&rig.g.flush(now, &rig.writer)).0, vec![3]);
+        assert_eq!(rig.on_disk(), None);
+    }
+}
