@@ -23,6 +23,10 @@
 #                 unused (1 UDP datagram seen per side): everything goes over the TCP meta connection,
 #                 so such a row is not a GCM data-path figure (see the UdpInDatagrams/TcpInSegs line).
 #   WEFT_ROUTER_ARGS  extra `weft router` options for both weft cases (e.g. "--no-offload"), for experiments
+#   WEFT_BASELINE_BIN another weft binary (e.g. one built from an older commit): each weft case also runs
+#                 with it, as base-enc / base-plain, right after the same case with WEFT_BIN, and the summary
+#                 gives weft/base ratios: a before/after comparison in one run
+#   ROUNDS        repeat the weft (and baseline) cases this many times, alternating; figures are medians
 #   KEEP_LOGS=1   keep the work directory (router logs) instead of deleting it
 #
 # Output: one line per case (Gbit/s received, TCP retransmits, whole-VM CPU busy %, per-daemon CPU),
@@ -47,6 +51,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 TINC_CIPHERS=${TINC_CIPHERS:-"default aes-256-cbc:sha256"}
+BASE_BIN=${WEFT_BASELINE_BIN:-}
+ROUNDS=${ROUNDS:-1}
 TINC_CMTU=${TINC_CMTU:-1400}
 
 die() { echo "sleeve-throughput: $*" >&2; exit 1; }
@@ -66,6 +72,7 @@ fi
 if want weft-enc || want weft-plain; then
   [ -x "$WEFT_BIN" ] || die "weft binary $WEFT_BIN not found"
 fi
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "baseline weft binary $BASE_BIN not found"
 
 # ---------------------------------------------------------------- resources and cleanup
 P=wsb$$                        # prefix of every namespace this run creates
@@ -219,8 +226,9 @@ metrics() {  # <ns> -> Prometheus text from the router's metrics endpoint on tha
 }
 
 # ---------------------------------------------------------------- cases
-case_weft() {  # <case-name> <password or empty>
+case_weft() {  # <case-name> <password or empty> [weft binary]
   local name=$1 pw=$2 i
+  local WEFT_BIN=${3:-$WEFT_BIN}
   mk_topology "$([ -n "$pw" ] && echo e || echo p)"
   local hs=("$H1" "$H2")
   for i in 1 2; do
@@ -344,8 +352,31 @@ idle_busy=$(awk -v b=$((lb1 - lb0)) -v t=$((lt1 - lt0)) 'BEGIN{printf "%.0f", (t
 echo "machine busy before the run: ${idle_busy}% of all CPUs (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
 [ "$idle_busy" -gt 15 ] && echo "WARNING: other work is using the CPUs; figures will be low and noisy" >&2
 PASSWORD=bench-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-want weft-enc && case_weft weft-enc "$PASSWORD"
-want weft-plain && case_weft weft-plain ""
+# One round: each weft case, and its baseline right beside it; the two swap places every other
+# round, so neither always runs on a machine that has just warmed up.
+weft_round() {  # <suffix> <baseline first: 0|1>
+  local m pw
+  for m in enc plain; do
+    want "weft-$m" || continue
+    pw=""; [ "$m" = enc ] && pw=$PASSWORD
+    if [ -n "$BASE_BIN" ] && [ "$2" = 1 ]; then case_weft "base-$m$1" "$pw" "$BASE_BIN"; fi
+    case_weft "weft-$m$1" "$pw"
+    if [ -n "$BASE_BIN" ] && [ "$2" = 0 ]; then case_weft "base-$m$1" "$pw" "$BASE_BIN"; fi
+  done
+}
+for r in $(seq "$ROUNDS"); do
+  sfx=""; [ "$ROUNDS" -gt 1 ] && sfx="#$r"
+  weft_round "$sfx" $(( (r + 1) % 2 ))
+done
+# With several rounds, each case's figure is the median of its rounds.
+if [ "$ROUNDS" -gt 1 ]; then
+  for c in weft-enc base-enc weft-plain base-plain; do
+    vals=$(for k in "${ORDER[@]}"; do if [[ $k == "$c#"* ]]; then echo "${GBPS[$k]}"; fi; done)
+    [ -n "$vals" ] || continue
+    GBPS[$c]=$(echo "$vals" | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}')
+    echo "$(printf '%-22s' "$c") median of $ROUNDS: ${GBPS[$c]} Gbit/s ($(echo $vals | tr '\n' ' '))"
+  done
+fi
 want vxlan && case_vxlan
 if want tinc; then
   for row in $TINC_CIPHERS; do
@@ -379,6 +410,11 @@ if [ -n "${GBPS[weft-plain]:-}" ]; then
   [ -n "${GBPS[vxlan]:-}" ] && p+=" = ${r_pvx}x kernel VXLAN"
   parts+=("$p")
 fi
+for m in enc plain; do
+  if [ -n "${GBPS[base-$m]:-}" ] && [ -n "${GBPS[weft-$m]:-}" ]; then
+    parts+=("weft-$m ${GBPS[weft-$m]} vs baseline ${GBPS[base-$m]} Gbit/s = $(ratio "${GBPS[weft-$m]}" "${GBPS[base-$m]}")x")
+  fi
+done
 [ ${#parts[@]} -gt 0 ] || parts=("no weft case ran")
 echo "summary: $(IFS='|'; echo "${parts[*]}" | sed 's/|/; /g')"
 rows=$(for k in "${ORDER[@]}"; do
