@@ -218,13 +218,7 @@ fn demo_with_fake_weft() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", String::from_utf8_lossy(&out)));
     let text = String::from_utf8(out).unwrap();
     eprintln!("{text}");
-    assert!(
-        text.contains("2 of 2 pings ok") && text.contains("cleaned up"),
-        "{text}"
-    );
-    // the fake's `status dns` has no listener
-    assert!(text.contains("dns: skipped (no DNS server listening on h0)"), "{text}");
-    assert!(text.contains("on h1: ok, rtt avg ") && text.contains(" ms\n"), "{text}");
+    fake_weft::assert_demo_output(&text);
 }
 
 /// The namespace the calling thread is in (the target of /proc/thread-self/ns/net).

@@ -718,7 +718,7 @@ mod tests {
         let now = Instant::now();
         rig.g.inner_mut().bump();
         rig.g.flush(now, &rig.writer);
-        rig.finish(now);
+        assert!(rig.finish(now).1.is_ok());
         assert_eq!(rig.on_disk().as_deref(), Some("1"));
         let seq = rig.g.freeze_and_remove(&rig.writer).unwrap();
         rig.g.inner_mut().bump();

@@ -74,3 +74,11 @@ impl Drop for Fake {
         let _ = fs::remove_file(&self.0);
     }
 }
+
+/// What `demo` prints with the fake weft on three hosts: both pings answered (real ICMP across the
+/// underlay switch), DNS skipped because the fake lists no DNS server, everything cleaned up.
+pub fn assert_demo_output(text: &str) {
+    assert!(text.contains("2 of 2 pings ok") && text.contains("cleaned up"), "{text}");
+    assert!(text.contains("dns: skipped (no DNS server listening on h0)"), "{text}");
+    assert!(text.contains("on h1: ok, rtt avg ") && text.contains(" ms\n"), "{text}");
+}
