@@ -273,7 +273,7 @@ impl Actor {
         s.gossip_sent.store(st.gossip_sent, Relaxed);
         s.gossip_refused.store(st.gossip_refused, Relaxed);
         s.peers.store(self.core.topology().len() as u64, Relaxed);
-        s.ipam.set(&self.ipam.figures(&mut self.core));
+        self.ipam.publish(&mut self.core, &s.ipam);
         let c = self.dns.counts(&mut self.core);
         s.dns_entries.live.store(c.live as u64, Relaxed);
         s.dns_entries.own.store(c.own as u64, Relaxed);

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::services::ipam::IpamFigures;
+use crate::services::ipam::IpamGauges;
 
 /// Handshake failure labels, in counter order.
 pub const HANDSHAKE_LABELS: [&str; 7] =
@@ -14,60 +14,6 @@ pub const HANDSHAKE_LABELS: [&str; 7] =
 pub const READ_LABELS: [&str; 5] = ["closed", "oversized", "decrypt", "malformed", "io"];
 /// Connection states, in gauge order.
 pub const CONN_STATES: [&str; 2] = ["established", "pending"];
-
-/// Address allocation figures, refreshed by the actor.
-#[derive(Debug, Default)]
-pub struct IpamGauges {
-    /// Addresses held by containers here.
-    pub allocations: AtomicU64,
-    /// Addresses of the range this peer owns.
-    pub owned: AtomicU64,
-    /// Of those, free.
-    pub free: AtomicU64,
-    /// Addresses owned by unreachable peers.
-    pub unreachable: AtomicU64,
-    /// Requests waiting (consensus, donation).
-    pub pending: AtomicU64,
-    /// Addresses given out.
-    pub allocated_total: AtomicU64,
-    /// Addresses released.
-    pub released_total: AtomicU64,
-    /// Requests that failed.
-    pub failed_total: AtomicU64,
-    /// Donations made to other peers.
-    pub donated_total: AtomicU64,
-    /// Donations received.
-    pub received_total: AtomicU64,
-    /// Rings from peers refused.
-    pub refused_rings_total: AtomicU64,
-    /// State saves that failed.
-    pub save_errors_total: AtomicU64,
-    /// Messages for peers dropped because their save failed.
-    pub dropped_total: AtomicU64,
-}
-
-impl IpamGauges {
-    /// Stores a fresh set of figures.
-    pub fn set(&self, f: &IpamFigures) {
-        for (g, v) in [
-            (&self.allocations, f.allocations),
-            (&self.owned, f.owned),
-            (&self.free, f.free),
-            (&self.unreachable, f.unreachable),
-            (&self.pending, f.pending),
-            (&self.allocated_total, f.allocated_total),
-            (&self.released_total, f.released_total),
-            (&self.failed_total, f.failed_total),
-            (&self.donated_total, f.donated_total),
-            (&self.received_total, f.received_total),
-            (&self.refused_rings_total, f.refused_rings_total),
-            (&self.save_errors_total, f.save_errors_total),
-            (&self.dropped_total, f.dropped_total),
-        ] {
-            g.store(v, Relaxed);
-        }
-    }
-}
 
 /// DNS entry counts, refreshed by the actor.
 #[derive(Debug, Default)]

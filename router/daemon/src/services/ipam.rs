@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -223,35 +224,36 @@ enum Reset {
     Left,
 }
 
-/// Figures for metrics.
-#[derive(Debug, Default, Clone)]
-pub struct IpamFigures {
+/// Address allocation figures for metrics, as atomics the metrics endpoint reads at scrape
+/// time; [`IpamService::publish`] refreshes them.
+#[derive(Debug, Default)]
+pub struct IpamGauges {
     /// Addresses held by containers here.
-    pub allocations: u64,
+    pub allocations: AtomicU64,
     /// Addresses of the range this peer owns.
-    pub owned: u64,
+    pub owned: AtomicU64,
     /// Of those, free.
-    pub free: u64,
+    pub free: AtomicU64,
     /// Addresses owned by unreachable peers.
-    pub unreachable: u64,
+    pub unreachable: AtomicU64,
     /// Requests waiting (consensus, donation).
-    pub pending: u64,
+    pub pending: AtomicU64,
     /// Addresses given out.
-    pub allocated_total: u64,
+    pub allocated_total: AtomicU64,
     /// Addresses released.
-    pub released_total: u64,
+    pub released_total: AtomicU64,
     /// Requests that failed.
-    pub failed_total: u64,
+    pub failed_total: AtomicU64,
     /// Donations made to other peers.
-    pub donated_total: u64,
+    pub donated_total: AtomicU64,
     /// Donations received.
-    pub received_total: u64,
+    pub received_total: AtomicU64,
     /// Rings from peers refused.
-    pub refused_rings_total: u64,
+    pub refused_rings_total: AtomicU64,
     /// State saves that failed.
-    pub save_errors_total: u64,
-    /// Gossip and donation messages dropped because their save failed.
-    pub dropped_total: u64,
+    pub save_errors_total: AtomicU64,
+    /// Messages for peers dropped because their save failed.
+    pub dropped_total: AtomicU64,
 }
 
 /// See the module docs.
@@ -626,27 +628,29 @@ impl IpamService {
         v
     }
 
-    /// Figures for metrics.
-    pub fn figures(&self, core: &mut Router) -> IpamFigures {
+    /// Refreshes the metrics' figures.
+    pub fn publish(&self, core: &mut Router, to: &IpamGauges) {
         let g = gated(core);
         let ipam = g.inner();
         let st = ipam.status();
         let me = st.peers.iter().find(|p| p.me);
         let s = ipam.stats();
-        IpamFigures {
-            allocations: st.allocated as u64,
-            owned: me.map_or(0, |p| p.owned),
-            free: me.map_or(0, |p| p.free),
-            unreachable: st.unreachable_addresses,
-            pending: st.pending as u64,
-            allocated_total: s.allocated,
-            released_total: s.released,
-            failed_total: s.failed,
-            donated_total: s.donated,
-            received_total: s.received,
-            refused_rings_total: s.refused_rings,
-            save_errors_total: g.gate().errors(),
-            dropped_total: self.dropped + g.dropped_deltas(),
+        for (gauge, v) in [
+            (&to.allocations, st.allocated as u64),
+            (&to.owned, me.map_or(0, |p| p.owned)),
+            (&to.free, me.map_or(0, |p| p.free)),
+            (&to.unreachable, st.unreachable_addresses),
+            (&to.pending, st.pending as u64),
+            (&to.allocated_total, s.allocated),
+            (&to.released_total, s.released),
+            (&to.failed_total, s.failed),
+            (&to.donated_total, s.donated),
+            (&to.received_total, s.received),
+            (&to.refused_rings_total, s.refused_rings),
+            (&to.save_errors_total, g.gate().errors()),
+            (&to.dropped_total, self.dropped + g.dropped_deltas()),
+        ] {
+            gauge.store(v, Relaxed);
         }
     }
 }
