@@ -16,7 +16,7 @@ use crate::api::state::ApiState;
 use crate::api::server::{serve_api, serve_metrics};
 use crate::config::Options;
 use crate::control::actor::{forward_signals, Actor};
-use crate::control::conn::{accept_loop, resolve, Dialer};
+use crate::control::conn::{accept_loop, dial_on_request, resolve, Dialer};
 use crate::control::handshake::{generate_keypair, Handshaker};
 use crate::control::stats::ControlStats;
 use crate::control::status::StatusInfo;
@@ -150,7 +150,8 @@ impl Start {
         // Connections.
         let hello = Hello { name: id_name, nickname: nickname.clone(), uid, listen_port };
         let dialer = Arc::new(Dialer::new(keys, hello, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()));
-        tokio::spawn(accept_loop(dialer.clone(), listener));
+        let dials = dial_on_request(dialer.clone());
+        tokio::spawn(accept_loop(dialer, listener));
 
         // The API.
         let control = ControlHandle::new(inputs_tx.clone());
@@ -180,7 +181,7 @@ impl Start {
             offload, gso_segments = frames.gso_segments(), port = listen_port, "router started"
         );
         let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now };
-        let actor = Actor::new(core, frames.clone(), dialer, ipam, dns, writer, stats, info, inputs_tx);
+        let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx);
         let result = actor.run(inputs_rx, saves_rx).await;
 
         // Down: answers under way go out, then the threads stop.

@@ -19,7 +19,7 @@ use weft_ipam::NetnsRef;
 use weft_proto::sleeve::{Cipher, Opener, Sealer};
 use weft_proto::{ConnId, ControlMsg, Event, Router};
 
-use super::conn::{dial, Dialer};
+
 use super::conns::{Conn, Conns};
 use super::input::{ConnUp, Input, Request};
 use super::stats::ControlStats;
@@ -43,8 +43,8 @@ pub struct Actor {
     pub core: Router,
     /// The frame path, to install links and routes.
     pub frames: Arc<FramePath>,
-    /// For dialing peers the core asks for.
-    pub dialer: Arc<Dialer>,
+    /// Where to send the addresses the core asks us to dial (the dialing task holds the keys).
+    pub dials: mpsc::UnboundedSender<SocketAddr>,
     /// Address allocation.
     pub ipam: IpamService,
     /// Container DNS.
@@ -67,7 +67,7 @@ impl Actor {
     pub fn new(
         core: Router,
         frames: Arc<FramePath>,
-        dialer: Arc<Dialer>,
+        dials: mpsc::UnboundedSender<SocketAddr>,
         ipam: IpamService,
         dns: DnsService,
         writer: Writer,
@@ -75,7 +75,7 @@ impl Actor {
         info: StatusInfo,
         inputs: mpsc::Sender<Input>,
     ) -> Self {
-        Actor { core, frames, dialer, ipam, dns, writer, stats, info, inputs, conns: Conns::default(), stopping: None }
+        Actor { core, frames, dials, ipam, dns, writer, stats, info, inputs, conns: Conns::default(), stopping: None }
     }
 
     /// Runs until told to stop (SIGINT, SIGTERM, `weft stop`, `weft reset`) or every input
@@ -302,7 +302,9 @@ impl Actor {
             let Some(ev) = self.core.poll_event() else { break };
             match ev {
                 Event::Connect { addr } => {
-                    tokio::spawn(dial(self.dialer.clone(), addr));
+                    if self.dials.send(addr).is_err() {
+                        self.core.handle_connect_failed(Instant::now(), addr, "the router is stopping".into());
+                    }
                 }
                 Event::Disconnect { conn, reason } => self.close(conn, reason),
                 Event::RoutesChanged => {

@@ -79,8 +79,21 @@ pub async fn accept_loop(dialer: Arc<Dialer>, listener: TcpListener) {
     }
 }
 
+/// Starts the task that dials the addresses the actor asks for, each in a task of its own. The
+/// actor holds only the sender: the keys stay with the connection tasks. Unbounded, because the
+/// router core asks for each target once until it hears how the dial went.
+pub fn dial_on_request(dialer: Arc<Dialer>) -> mpsc::UnboundedSender<SocketAddr> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<SocketAddr>();
+    tokio::spawn(async move {
+        while let Some(addr) = rx.recv().await {
+            tokio::spawn(dial(dialer.clone(), addr));
+        }
+    });
+    tx
+}
+
 /// Dials `addr` and runs the connection; a failure before it is up is reported to the actor.
-pub async fn dial(dialer: Arc<Dialer>, addr: SocketAddr) {
+async fn dial(dialer: Arc<Dialer>, addr: SocketAddr) {
     let s = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return fail(&dialer, addr, format!("connect: {e}")).await,
