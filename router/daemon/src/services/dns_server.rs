@@ -23,11 +23,6 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// Where the server listens now (empty: nowhere yet).
-    pub fn listening(&self) -> Vec<SocketAddr> {
-        self.listening.borrow().clone()
-    }
-
     /// A receiver of where it listens, for the DNS service's status.
     pub fn subscribe(&self) -> watch::Receiver<Vec<SocketAddr>> {
         self.listening.clone()
