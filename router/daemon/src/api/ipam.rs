@@ -8,16 +8,15 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 use tracing::info;
-use weft_ipam::{Failure, FailureKind};
 
 use super::request::{blocking, wait_time};
 use super::error::{ApiError, ApiResult};
 use super::state::Shared;
 use crate::host::netns::{netns_path, netns_ref};
-use crate::services::ipam::{allocation_json, want, IpamError};
+use crate::services::ipam::{self, allocation_json, want};
 
 fn invalid(msg: impl Into<String>) -> ApiError {
-    IpamError::Refused(Failure { kind: FailureKind::Invalid, message: msg.into() }).into()
+    ipam::invalid(msg).into()
 }
 
 /// The routes.

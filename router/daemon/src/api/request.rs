@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use weft_ipam::{Failure, FailureKind};
 
 use super::error::{internal, ApiError};
-use crate::services::ipam::IpamError;
+use crate::services::ipam::invalid;
 
 /// Longest an API caller may ask to wait.
 const MAX_WAIT: f64 = 600.0;
@@ -15,8 +14,7 @@ const MAX_WAIT: f64 = 600.0;
 pub fn wait_time(secs: Option<f64>) -> Result<Duration, ApiError> {
     let s = secs.unwrap_or(30.0);
     if !(0.0..=MAX_WAIT).contains(&s) {
-        let message = format!("timeout_seconds must be between 0 and {MAX_WAIT}");
-        return Err(IpamError::Refused(Failure { kind: FailureKind::Invalid, message }).into());
+        return Err(invalid(format!("timeout_seconds must be between 0 and {MAX_WAIT}")).into());
     }
     Ok(Duration::from_secs_f64(s))
 }

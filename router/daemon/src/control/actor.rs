@@ -259,8 +259,9 @@ impl Actor {
     fn refresh_gauges(&mut self) {
         let s = &self.stats;
         let mut counts = [[0i64; 2]; 2];
-        for (id, c) in self.conns.iter() {
-            let state = usize::from(self.conns.state(*id).0 != "established");
+        for (_, c) in self.conns.iter() {
+            // Established exactly when a path works (see `Paths::describe`).
+            let state = usize::from(c.paths.active().is_none());
             counts[state][usize::from(!c.encrypted)] += 1;
         }
         for (row, gauges) in counts.iter().zip(&s.connections) {

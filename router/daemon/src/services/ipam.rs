@@ -166,7 +166,8 @@ impl std::fmt::Display for IpamError {
     }
 }
 
-fn invalid(message: impl Into<String>) -> IpamError {
+/// A request the allocator refuses as wrong.
+pub fn invalid(message: impl Into<String>) -> IpamError {
     IpamError::Refused(Failure { kind: FailureKind::Invalid, message: message.into() })
 }
 

@@ -500,9 +500,7 @@ impl<C: Durable> GossipChannel for Gated<C> {
         match delta {
             Some(d) if !self.settled() => {
                 if self.held_deltas < MAX_HELD_DELTAS {
-                    let seq = self.gate.needed(self.inner.is_dirty());
-                    self.held.push_back((seq, Pending::Delta(d)));
-                    self.held_deltas += 1;
+                    self.hold_delta(d);
                 } else {
                     self.dropped_deltas += 1;
                     debug!(%from, "merge delta dropped while a save is pending");
