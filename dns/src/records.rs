@@ -59,7 +59,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use weft_proto::{GossipChannel, PeerName};
+use weft_proto::{GossipChannel, Keys, PeerName};
 
 /// Longest container ID accepted (as IPAM).
 pub const MAX_ID_LEN: usize = 256;
@@ -1023,12 +1023,12 @@ impl GossipChannel for Records {
         encode(self.entries())
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
         self.merge_payload(from, payload).map_err(|e| e.to_string())
     }
 
     /// Merged like gossip; what it teaches us is queued as [`Output::Broadcast`].
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8]) -> Result<(), String> {
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<(), String> {
         if let Some(delta) = self
             .merge_payload(from, payload)
             .map_err(|e| e.to_string())?
@@ -1316,7 +1316,7 @@ mod tests {
         let mut a = Records::new(peer(1), 1);
         let mut b = Records::new(peer(2), 1);
         let d = a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
-        b.handle_unicast(peer(1), &d).unwrap();
+        b.handle_unicast(peer(1), &d, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap();
         assert!(matches!(b.poll_output(), Some(Output::Broadcast(_))));
         assert_eq!(b.poll_output(), None);
     }
@@ -1546,7 +1546,7 @@ mod tests {
             assert!(r.merge_payload(peer(2), &payload).is_err(), "{what}");
             assert!(r.entries().is_empty(), "{what}: nothing applied");
         }
-        assert!(r.merge(peer(2), &[9]).unwrap_err().contains("malformed"));
+        assert!(r.merge(peer(2), &[9], &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_err().contains("malformed"));
     }
 
     #[test]

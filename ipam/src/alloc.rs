@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use weft_proto::{GossipChannel, PeerName};
+use weft_proto::{GossipChannel, Keys, PeerName};
 
 use crate::addr::{ip, Cidr};
 use crate::paxos::{Claims, ClaimsMap, Paxos};
@@ -1220,7 +1220,7 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
         if payload.is_empty() {
             return Ok(None);
         }
@@ -1270,7 +1270,7 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8]) -> Result<(), String> {
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<(), String> {
         match Ipam::decode(payload)? {
             Msg::Request { seq, range } => {
                 self.donate(from, seq, range);
@@ -1341,7 +1341,7 @@ mod tests {
         let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1).expect("config");
         let mut ipam = Ipam::new(cfg, now);
         assert!(ipam.encode_full().is_empty());
-        assert_eq!(ipam.merge(PeerName::from_u64(2), &[]), Ok(None));
+        assert_eq!(ipam.merge(PeerName::from_u64(2), &[], &weft_proto::Keys::new(weft_proto::Trust::FirstUse)), Ok(None));
         assert!(!ipam.is_dirty());
         assert_eq!(ipam.poll_output(), None);
         ipam.prime(now);

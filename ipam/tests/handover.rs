@@ -203,7 +203,7 @@ impl Net {
 
     /// Host `i` takes the payload directly, as from `from`.
     fn inject(&mut self, i: usize, from: PeerName, payload: &[u8]) -> Result<(), String> {
-        let r = self.hosts[i].ipam().handle_unicast(from, payload);
+        let r = self.hosts[i].ipam().handle_unicast(from, payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
         self.flush(i);
         self.run();
         r

@@ -643,7 +643,7 @@ impl Net {
                 }
                 let from_name = self.peers[from].name;
                 let Some(ipam) = self.peers[to].ipam.as_mut() else { return };
-                let r = ipam.merge(from_name, &payload);
+                let r = ipam.merge(from_name, &payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
                 self.c.merges += 1;
                 self.after_input(to);
                 match r {
@@ -662,7 +662,7 @@ impl Net {
                 }
                 let from_name = self.peers[from].name;
                 let Some(ipam) = self.peers[to].ipam.as_mut() else { return };
-                let r = ipam.handle_unicast(from_name, &payload);
+                let r = ipam.handle_unicast(from_name, &payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
                 self.after_input(to);
                 if let Err(e) = r {
                     self.refused(to, from, e);

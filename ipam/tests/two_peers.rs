@@ -33,10 +33,10 @@ fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
         let Some((from, to, unicast, p)) = q.pop_front() else { return done };
         let name = PeerName::from_u64(from as u64 + 1);
         if unicast {
-            ps[to].handle_unicast(name, &p).unwrap_or_else(|e| panic!("{e}"));
+            ps[to].handle_unicast(name, &p, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_or_else(|e| panic!("{e}"));
         } else {
             // The delta would go to the other neighbours: there are none.
-            let _delta = ps[to].merge(name, &p).unwrap_or_else(|e| panic!("{e}"));
+            let _delta = ps[to].merge(name, &p, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     panic!("messages never stopped");

@@ -10,6 +10,7 @@
 //! any output; see `switch::MacTable`.) The daemon (`router/daemon`) is the
 //! shell around it.
 
+pub mod identity;
 pub mod name;
 pub mod replay;
 pub mod router;
@@ -17,6 +18,7 @@ pub mod sleeve;
 pub mod switch;
 pub mod topology;
 
+pub use identity::{Keys, PublicKey, Signature, SigningKey, Trust};
 pub use name::PeerName;
 pub use router::{ConnId, ControlMsg, Event, GossipChannel, Hello, Refusal, Router, RouterConfig, Transmit};
 pub use switch::{Inbound, Mac, MacTable, Owner, Switch};

@@ -16,6 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Keys;
 use crate::topology::{ConnectionInfo, PeerInfo, Routes, Topology, TopologyError};
 use crate::PeerName;
 
@@ -81,9 +82,13 @@ pub trait GossipChannel: Any + Send {
     /// Merges a payload from a neighbour. Returns the encoded delta of what was
     /// new (to pass on), `None` when nothing was, or a description of why the
     /// payload was refused (nothing of it applied).
-    fn merge(&mut self, from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String>;
-    /// A message addressed to this peer alone.
-    fn handle_unicast(&mut self, _from: PeerName, _payload: &[u8]) -> Result<(), String> {
+    ///
+    /// `keys` holds the key bound to each known name: a channel verifies its entries' origin
+    /// signatures against it and never merges or passes on an entry it cannot verify.
+    fn merge(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<Option<Vec<u8>>, String>;
+    /// A message addressed to this peer alone. `from` is authenticated: the router checked
+    /// the sender's signature of the whole message.
+    fn handle_unicast(&mut self, _from: PeerName, _payload: &[u8], _keys: &Keys) -> Result<(), String> {
         Ok(())
     }
     /// For downcasting to the concrete type.
@@ -273,6 +278,7 @@ pub struct Router {
     events: VecDeque<Event>,
     next_gossip: Instant,
     stats: Stats,
+    keys: Keys,
 }
 
 impl Router {
@@ -301,6 +307,7 @@ impl Router {
             events: VecDeque::new(),
             next_gossip: now + first,
             stats: Stats::default(),
+            keys: Keys::new(crate::identity::Trust::FirstUse),
         }
     }
 
@@ -597,7 +604,7 @@ impl Router {
                         }
                     }
                 } else if let Some(ch) = self.channels.get_mut(&channel) {
-                    match ch.merge(from, &payload) {
+                    match ch.merge(from, &payload, &self.keys) {
                         Ok(Some(delta)) => {
                             self.spread(&channel, delta, Some(conn));
                             Ok(())
@@ -622,7 +629,7 @@ impl Router {
                     return Ok(());
                 }
                 if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.handle_unicast(src, &payload).map_err(|e| format!("channel {channel}: {e}"))
+                    ch.handle_unicast(src, &payload, &self.keys).map_err(|e| format!("channel {channel}: {e}"))
                 } else {
                     self.events.push_back(Event::Unicast { from: src, channel, payload });
                     Ok(())
@@ -932,7 +939,7 @@ mod tests {
         fn encode_full(&self) -> Vec<u8> {
             postcard::to_stdvec(&self.0).unwrap_or_default()
         }
-        fn merge(&mut self, _from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        fn merge(&mut self, _from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
             let other: std::collections::BTreeSet<u32> = postcard::from_bytes(payload).map_err(|e| e.to_string())?;
             let new: std::collections::BTreeSet<u32> = other.difference(&self.0).copied().collect();
             self.0.extend(new.iter().copied());
@@ -978,7 +985,7 @@ mod tests {
         fn encode_full(&self) -> Vec<u8> {
             self.state.clone()
         }
-        fn merge(&mut self, _from: PeerName, _payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        fn merge(&mut self, _from: PeerName, _payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
             Ok(None)
         }
         fn as_any_mut(&mut self) -> &mut dyn Any {

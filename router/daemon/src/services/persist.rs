@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info};
-use weft_proto::{GossipChannel, PeerName};
+use weft_proto::{GossipChannel, Keys, PeerName};
 
 use crate::host::identity::write_atomic;
 
@@ -495,8 +495,8 @@ impl<C: Durable> GossipChannel for Gated<C> {
         }
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        let delta = self.inner.merge(from, payload)?;
+    fn merge(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<Option<Vec<u8>>, String> {
+        let delta = self.inner.merge(from, payload, keys)?;
         match delta {
             Some(d) if !self.settled() => {
                 if self.held_deltas < MAX_HELD_DELTAS {
@@ -511,8 +511,8 @@ impl<C: Durable> GossipChannel for Gated<C> {
         }
     }
 
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8]) -> Result<(), String> {
-        self.inner.handle_unicast(from, payload)
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<(), String> {
+        self.inner.handle_unicast(from, payload, keys)
     }
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
@@ -546,7 +546,7 @@ mod tests {
         fn encode_full(&self) -> Vec<u8> {
             self.n.to_be_bytes().to_vec()
         }
-        fn merge(&mut self, _from: PeerName, payload: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        fn merge(&mut self, _from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
             let n = u64::from_be_bytes(payload.try_into().map_err(|_| "bad".to_string())?);
             if n <= self.n {
                 return Ok(None);
@@ -650,7 +650,7 @@ mod tests {
         assert!(r.ready.is_empty() && r.failed.is_empty(), "nothing goes before the save");
         assert!(rig.g.encode_full().is_empty(), "no full state while unsaved");
         // A delta learned meanwhile waits too.
-        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes()).unwrap(), None);
+        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes(), &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap(), None);
         let (r, res) = rig.finish(now);
         assert!(res.is_ok());
         assert_eq!(core_outputs(&r).0, vec![1]);
@@ -666,7 +666,7 @@ mod tests {
         assert!(rig.g.settled());
         assert_eq!(rig.g.encode_full(), 5u64.to_be_bytes().to_vec());
         // Settled: a delta passes straight through, a query answer goes at once.
-        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes()).unwrap(), None);
+        assert_eq!(rig.g.merge(PeerName::from_u64(2), &5u64.to_be_bytes(), &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap(), None);
         let mut q = answer(&mut rig.g, "query");
         send_answers(rig.g.flush(now, &rig.writer));
         assert_eq!(q.try_recv().unwrap(), Ok("query"));
