@@ -16,12 +16,21 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Keys;
-use crate::topology::{ConnectionInfo, PeerInfo, Routes, Topology, TopologyError};
+use crate::identity::{
+    signed_bytes, Admitted, Certificate, Claim, Keys, Refused, Rekey, Revocation, Signature, SigningKey, Trust,
+    DOMAIN_BINDING, DOMAIN_UNICAST,
+};
+use crate::topology::{ConnectionInfo, Merged, PeerInfo, Routes, Topology, TopologyError};
 use crate::PeerName;
 
 /// The name of the built-in topology channel.
 pub const TOPOLOGY_CHANNEL: &str = "topology";
+/// The name of the built-in channel of name claims, re-keys and revocations.
+pub const IDENTITY_CHANNEL: &str = "identity";
+/// Most re-keys kept (one per name).
+const MAX_REKEYS: usize = 4096;
+/// Most neighbours forgeries are counted for.
+const MAX_FORGERS: usize = 1024;
 /// Hops a unicast gossip message may take.
 const UNICAST_TTL: u8 = 32;
 
@@ -53,6 +62,8 @@ pub enum ControlMsg {
         payload: Vec<u8>,
         /// Hops left.
         ttl: u8,
+        /// `src`'s signature of `(src, dst, channel, payload)`.
+        sig: Signature,
     },
     /// Whether the sender hears our sleeve heartbeats (the UDP path towards it works).
     SleeveState {
@@ -100,6 +111,14 @@ pub trait GossipChannel: Any + Send {
 pub struct RouterConfig {
     /// Our name.
     pub name: PeerName,
+    /// Our identity key: signs our topology entry, our unicast messages and our claim.
+    pub key: SigningKey,
+    /// How names are bound to keys in this mesh.
+    pub trust: Trust,
+    /// Our certificate, when the mesh has a CA.
+    pub certificate: Option<Certificate>,
+    /// The TCP port we listen on: announced with the addresses we are reached at.
+    pub listen_port: u16,
     /// Our nickname.
     pub nickname: String,
     /// Fresh on every start.
@@ -122,10 +141,14 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
-    /// Defaults for a peer with this name.
-    pub fn new(name: PeerName, nickname: String, uid: u64, seed: u64) -> Self {
+    /// Defaults for a peer with this name and identity key.
+    pub fn new(name: PeerName, nickname: String, uid: u64, seed: u64, key: SigningKey) -> Self {
         RouterConfig {
             name,
+            key,
+            trust: Trust::FirstUse,
+            certificate: None,
+            listen_port: 6783,
             nickname,
             uid,
             initial_version: 1,
@@ -150,6 +173,41 @@ pub struct Hello {
     pub uid: u64,
     /// The TCP port it listens on (for discovery by others).
     pub listen_port: u16,
+    /// The proof that its identity key may use its name.
+    pub claim: Claim,
+    /// Its identity key's signature of this connection's binding value (see
+    /// [`Hello::prove`]): the key is in use at the other end of this very connection.
+    pub proof: Signature,
+}
+
+impl Hello {
+    /// Our hello on the connection whose handshake produced `binding` (a value both ends
+    /// derive from the handshake and that no other connection has).
+    pub fn prove(key: &SigningKey, claim: Claim, nickname: String, uid: u64, listen_port: u16, binding: &[u8; 32]) -> Hello {
+        let name = claim.name;
+        let proof = key.sign(DOMAIN_BINDING, &signed_bytes(&(name, binding)));
+        Hello { name, nickname, uid, listen_port, claim, proof }
+    }
+
+    fn check(&self, binding: &[u8; 32]) -> Result<(), Refused> {
+        let name = self.name;
+        if self.claim.name != name {
+            return Err(Refused::BadSignature { name, what: "claim for another name" });
+        }
+        if !self.claim.key.verify(DOMAIN_BINDING, &signed_bytes(&(name, binding)), &self.proof) {
+            return Err(Refused::BadSignature { name, what: "connection binding" });
+        }
+        Ok(())
+    }
+}
+
+/// What the shell knows of a connection beyond the peer's hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// Our end's address: the address this peer was reached at (outbound: the one it used).
+    pub local: SocketAddr,
+    /// The handshake's binding value (see [`Hello::prove`]).
+    pub binding: [u8; 32],
 }
 
 /// Why a new connection was refused.
@@ -162,6 +220,9 @@ pub enum Refusal {
     /// Another connection to the same peer wins the tie-break.
     #[error("duplicate connection to {0}: keeping the other one")]
     Duplicate(PeerName),
+    /// The peer did not prove that its key may use its name.
+    #[error("{0}")]
+    Identity(Refused),
 }
 
 /// Something the shell must act on.
@@ -181,6 +242,16 @@ pub enum Event {
     },
     /// Routes changed: reprogram the data path from [`Router::routes`].
     RoutesChanged,
+    /// Name bindings changed (a new claim, a re-key, a revocation): persist
+    /// [`Router::identity_state`].
+    IdentitiesChanged,
+    /// A neighbour passed on entries that did not verify; they were dropped. For the log.
+    Forged {
+        /// The neighbour that sent them.
+        from: PeerName,
+        /// What was wrong, for each.
+        reasons: Vec<Refused>,
+    },
     /// A channel the router does not know got a unicast message for us.
     Unicast {
         /// Sender.
@@ -212,6 +283,8 @@ pub struct Connection {
     pub uid: u64,
     /// Its socket address on this connection.
     pub remote: SocketAddr,
+    /// Our end of this connection.
+    pub local: SocketAddr,
     /// Where it listens (remote IP, announced port).
     pub listen_addr: SocketAddr,
     /// Whether we dialed.
@@ -263,6 +336,24 @@ pub struct Stats {
     pub gossip_sent: u64,
     /// Gossip payloads refused as malformed or invalid.
     pub gossip_refused: u64,
+    /// Claims, connections and entries refused for their identity, by reason
+    /// ([`Refused::label`]).
+    pub identity_refused: BTreeMap<&'static str, u64>,
+    /// Entries that did not verify, by the neighbour that passed them on.
+    pub forged_by: BTreeMap<PeerName, u64>,
+    /// Entries held back because no key was bound to their origin yet.
+    pub unverified: u64,
+}
+
+/// The identity channel's payload: claims, re-keys and revocations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityState {
+    /// Name claims.
+    pub claims: Vec<Claim>,
+    /// Deliberate re-keys, each with the new key's claim.
+    pub rekeys: Vec<(Rekey, Claim)>,
+    /// CA revocations.
+    pub revocations: Vec<Revocation>,
 }
 
 /// The control-plane core. See the module docs for the calling convention.
@@ -279,6 +370,7 @@ pub struct Router {
     next_gossip: Instant,
     stats: Stats,
     keys: Keys,
+    rekeys: BTreeMap<PeerName, (Rekey, Claim)>,
 }
 
 impl Router {
@@ -290,8 +382,15 @@ impl Router {
             uid: cfg.uid,
             version: cfg.initial_version,
             connections: BTreeMap::new(),
+            addrs: Vec::new(),
+            sig: Signature([0; 64]),
         };
-        let topology = Topology::new(me);
+        let topology = Topology::new(me, cfg.key.clone());
+        let mut keys = Keys::new(cfg.trust);
+        // Our own claim is bound first. Under a CA without a valid certificate it is refused;
+        // the shell checks this before it starts (see `Router::own_claim`), and every peer
+        // would refuse us anyway.
+        let _ = keys.admit(&own_claim(&cfg));
         let routes = topology.routes();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let first = jitter(&mut rng, cfg.gossip_interval);
@@ -307,7 +406,8 @@ impl Router {
             events: VecDeque::new(),
             next_gossip: now + first,
             stats: Stats::default(),
-            keys: Keys::new(crate::identity::Trust::FirstUse),
+            keys,
+            rekeys: BTreeMap::new(),
         }
     }
 
@@ -346,6 +446,152 @@ impl Router {
         &self.stats
     }
 
+    /// The names bound to keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Our claim: our certificate if we have one, else self-signed.
+    pub fn own_claim(&self) -> Claim {
+        own_claim(&self.cfg)
+    }
+
+    /// What the identity channel holds, for the shell to persist and load at the next start.
+    pub fn identity_state(&self) -> IdentityState {
+        IdentityState {
+            claims: self.keys.claims().cloned().collect(),
+            rekeys: self.rekeys.values().cloned().collect(),
+            revocations: self.keys.revocations().cloned().collect(),
+        }
+    }
+
+    /// Loads bindings saved by an earlier run (each is checked again, as if gossiped).
+    /// Returns those refused.
+    pub fn load_identity_state(&mut self, now: Instant, state: IdentityState) -> Vec<Refused> {
+        let (_, refused) = self.merge_identity(now, state);
+        refused
+    }
+
+    /// Sets the wall clock (seconds since the Unix epoch) that certificates are checked
+    /// against; peers whose certificate expired are disconnected.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_secs: u64) {
+        for name in self.keys.set_now(unix_secs) {
+            self.cut_off(now, name, "its certificate expired");
+        }
+    }
+
+    /// Unbinds a name on this host (an operator's decision, e.g. after a host was
+    /// re-installed and lost its key). Its connection, if any, is closed. Returns whether
+    /// the name was bound.
+    pub fn forget_identity(&mut self, now: Instant, name: PeerName) -> bool {
+        if name == self.cfg.name || self.keys.forget(name).is_none() {
+            return false;
+        }
+        self.rekeys.remove(&name);
+        self.cut_off(now, name, "its name binding was forgotten by the operator");
+        self.events.push_back(Event::IdentitiesChanged);
+        true
+    }
+
+    /// Applies a revocation signed by the mesh CA and passes it on. Returns the name it
+    /// cut off, if it was bound.
+    pub fn revoke(&mut self, now: Instant, r: Revocation) -> Result<Option<PeerName>, Refused> {
+        let cut = self.keys.revoke(&r)?;
+        if let Some(name) = cut {
+            self.cut_off(now, name, "its key was revoked by the mesh CA");
+        }
+        self.events.push_back(Event::IdentitiesChanged);
+        let delta = IdentityState { revocations: vec![r], ..IdentityState::default() };
+        self.spread(IDENTITY_CHANNEL, postcard::to_stdvec(&delta).unwrap_or_default(), None);
+        Ok(cut)
+    }
+
+    /// Records a deliberate re-key of this router (made with the old key, by the shell) so it
+    /// is passed on to peers that still bind our name to the old key.
+    pub fn announce_rekey(&mut self, rekey: Rekey, claim: Claim) -> Result<(), Refused> {
+        self.keys.rekey(&rekey, &claim)?;
+        self.rekeys.insert(rekey.name, (rekey, claim));
+        self.events.push_back(Event::IdentitiesChanged);
+        Ok(())
+    }
+
+    /// Closes the connections to `name` and drops its topology entry.
+    fn cut_off(&mut self, now: Instant, name: PeerName, why: &str) {
+        let ids: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.peer == name).map(|(id, _)| *id).collect();
+        for id in ids {
+            self.drop_conn(now, id, false);
+            self.events.push_back(Event::Disconnect { conn: id, reason: format!("{name}: {why}") });
+        }
+        if self.topology.forget(name) {
+            self.after_topology_change(now);
+        }
+    }
+
+    /// Merges identity gossip; returns the delta to pass on and what was refused.
+    fn merge_identity(&mut self, now: Instant, st: IdentityState) -> (IdentityState, Vec<Refused>) {
+        let mut delta = IdentityState::default();
+        let mut refused = Vec::new();
+        for r in st.revocations {
+            match self.keys.revoke(&r) {
+                Ok(cut) => {
+                    if let Some(name) = cut {
+                        self.cut_off(now, name, "its key was revoked by the mesh CA");
+                        delta.revocations.push(r);
+                    } else if !self.keys.revocations().any(|k| *k == r) {
+                        delta.revocations.push(r);
+                    }
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+        for (rk, claim) in st.rekeys {
+            if self.rekeys.get(&rk.name).is_some_and(|(have, _)| *have == rk) {
+                continue;
+            }
+            match self.keys.rekey(&rk, &claim) {
+                Ok(changed) => {
+                    if changed {
+                        // Connections made with the old key end; the peer comes back with
+                        // the new one.
+                        self.cut_off(now, rk.name, "it was re-keyed");
+                    }
+                    if self.rekeys.len() < MAX_REKEYS || self.rekeys.contains_key(&rk.name) {
+                        self.rekeys.insert(rk.name, (rk.clone(), claim.clone()));
+                        delta.rekeys.push((rk, claim));
+                    }
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+        for c in st.claims {
+            match self.keys.admit(&c) {
+                Ok(Admitted::New) => delta.claims.push(c),
+                Ok(Admitted::Known) => {}
+                Err(e) => refused.push(e),
+            }
+        }
+        for e in &refused {
+            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+        }
+        if !delta.claims.is_empty() || !delta.rekeys.is_empty() || !delta.revocations.is_empty() {
+            self.events.push_back(Event::IdentitiesChanged);
+        }
+        (delta, refused)
+    }
+
+    fn count_forged(&mut self, from: PeerName, reasons: Vec<Refused>) {
+        if reasons.is_empty() {
+            return;
+        }
+        for r in &reasons {
+            *self.stats.identity_refused.entry(r.label()).or_default() += 1;
+        }
+        if self.stats.forged_by.len() < MAX_FORGERS || self.stats.forged_by.contains_key(&from) {
+            *self.stats.forged_by.entry(from).or_default() += reasons.len() as u64;
+        }
+        self.events.push_back(Event::Forged { from, reasons });
+    }
+
     /// Adds a gossip channel (IPAM, DNS, ...). Its state is pushed to new
     /// neighbours and in anti-entropy rounds from now on.
     pub fn register_channel(&mut self, name: &str, channel: Box<dyn GossipChannel>) {
@@ -365,13 +611,9 @@ impl Router {
     /// Sends a message to one peer, relayed along unicast routes. Returns false
     /// when the peer is unreachable.
     pub fn send_unicast(&mut self, dst: PeerName, channel: &str, payload: Vec<u8>) -> bool {
-        let msg = ControlMsg::Unicast {
-            src: self.cfg.name,
-            dst,
-            channel: channel.to_owned(),
-            payload,
-            ttl: UNICAST_TTL,
-        };
+        let src = self.cfg.name;
+        let sig = self.cfg.key.sign(DOMAIN_UNICAST, &signed_bytes(&(src, dst, channel, &payload)));
+        let msg = ControlMsg::Unicast { src, dst, channel: channel.to_owned(), payload, ttl: UNICAST_TTL, sig };
         self.forward_unicast(dst, msg)
     }
 
@@ -435,6 +677,10 @@ impl Router {
 
     /// A control connection finished its handshake. `target` is the address we
     /// dialed (outbound only). On `Err` the shell closes the connection.
+    ///
+    /// The peer must prove its name: its hello's claim must hold (a name already bound to
+    /// another key is refused, whatever its UID), and the claimed key must have signed this
+    /// connection's binding value.
     pub fn handle_connection_up(
         &mut self,
         now: Instant,
@@ -442,8 +688,18 @@ impl Router {
         remote: SocketAddr,
         target: Option<SocketAddr>,
         hello: Hello,
+        session: Session,
     ) -> Result<(), Refusal> {
         let outbound = target.is_some();
+        if let Err(e) = hello.check(&session.binding) {
+            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+            return Err(Refusal::Identity(e));
+        }
+        if hello.name == self.cfg.name && hello.claim.key != self.cfg.key.public() {
+            let e = Refused::Impostor { name: hello.name, pinned: self.cfg.key.public(), offered: hello.claim.key };
+            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+            return Err(Refusal::Identity(e));
+        }
         if hello.name == self.cfg.name {
             if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
                 t.peer = Some(hello.name);
@@ -451,6 +707,21 @@ impl Router {
                 t.last_error = Some("this address is our own".into());
             }
             return Err(Refusal::OurSelf);
+        }
+        match self.keys.admit(&hello.claim) {
+            Ok(Admitted::New) => {
+                let delta = IdentityState { claims: vec![hello.claim.clone()], ..IdentityState::default() };
+                self.spread(IDENTITY_CHANNEL, postcard::to_stdvec(&delta).unwrap_or_default(), None);
+                self.events.push_back(Event::IdentitiesChanged);
+            }
+            Ok(Admitted::Known) => {}
+            Err(e) => {
+                *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+                if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
+                    t.last_error = Some(e.to_string());
+                }
+                return Err(Refusal::Identity(e));
+            }
         }
         let existing = self.conns.iter().find(|(_, c)| c.peer == hello.name).map(|(id, c)| (*id, c.clone()));
         if let Some((old_id, old)) = existing {
@@ -496,6 +767,7 @@ impl Router {
                 nickname: hello.nickname,
                 uid: hello.uid,
                 remote,
+                local: session.local,
                 listen_addr,
                 outbound,
                 target,
@@ -506,7 +778,8 @@ impl Router {
         // A new neighbour starts with our digest and gets back what we lack;
         // it answers its own digest's gaps the same way. Two peers of one mesh
         // exchange a few bytes per peer instead of every entry. Channels send
-        // their full state.
+        // their full state. Name claims go first, so that the entries after them verify.
+        self.send_identities(conn);
         self.send_digest(conn, false);
         self.send_channels(conn);
         self.own_entry_changed(now);
@@ -555,6 +828,17 @@ impl Router {
         match msg {
             ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } => Ok(()),
             ControlMsg::Digest { channel, payload, reply } => {
+                if channel == IDENTITY_CHANNEL {
+                    // A hash of the sender's claims, re-keys and revocations: when ours
+                    // differs, each side sends its whole set and merging converges.
+                    if payload != self.identity_digest() {
+                        self.send_identities(conn);
+                        if !reply {
+                            self.send_identity_digest(conn, true);
+                        }
+                    }
+                    return Ok(());
+                }
                 if channel != TOPOLOGY_CHANNEL {
                     return Ok(());
                 }
@@ -582,9 +866,34 @@ impl Router {
             }
             ControlMsg::Gossip { channel, payload } => {
                 self.stats.gossip_received += 1;
-                if channel == TOPOLOGY_CHANNEL {
-                    match self.topology.merge_payload(&payload) {
-                        Ok(delta) => {
+                if channel == IDENTITY_CHANNEL {
+                    let st: IdentityState = match postcard::from_bytes(&payload) {
+                        Ok(st) => st,
+                        Err(e) => {
+                            self.stats.gossip_refused += 1;
+                            return Err(format!("malformed identity gossip: {e}"));
+                        }
+                    };
+                    let n = st.claims.len() + st.rekeys.len() + st.revocations.len();
+                    if n > crate::identity::MAX_KEYS + MAX_REKEYS + crate::identity::MAX_REVOCATIONS {
+                        self.stats.gossip_refused += 1;
+                        return Err(format!("identity gossip of {n} entries"));
+                    }
+                    let (delta, refused) = self.merge_identity(now, st);
+                    // Refused claims here are conflicts, not attacks by the neighbour as such
+                    // (it may have pinned another key first): counted, logged, not relayed.
+                    if !refused.is_empty() {
+                        self.events.push_back(Event::Forged { from, reasons: refused });
+                    }
+                    if delta != IdentityState::default() {
+                        self.spread(IDENTITY_CHANNEL, postcard::to_stdvec(&delta).unwrap_or_default(), Some(conn));
+                    }
+                    Ok(())
+                } else if channel == TOPOLOGY_CHANNEL {
+                    match self.topology.merge_payload(&payload, &self.keys) {
+                        Ok(Merged { delta, forged, unverified }) => {
+                            self.stats.unverified += unverified as u64;
+                            self.count_forged(from, forged);
                             // Keep and pass on only what is reachable. The entry of a dead
                             // peer keeps circulating for a while; merged, it is garbage at
                             // once, and passing it on would make every receiver merge,
@@ -620,10 +929,20 @@ impl Router {
                     Ok(())
                 }
             }
-            ControlMsg::Unicast { src, dst, channel, payload, ttl } => {
+            ControlMsg::Unicast { src, dst, channel, payload, ttl, sig } => {
+                // Checked on every hop, so a forgery goes no further than the first router.
+                let signed = signed_bytes(&(src, dst, &channel, &payload));
+                if let Err(e) = self.keys.verify(src, DOMAIN_UNICAST, &signed, &sig, "unicast message") {
+                    if matches!(e, Refused::UnknownKey { .. }) {
+                        self.stats.unverified += 1;
+                    } else {
+                        self.count_forged(from, vec![e]);
+                    }
+                    return Ok(());
+                }
                 if dst != self.cfg.name {
                     if ttl > 1 {
-                        let msg = ControlMsg::Unicast { src, dst, channel, payload, ttl: ttl - 1 };
+                        let msg = ControlMsg::Unicast { src, dst, channel, payload, ttl: ttl - 1, sig };
                         self.forward_unicast(dst, msg);
                     }
                     return Ok(());
@@ -646,6 +965,7 @@ impl Router {
             // peers × connections), other channels by full state.
             let picked = self.pick_neighbours(None);
             for conn in picked {
+                self.send_identity_digest(conn, false);
                 self.send_digest(conn, false);
                 self.send_channels(conn);
             }
@@ -667,6 +987,23 @@ impl Router {
         let Some(conn) = self.conns.iter().find(|(_, c)| c.peer == hop).map(|(id, _)| *id) else { return false };
         self.transmits.push_back(Transmit { conn, msg });
         true
+    }
+
+    fn send_identities(&mut self, conn: ConnId) {
+        self.stats.gossip_sent += 1;
+        let payload = postcard::to_stdvec(&self.identity_state()).unwrap_or_default();
+        self.transmits.push_back(Transmit { conn, msg: ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload } });
+    }
+
+    fn identity_digest(&self) -> Vec<u8> {
+        let bytes = postcard::to_stdvec(&self.identity_state()).unwrap_or_default();
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref().to_vec()
+    }
+
+    fn send_identity_digest(&mut self, conn: ConnId, reply: bool) {
+        self.stats.gossip_sent += 1;
+        let payload = self.identity_digest();
+        self.transmits.push_back(Transmit { conn, msg: ControlMsg::Digest { channel: IDENTITY_CHANNEL.into(), payload, reply } });
     }
 
     fn send_digest(&mut self, conn: ConnId, reply: bool) {
@@ -714,6 +1051,9 @@ impl Router {
                 (c.peer, ConnectionInfo { addr: Some(c.listen_addr), outbound: c.outbound, established: c.established })
             })
             .collect();
+        let port = self.cfg.listen_port;
+        let addrs: Vec<SocketAddr> = self.conns.values().map(|c| SocketAddr::new(c.local.ip(), port)).collect();
+        let addrs_changed = self.topology.set_my_addrs(addrs);
         let old = self.topology.my_info().connections.clone();
         let changed: Vec<PeerName> = conns
             .iter()
@@ -721,7 +1061,7 @@ impl Router {
             .map(|(p, _)| *p)
             .chain(old.keys().filter(|p| !conns.contains_key(p)).copied())
             .collect();
-        if self.topology.set_my_connections(conns) {
+        if self.topology.set_my_connections(conns) || addrs_changed {
             let me = self.topology.my_info().clone();
             // Like any delta, our new entry goes to a bounded set of neighbours and
             // spreads from there; the peers whose connection to us changed get it
@@ -761,14 +1101,14 @@ impl Router {
     fn discover(&mut self, now: Instant) {
         let connected: Vec<PeerName> = self.conns.values().map(|c| c.peer).collect();
         let mut wanted: BTreeMap<SocketAddr, PeerName> = BTreeMap::new();
+        // Only addresses a peer announced for itself, in its own signed entry: a peer cannot
+        // make us dial an address on another's behalf.
         for p in self.topology.peers() {
-            for (other, ci) in &p.connections {
-                if *other == self.cfg.name || connected.contains(other) {
-                    continue;
-                }
-                if let Some(addr) = ci.addr {
-                    wanted.insert(addr, *other);
-                }
+            if p.name == self.cfg.name || connected.contains(&p.name) {
+                continue;
+            }
+            for addr in &p.addrs {
+                wanted.insert(*addr, p.name);
             }
         }
         let me = self.cfg.name;
@@ -806,6 +1146,13 @@ impl Router {
     }
 }
 
+fn own_claim(cfg: &RouterConfig) -> Claim {
+    match &cfg.certificate {
+        Some(c) => Claim::certified(c.clone()),
+        None => Claim::self_signed(&cfg.key, cfg.name),
+    }
+}
+
 fn jitter(rng: &mut StdRng, d: Duration) -> Duration {
     d.mul_f64(rng.random_range(0.8..1.2))
 }
@@ -824,12 +1171,22 @@ mod tests {
         PeerName::from_u64(i)
     }
 
+    fn key(i: u64) -> SigningKey {
+        SigningKey::from_seed(&[i as u8; 32]).expect("key")
+    }
+
     fn router(i: u64, now: Instant) -> Router {
-        Router::new(RouterConfig::new(n(i), format!("p{i}"), i * 100, i), now)
+        Router::new(RouterConfig::new(n(i), format!("p{i}"), i * 100, i, key(i)), now)
+    }
+
+    const BINDING: [u8; 32] = [9; 32];
+
+    fn session() -> Session {
+        Session { local: addr(100), binding: BINDING }
     }
 
     fn hello(i: u64, uid: u64) -> Hello {
-        Hello { name: n(i), nickname: format!("p{i}"), uid, listen_port: 6783 }
+        Hello::prove(&key(i), Claim::self_signed(&key(i), n(i)), format!("p{i}"), uid, 6783, &BINDING)
     }
 
     fn addr(i: u8) -> SocketAddr {
@@ -855,17 +1212,17 @@ mod tests {
         // connection dialed by peer 1, whatever order they see them in.
         let mut a = router(1, now);
         a.add_target(now, addr(2));
-        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("inbound first");
-        assert!(a.handle_connection_up(now, ConnId(2), addr(2), Some(addr(2)), hello(2, 200)).is_ok(), "ours wins");
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("inbound first");
+        assert!(a.handle_connection_up(now, ConnId(2), addr(2), Some(addr(2)), hello(2, 200), session()).is_ok(), "ours wins");
         let (_, ev) = drain(&mut a);
         assert!(ev.contains(&Event::Disconnect { conn: ConnId(1), reason: format!("duplicate connection to {}", n(2)) }));
         assert_eq!(a.connections().keys().copied().collect::<Vec<_>>(), vec![ConnId(2)]);
 
         let mut b = router(2, now);
         b.add_target(now, addr(1));
-        b.handle_connection_up(now, ConnId(7), addr(1), Some(addr(1)), hello(1, 100)).expect("outbound first");
+        b.handle_connection_up(now, ConnId(7), addr(1), Some(addr(1)), hello(1, 100), session()).expect("outbound first");
         assert_eq!(
-            b.handle_connection_up(now, ConnId(8), addr(1), None, hello(1, 100)),
+            b.handle_connection_up(now, ConnId(8), addr(1), None, hello(1, 100), session()),
             Ok(()),
             "the inbound one (dialed by peer 1) wins on peer 2 too"
         );
@@ -879,8 +1236,8 @@ mod tests {
     fn a_restarted_peer_replaces_its_old_connection() {
         let now = Instant::now();
         let mut a = router(1, now);
-        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("first life");
-        a.handle_connection_up(now, ConnId(2), addr(2), None, hello(2, 201)).expect("second life");
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("first life");
+        a.handle_connection_up(now, ConnId(2), addr(2), None, hello(2, 201), session()).expect("second life");
         let (_, ev) = drain(&mut a);
         assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(1), reason } if reason.contains("restarted"))));
     }
@@ -890,7 +1247,7 @@ mod tests {
         let now = Instant::now();
         let mut a = router(1, now);
         a.add_target(now, addr(1));
-        assert_eq!(a.handle_connection_up(now, ConnId(1), addr(1), Some(addr(1)), hello(1, 100)), Err(Refusal::OurSelf));
+        assert_eq!(a.handle_connection_up(now, ConnId(1), addr(1), Some(addr(1)), hello(1, 100), session()), Err(Refusal::OurSelf));
         assert_eq!(a.targets()[&addr(1)].state, TargetState::Idle);
     }
 
@@ -921,7 +1278,7 @@ mod tests {
         let now = Instant::now();
         let mut a = router(1, now);
         a.add_target(now, addr(2));
-        a.handle_connection_up(now, ConnId(1), addr(2), Some(addr(2)), hello(2, 200)).expect("up");
+        a.handle_connection_up(now, ConnId(1), addr(2), Some(addr(2)), hello(2, 200), session()).expect("up");
         drain(&mut a);
         assert!(a.forget_target(addr(2)));
         assert!(!a.forget_target(addr(2)));
@@ -929,6 +1286,122 @@ mod tests {
         assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(1), .. })));
         a.handle_connection_down(now, ConnId(1), "closed");
         assert!(a.targets().is_empty());
+    }
+
+    #[test]
+    fn a_name_bound_to_a_key_cannot_be_taken_by_another() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("the real peer 2");
+        drain(&mut a);
+        // A password holder with its own key says it is peer 2 (a newer UID, as after a restart).
+        let rogue = Hello::prove(&key(66), Claim::self_signed(&key(66), n(2)), "p2".into(), 201, 6783, &BINDING);
+        let refused = a.handle_connection_up(now, ConnId(2), addr(66), None, rogue, session());
+        assert!(matches!(refused, Err(Refusal::Identity(Refused::Impostor { .. }))), "{refused:?}");
+        // The real connection is untouched, and the refusal is counted.
+        assert_eq!(a.connections().keys().copied().collect::<Vec<_>>(), vec![ConnId(1)]);
+        assert!(drain(&mut a).1.iter().all(|e| !matches!(e, Event::Disconnect { .. })));
+        assert_eq!(a.stats().identity_refused.get("impostor"), Some(&1));
+        // Once peer 2 is gone, its name stays bound: a dead host cannot be impersonated either.
+        a.handle_connection_down(now, ConnId(1), "closed");
+        let rogue = Hello::prove(&key(66), Claim::self_signed(&key(66), n(2)), "p2".into(), 202, 6783, &BINDING);
+        assert!(a.handle_connection_up(now, ConnId(3), addr(66), None, rogue, session()).is_err());
+        // Nor us.
+        let me = Hello::prove(&key(66), Claim::self_signed(&key(66), n(1)), "p1".into(), 9, 6783, &BINDING);
+        assert!(matches!(a.handle_connection_up(now, ConnId(4), addr(66), None, me, session()), Err(Refusal::Identity(_))));
+    }
+
+    #[test]
+    fn a_hello_replayed_from_another_connection_is_refused() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        // Peer 2's hello was made for another connection's binding value.
+        let other = Session { local: addr(100), binding: [1; 32] };
+        let r = a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), other);
+        assert!(matches!(r, Err(Refusal::Identity(Refused::BadSignature { .. }))), "{r:?}");
+        assert!(a.connections().is_empty());
+        // Nothing was bound for it.
+        assert_eq!(a.keys().get(n(2)), None);
+    }
+
+    #[test]
+    fn forged_unicasts_are_dropped_and_counted_against_the_neighbour() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.register_channel("set", Box::new(Set::default()));
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
+        a.handle_connection_up(now, ConnId(3), addr(3), None, hello(3, 300), session()).expect("up");
+        drain(&mut a);
+        // Peer 2 sends a unicast in peer 3's name.
+        let payload = postcard::to_stdvec(&std::collections::BTreeSet::from([1u32])).expect("enc");
+        let sig = key(2).sign(DOMAIN_UNICAST, &signed_bytes(&(n(3), n(1), "set", &payload)));
+        let msg = ControlMsg::Unicast { src: n(3), dst: n(1), channel: "set".into(), payload: payload.clone(), ttl: 3, sig };
+        a.handle_message(now, ConnId(1), msg).expect("dropped quietly");
+        assert_eq!(a.stats().forged_by.get(&n(2)), Some(&1));
+        assert!(drain(&mut a).1.iter().any(|e| matches!(e, Event::Forged { from, .. } if *from == n(2))));
+        // Signed by 3 itself, it is taken; so is one relayed for a third peer (checked, then passed on).
+        let sig = key(3).sign(DOMAIN_UNICAST, &signed_bytes(&(n(3), n(1), "set", &payload)));
+        let msg = ControlMsg::Unicast { src: n(3), dst: n(1), channel: "set".into(), payload, ttl: 3, sig };
+        a.handle_message(now, ConnId(1), msg).expect("taken");
+        assert_eq!(a.stats().forged_by.get(&n(2)), Some(&1));
+    }
+
+    #[test]
+    fn forged_topology_gossip_changes_nothing_and_discovery_dials_only_self_announced_addresses() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
+        drain(&mut a);
+        // Peer 2 writes an entry for peer 3 (whose key a knows from a claim), pointing discovery
+        // at a victim address, and bumps its version to the top.
+        let claim3 = IdentityState { claims: vec![Claim::self_signed(&key(3), n(3))], ..IdentityState::default() };
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload: postcard::to_stdvec(&claim3).expect("enc") }).expect("claims");
+        let mut forged = PeerInfo {
+            name: n(3),
+            nickname: "p3".into(),
+            uid: 300,
+            version: u64::MAX,
+            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true })]),
+            addrs: vec![addr(77)],
+            sig: Signature([0; 64]),
+        };
+        forged.sign(&key(2));
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: Topology::encode(&[forged]) }).expect("handled");
+        assert!(a.topology().get(n(3)).is_none());
+        assert_eq!(a.stats().forged_by.get(&n(2)), Some(&1));
+        a.handle_timeout(now + Duration::from_secs(60));
+        assert!(!drain(&mut a).1.contains(&Event::Connect { addr: addr(77) }));
+        // Peer 2's own entry may name any address for its connection to 3, but discovery
+        // dials 3 only where 3 says it listens.
+        let mut honest3 = PeerInfo {
+            name: n(3),
+            nickname: "p3".into(),
+            uid: 300,
+            version: 1,
+            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: None, outbound: false, established: true })]),
+            addrs: vec![addr(3)],
+            sig: Signature([0; 64]),
+        };
+        honest3.sign(&key(3));
+        let mut p2 = PeerInfo {
+            name: n(2),
+            nickname: "p2".into(),
+            uid: 200,
+            version: 5,
+            connections: BTreeMap::from([
+                (n(1), ConnectionInfo { addr: None, outbound: false, established: true }),
+                (n(3), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true }),
+            ]),
+            addrs: vec![addr(2)],
+            sig: Signature([0; 64]),
+        };
+        p2.sign(&key(2));
+        a.handle_message(now, ConnId(1), ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: Topology::encode(&[p2, honest3]) }).expect("merge");
+        let (_, ev) = drain(&mut a);
+        a.handle_timeout(now + Duration::from_secs(60));
+        let (_, ev2) = drain(&mut a);
+        let connects: Vec<&Event> = ev.iter().chain(&ev2).filter(|e| matches!(e, Event::Connect { .. })).collect();
+        assert_eq!(connects, vec![&Event::Connect { addr: addr(3) }]);
     }
 
     /// A grow-only set of numbers, as a stand-in for IPAM or DNS.
@@ -955,8 +1428,8 @@ mod tests {
         let now = Instant::now();
         let mut a = router(1, now);
         a.register_channel("set", Box::new(Set::default()));
-        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
-        a.handle_connection_up(now, ConnId(2), addr(3), None, hello(3, 300)).expect("up");
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
+        a.handle_connection_up(now, ConnId(2), addr(3), None, hello(3, 300), session()).expect("up");
         let (tx, _) = drain(&mut a);
         assert!(tx.iter().any(|t| t.conn == ConnId(2) && matches!(&t.msg, ControlMsg::Gossip { channel, .. } if channel == "set")));
         let payload = postcard::to_stdvec(&std::collections::BTreeSet::from([5u32, 6])).expect("enc");
@@ -1003,7 +1476,7 @@ mod tests {
             tx.iter().filter(|t| matches!(&t.msg, ControlMsg::Gossip { channel, .. } if channel == ch)).count()
         };
         // On connect: the set (an empty set still encodes to one byte) goes, the held channel does not.
-        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
+        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
         let (tx, _) = drain(&mut a);
         assert_eq!((gossip_of(&tx, "set"), gossip_of(&tx, "held")), (1, 0), "{tx:?}");
         // Nor in anti-entropy.
@@ -1028,8 +1501,8 @@ mod tests {
     fn anti_entropy_exchanges_digests_and_only_what_is_missing() {
         let t0 = Instant::now();
         let (mut a, mut b) = (router(1, t0), router(2, t0));
-        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200)).expect("a up");
-        b.handle_connection_up(t0, ConnId(2), addr(1), None, hello(1, 100)).expect("b up");
+        a.handle_connection_up(t0, ConnId(1), addr(2), None, hello(2, 200), session()).expect("a up");
+        b.handle_connection_up(t0, ConnId(2), addr(1), None, hello(1, 100), session()).expect("b up");
         // Exchange until quiet, like a network would.
         let pump = |a: &mut Router, b: &mut Router| {
             for _ in 0..10 {
@@ -1052,17 +1525,21 @@ mod tests {
         let later = t0 + Duration::from_secs(60);
         a.handle_timeout(later);
         let (ta, _) = drain(&mut a);
-        assert_eq!(ta.len(), 1);
-        let ControlMsg::Digest { payload, reply: false, .. } = &ta[0].msg else { panic!("{:?}", ta[0].msg) };
-        assert!(payload.len() < 64, "a digest of two peers is small: {} bytes", payload.len());
-        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("digest");
+        assert_eq!(ta.len(), 2, "an identity digest and a topology digest: {ta:?}");
+        for t in &ta {
+            let ControlMsg::Digest { payload, reply: false, .. } = &t.msg else { panic!("{:?}", t.msg) };
+            assert!(payload.len() < 64, "a digest of two peers is small: {} bytes", payload.len());
+            b.handle_message(later, ConnId(2), t.msg.clone()).expect("digest");
+        }
         assert!(drain(&mut b).0.is_empty(), "nothing to send when in sync");
         // b falls behind on a's entry: a's digest makes b ask back, and a answers with just that entry.
         a.handle_sleeve_state(later, ConnId(1), true);
         drain(&mut a);
         a.handle_timeout(later + Duration::from_secs(60));
         let (ta, _) = drain(&mut a);
-        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("digest");
+        b.handle_message(later, ConnId(2), ta[0].msg.clone()).expect("identity digest");
+        assert!(drain(&mut b).0.is_empty(), "identities in sync");
+        b.handle_message(later, ConnId(2), ta[1].msg.clone()).expect("digest");
         let (tb, _) = drain(&mut b);
         assert!(matches!(&tb[..], [Transmit { msg: ControlMsg::Digest { reply: true, .. }, .. }]), "{tb:?}");
         a.handle_message(later, ConnId(1), tb[0].msg.clone()).expect("reply digest");
@@ -1081,11 +1558,11 @@ mod tests {
         fn malformed_topology_gossip_changes_nothing(cut in 0usize..200, junk in proptest::collection::vec(any::<u8>(), 0..300)) {
             let now = Instant::now();
             let mut a = router(1, now);
-            a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200)).expect("up");
+            a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
             drain(&mut a);
             let before: Vec<PeerInfo> = a.topology().peers().cloned().collect();
             let mut b = router(2, now);
-            b.handle_connection_up(now, ConnId(9), addr(1), None, hello(1, 100)).expect("up");
+            b.handle_connection_up(now, ConnId(9), addr(1), None, hello(1, 100), session()).expect("up");
             let full = Topology::encode(&b.topology().peers().cloned().collect::<Vec<_>>());
             let truncated = full[..cut.min(full.len().saturating_sub(1))].to_vec();
             let msg = ControlMsg::Gossip { channel: TOPOLOGY_CHANNEL.into(), payload: truncated };

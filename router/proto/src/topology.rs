@@ -1,15 +1,17 @@
 //! Topology: who is connected to whom, as a CRDT that merges by gossip, and
 //! the routes computed from it.
 //!
-//! Each peer is the only writer of its own [`PeerInfo`]; an entry with a
-//! higher `(version, uid)` replaces an older one, so merging is a
-//! last-writer-wins map, which is commutative, associative and idempotent.
+//! Each peer is the only writer of its own [`PeerInfo`], and signs it with its identity key;
+//! an entry is merged only if its signature verifies against the key bound to its name (see
+//! [`crate::identity`]). An entry with a higher `(version, uid)` replaces an older one, so
+//! merging is a last-writer-wins map, which is commutative, associative and idempotent.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::{signed_bytes, Keys, Refused, Signature, SigningKey, DOMAIN_TOPOLOGY};
 use crate::PeerName;
 
 /// Upper bound on peers kept from gossip; more is treated as a misbehaving peer.
@@ -18,6 +20,8 @@ pub const MAX_PEERS: usize = 4096;
 pub const MAX_CONNECTIONS_PER_PEER: usize = 4096;
 /// Upper bound on a nickname's length in bytes.
 pub const MAX_NICKNAME: usize = 64;
+/// Upper bound on the addresses one peer announces for itself.
+pub const MAX_ADDRS: usize = 16;
 
 /// One peer's own view of itself, as gossiped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +36,10 @@ pub struct PeerInfo {
     pub version: u64,
     /// Connections this peer has, keyed by the remote peer.
     pub connections: BTreeMap<PeerName, ConnectionInfo>,
+    /// Where this peer says it can be dialled: the only addresses discovery dials for it.
+    pub addrs: Vec<SocketAddr>,
+    /// The peer's signature of all the fields above.
+    pub sig: Signature,
 }
 
 /// One connection as announced by the peer that holds it.
@@ -50,6 +58,20 @@ impl PeerInfo {
         (self.version, self.uid)
     }
 
+    fn signed_part(&self) -> Vec<u8> {
+        signed_bytes(&(self.name, &self.nickname, self.uid, self.version, &self.connections, &self.addrs))
+    }
+
+    /// Signs the entry with its owner's key.
+    pub fn sign(&mut self, key: &SigningKey) {
+        self.sig = key.sign(DOMAIN_TOPOLOGY, &self.signed_part());
+    }
+
+    /// Checks the signature against the key bound to the entry's name.
+    pub fn verify(&self, keys: &Keys) -> Result<(), Refused> {
+        keys.verify(self.name, DOMAIN_TOPOLOGY, &self.signed_part(), &self.sig, "topology entry")
+    }
+
     fn validate(&self) -> Result<(), TopologyError> {
         if self.nickname.len() > MAX_NICKNAME {
             return Err(TopologyError::Invalid(format!(
@@ -63,6 +85,13 @@ impl PeerInfo {
                 "peer {} announces {} connections (max {MAX_CONNECTIONS_PER_PEER})",
                 self.name,
                 self.connections.len()
+            )));
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(TopologyError::Invalid(format!(
+                "peer {} announces {} addresses (max {MAX_ADDRS})",
+                self.name,
+                self.addrs.len()
             )));
         }
         if self.connections.contains_key(&self.name) {
@@ -87,20 +116,48 @@ pub enum TopologyError {
     Invalid(String),
 }
 
+/// What a merge did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// The entries that were new: the delta to pass on.
+    pub delta: Vec<PeerInfo>,
+    /// Entries dropped because their signature did not verify against the key bound to their
+    /// name (forged, or made with another key): never merged, never passed on.
+    pub forged: Vec<Refused>,
+    /// Entries dropped because no key is bound to their name yet; anti-entropy brings them
+    /// again once the name's claim has arrived.
+    pub unverified: usize,
+}
+
 /// The set of known peers, including this one.
 #[derive(Clone, Debug)]
 pub struct Topology {
     me: PeerName,
     peers: BTreeMap<PeerName, PeerInfo>,
+    signer: SigningKey,
 }
 
 impl Topology {
-    /// A topology that knows only `me`.
-    pub fn new(me: PeerInfo) -> Self {
+    /// A topology that knows only `me`, whose entry `signer` signs (now and on every change).
+    pub fn new(mut me: PeerInfo, signer: SigningKey) -> Self {
         let name = me.name;
+        me.sign(&signer);
         let mut peers = BTreeMap::new();
         peers.insert(name, me);
-        Topology { me: name, peers }
+        Topology { me: name, peers, signer }
+    }
+
+    /// Replaces the key our entry is signed with (a deliberate re-key) and re-signs it.
+    pub fn set_signer(&mut self, signer: SigningKey) {
+        self.signer = signer;
+        self.bump_mine();
+    }
+
+    fn bump_mine(&mut self) {
+        let signer = self.signer.clone();
+        let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
+        me.version += 1;
+        me.sign(&signer);
     }
 
     /// This peer's name.
@@ -142,7 +199,22 @@ impl Topology {
             return false;
         }
         me.connections = conns;
-        me.version += 1;
+        self.bump_mine();
+        true
+    }
+
+    /// Replaces the addresses we announce for ourselves, bumping the version when they
+    /// changed (at most [`MAX_ADDRS`] are kept). Returns whether anything changed.
+    pub fn set_my_addrs(&mut self, mut addrs: Vec<SocketAddr>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        addrs.truncate(MAX_ADDRS);
+        let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
+        if me.addrs == addrs {
+            return false;
+        }
+        me.addrs = addrs;
+        self.bump_mine();
         true
     }
 
@@ -152,16 +224,18 @@ impl Topology {
     }
 
     /// Decodes and merges a gossip payload; returns the entries that were new
-    /// (the delta to pass on). A payload that fails to decode or validate is
-    /// refused whole and changes nothing.
-    pub fn merge_payload(&mut self, payload: &[u8]) -> Result<Vec<PeerInfo>, TopologyError> {
+    /// (the delta to pass on) and those dropped. A payload that fails to decode or validate is
+    /// refused whole and changes nothing; an entry whose signature does not verify against
+    /// `keys` is dropped alone.
+    pub fn merge_payload(&mut self, payload: &[u8], keys: &Keys) -> Result<Merged, TopologyError> {
         let entries: Vec<PeerInfo> =
             postcard::from_bytes(payload).map_err(|e| TopologyError::Malformed(e.to_string()))?;
-        self.merge(entries)
+        self.merge(entries, keys)
     }
 
-    /// Merges entries; returns those that were new. See [`Topology::merge_payload`].
-    pub fn merge(&mut self, entries: Vec<PeerInfo>) -> Result<Vec<PeerInfo>, TopologyError> {
+    /// Merges entries. See [`Topology::merge_payload`]. Only entries that would change our
+    /// state are verified, so gossip of what we hold costs no signature check.
+    pub fn merge(&mut self, entries: Vec<PeerInfo>, keys: &Keys) -> Result<Merged, TopologyError> {
         if entries.len() > MAX_PEERS {
             return Err(TopologyError::Invalid(format!(
                 "{} entries in one update (max {MAX_PEERS})",
@@ -171,34 +245,51 @@ impl Topology {
         for e in &entries {
             e.validate()?;
         }
-        let mut delta = Vec::new();
+        let mut out = Merged::default();
         for e in entries {
             if e.name == self.me {
                 // An entry for us that outranks ours comes from a previous life of this
-                // peer (or a peer using our name). Our current entry must win, so jump
-                // past it and announce ourselves again.
+                // peer, signed with our key. Our current entry must win, so jump past it
+                // and announce ourselves again. One signed with another key is a forgery.
                 let mine = &self.peers[&self.me];
                 if e.key() >= mine.key() && e.uid != mine.uid {
+                    if let Err(r) = e.verify(keys) {
+                        out.forged.push(r);
+                        continue;
+                    }
+                    let signer = self.signer.clone();
                     let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
                     me.version = e.version + 1;
-                    delta.push(me.clone());
+                    me.sign(&signer);
+                    out.delta.push(me.clone());
                 }
                 continue;
             }
             match self.peers.get(&e.name) {
                 Some(old) if old.key() >= e.key() => {}
                 _ => {
+                    match e.verify(keys) {
+                        Ok(()) => {}
+                        Err(Refused::UnknownKey { .. }) => {
+                            out.unverified += 1;
+                            continue;
+                        }
+                        Err(r) => {
+                            out.forged.push(r);
+                            continue;
+                        }
+                    }
                     if !self.peers.contains_key(&e.name) && self.peers.len() >= MAX_PEERS {
                         return Err(TopologyError::Invalid(format!(
                             "topology would exceed {MAX_PEERS} peers"
                         )));
                     }
                     self.peers.insert(e.name, e.clone());
-                    delta.push(e);
+                    out.delta.push(e);
                 }
             }
         }
-        Ok(delta)
+        Ok(out)
     }
 
     /// `(name, version, uid)` of every entry, in name order: what periodic
@@ -216,6 +307,11 @@ impl Topology {
     /// Whether the digest names an entry that outranks ours or that we lack.
     pub fn lacks(&self, digest: &[(PeerName, u64, u64)]) -> bool {
         digest.iter().any(|(n, v, u)| self.peers.get(n).is_none_or(|p| p.key() < (*v, *u)))
+    }
+
+    /// Drops a peer's entry at once (its key was revoked). Returns whether it was known.
+    pub fn forget(&mut self, name: PeerName) -> bool {
+        name != self.me && self.peers.remove(&name).is_some()
     }
 
     /// Removes peers that can no longer be reached from this one, following the
@@ -319,7 +415,15 @@ impl Topology {
 }
 
 fn unreachable_entry(name: PeerName) -> PeerInfo {
-    PeerInfo { name, nickname: String::new(), uid: 0, version: 0, connections: BTreeMap::new() }
+    PeerInfo {
+        name,
+        nickname: String::new(),
+        uid: 0,
+        version: 0,
+        connections: BTreeMap::new(),
+        addrs: Vec::new(),
+        sig: Signature([0; 64]),
+    }
 }
 
 /// Where to send frames, as computed from one topology.
@@ -349,12 +453,37 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{Claim, Trust};
 
     fn n(i: u64) -> PeerName {
         PeerName::from_u64(i)
     }
 
+    fn key(i: u64) -> SigningKey {
+        SigningKey::from_seed(&[i as u8; 32]).expect("key")
+    }
+
+    /// Keys bound for peers 1 to 9.
+    fn keys() -> Keys {
+        let mut k = Keys::new(Trust::FirstUse);
+        for i in 1..10 {
+            k.admit(&Claim::self_signed(&key(i), n(i))).expect("admit");
+        }
+        k
+    }
+
+    fn topo(me: u64) -> Topology {
+        Topology::new(info(me, 1, &[]), key(me))
+    }
+
+    /// Peer `i`'s entry, signed by it.
     fn info(i: u64, version: u64, conns: &[u64]) -> PeerInfo {
+        let mut p = unsigned(i, version, conns);
+        p.sign(&key(i));
+        p
+    }
+
+    fn unsigned(i: u64, version: u64, conns: &[u64]) -> PeerInfo {
         PeerInfo {
             name: n(i),
             nickname: format!("p{i}"),
@@ -364,14 +493,16 @@ mod tests {
                 .iter()
                 .map(|c| (n(*c), ConnectionInfo { addr: None, outbound: true, established: true }))
                 .collect(),
+            addrs: Vec::new(),
+            sig: Signature([0; 64]),
         }
     }
 
     /// A line 1-2-3-4 as seen by peer `me`.
     fn line(me: u64) -> Topology {
-        let mut t = Topology::new(info(me, 1, &[]));
+        let mut t = topo(me);
         let all = [info(1, 1, &[2]), info(2, 1, &[1, 3]), info(3, 1, &[2, 4]), info(4, 1, &[3])];
-        t.merge(all.iter().filter(|p| p.name != n(me)).cloned().collect()).expect("merge");
+        t.merge(all.iter().filter(|p| p.name != n(me)).cloned().collect(), &keys()).expect("merge");
         let mine = all.iter().find(|p| p.name == n(me)).expect("me").connections.clone();
         t.set_my_connections(mine);
         t
@@ -379,34 +510,75 @@ mod tests {
 
     #[test]
     fn newer_version_wins_and_delta_is_what_changed() {
-        let mut t = Topology::new(info(1, 1, &[]));
-        let d = t.merge(vec![info(2, 5, &[1])]).expect("merge");
+        let mut t = topo(1);
+        let d = t.merge_keys(vec![info(2, 5, &[1])]).expect("merge").delta;
         assert_eq!(d.len(), 1);
-        assert!(t.merge(vec![info(2, 4, &[])]).expect("merge").is_empty());
-        assert!(t.merge(vec![info(2, 5, &[1])]).expect("merge").is_empty());
+        assert!(t.merge_keys(vec![info(2, 4, &[])]).expect("merge").delta.is_empty());
+        assert!(t.merge_keys(vec![info(2, 5, &[1])]).expect("merge").delta.is_empty());
         assert_eq!(t.get(n(2)).expect("p2").version, 5);
     }
 
     #[test]
     fn stale_self_entry_from_previous_life_is_outranked() {
-        let mut t = Topology::new(info(1, 1, &[]));
-        let mut old = info(1, 9, &[2]);
+        let mut t = topo(1);
+        let mut old = unsigned(1, 9, &[2]);
         old.uid = 42;
-        let d = t.merge(vec![old]).expect("merge");
+        old.sign(&key(1));
+        let d = t.merge_keys(vec![old]).expect("merge").delta;
         assert_eq!(d.len(), 1);
         assert_eq!(t.my_info().version, 10);
         assert!(t.my_info().connections.is_empty());
     }
 
+    impl Topology {
+        fn merge_keys(&mut self, entries: Vec<PeerInfo>) -> Result<Merged, TopologyError> {
+            self.merge(entries, &keys())
+        }
+    }
+
+    #[test]
+    fn forged_entries_are_dropped_and_ours_cannot_be_taken() {
+        let mut t = topo(1);
+        t.merge_keys(vec![info(2, 5, &[1])]).expect("merge");
+        // Peer 3 writes peer 2's entry with a higher version (and 2's UID): refused.
+        let mut forged = unsigned(2, u64::MAX, &[3]);
+        forged.sign(&key(3));
+        let m = t.merge_keys(vec![forged.clone(), info(3, 1, &[1])]).expect("merge");
+        assert_eq!(m.forged.len(), 1);
+        assert_eq!(m.delta, vec![info(3, 1, &[1])], "the honest entry alongside still merges");
+        assert_eq!(t.get(n(2)).expect("p2").version, 5);
+        // A tampered field breaks 2's own signature.
+        let mut tampered = info(2, 6, &[1]);
+        tampered.connections.clear();
+        assert_eq!(t.merge_keys(vec![tampered]).expect("merge").forged.len(), 1);
+        // An entry in our name with another key, however high its version, changes nothing.
+        let mut mine = unsigned(1, u64::MAX - 1, &[3]);
+        mine.uid = 7;
+        mine.sign(&key(3));
+        let m = t.merge_keys(vec![mine]).expect("merge");
+        assert_eq!(m.forged.len(), 1);
+        assert!(m.delta.is_empty());
+        assert_eq!(t.my_info().version, 1);
+        // A name with no bound key yet waits.
+        let mut stranger = unsigned(42, 1, &[]);
+        stranger.sign(&key(42));
+        let m = t.merge_keys(vec![stranger]).expect("merge");
+        assert_eq!((m.unverified, m.delta.len()), (1, 0));
+        // Our own entry stays verifiable by others after every change.
+        t.set_my_connections(info(1, 2, &[2]).connections);
+        t.set_my_addrs(vec!["10.0.0.1:6783".parse().expect("addr")]);
+        assert_eq!(t.my_info().verify(&keys()), Ok(()));
+    }
+
     #[test]
     fn invalid_update_changes_nothing() {
-        let mut t = Topology::new(info(1, 1, &[]));
+        let mut t = topo(1);
         let mut bad = info(3, 1, &[]);
         bad.nickname = "x".repeat(MAX_NICKNAME + 1);
-        assert!(t.merge(vec![info(2, 1, &[1]), bad]).is_err());
+        assert!(t.merge_keys(vec![info(2, 1, &[1]), bad]).is_err());
         assert_eq!(t.len(), 1);
-        assert!(matches!(t.merge_payload(&[0xff, 0xff, 0xff]), Err(TopologyError::Malformed(_))));
-        assert!(t.merge(vec![info(2, 1, &[2])]).is_err(), "self-connection refused");
+        assert!(matches!(t.merge_payload(&[0xff, 0xff, 0xff], &keys()), Err(TopologyError::Malformed(_))));
+        assert!(t.merge_keys(vec![info(2, 1, &[2])]).is_err(), "self-connection refused");
     }
 
     #[test]
@@ -423,8 +595,8 @@ mod tests {
 
     #[test]
     fn unconfirmed_connections_carry_no_traffic() {
-        let mut t = Topology::new(info(1, 1, &[]));
-        t.merge(vec![info(2, 1, &[])]).expect("merge");
+        let mut t = topo(1);
+        t.merge_keys(vec![info(2, 1, &[])]).expect("merge").delta;
         t.set_my_connections(info(1, 2, &[2]).connections);
         assert_eq!(t.routes().next_hop(n(2)), None);
     }
@@ -433,7 +605,7 @@ mod tests {
     fn gc_drops_unreachable_peers() {
         let mut t = line(1);
         // 2 drops its link to 3: 3 and 4 become unreachable from 1.
-        t.merge(vec![info(2, 2, &[1])]).expect("merge");
+        t.merge_keys(vec![info(2, 2, &[1])]).expect("merge").delta;
         let mut gone = t.gc();
         gone.sort();
         assert_eq!(gone, vec![n(3), n(4)]);
