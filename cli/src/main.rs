@@ -141,6 +141,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print a strong random network password (32 bytes from the OS, base64url) for --password,
+    /// WEFT_PASSWORD or a password file.
+    Secret,
     /// A multi-host lab in network namespaces on this machine (needs root).
     Lab {
         #[command(subcommand)]
@@ -226,6 +229,10 @@ struct RouterArgs {
     /// Read the network password from this file.
     #[arg(long, conflicts_with = "password")]
     password_file: Option<PathBuf>,
+    /// The mesh's name, the same on every router of the mesh: the password is stretched with a
+    /// salt made from it, so meshes with their own names share no guessing work. Set your own.
+    #[arg(long, env = "WEFT_MESH", default_value = weft_router::password::DEFAULT_MESH)]
+    mesh: String,
     /// State directory (identity, logs).
     #[arg(long, default_value = "/var/lib/weft")]
     state_dir: PathBuf,
@@ -437,6 +444,15 @@ fn run(cli: Cli) -> Result<()> {
                 None => "this peer owned no address space; IPAM state forgotten; router stopping".into(),
             })
         }
+        Cmd::Secret => {
+            let secret = weft_router::password::generate_secret()?;
+            if cli.json {
+                writeln!(out, "{}", json!({ "secret": secret }))?;
+            } else {
+                writeln!(out, "{secret}")?;
+            }
+            Ok(())
+        }
         Cmd::Lab { cmd } => lab(cmd, &mut out),
     }
 }
@@ -502,19 +518,26 @@ fn simple(
     Ok(())
 }
 
+/// The network password from --password-file, --password or WEFT_PASSWORD; a placeholder is
+/// refused here, before anything starts.
 fn password(args: &RouterArgs) -> Result<Option<String>> {
-    if let Some(f) = &args.password_file {
-        let p = std::fs::read_to_string(f).with_context(|| format!("reading password file {}", f.display()))?;
-        let p = p.trim_end_matches(['\n', '\r']).to_string();
-        if p.is_empty() {
-            bail!("password file {} is empty", f.display());
+    let p = match (&args.password_file, &args.password) {
+        (Some(f), _) => {
+            let p = std::fs::read_to_string(f).with_context(|| format!("reading password file {}", f.display()))?;
+            let p = p.trim_end_matches(['\n', '\r']).to_string();
+            if p.is_empty() {
+                bail!("password file {} is empty", f.display());
+            }
+            Some(p)
         }
-        return Ok(Some(p));
+        (None, Some(p)) if p.is_empty() => bail!("the password is empty: give a real one (`weft secret` makes one) or none"),
+        (None, p) => p.clone(),
+    };
+    if let Some(p) = &p {
+        weft_router::password::check(p)?;
     }
-    match &args.password {
-        Some(p) if p.is_empty() => bail!("the password is empty: give a real one or none"),
-        p => Ok(p.clone()),
-    }
+    weft_router::password::check_mesh_name(&args.mesh)?;
+    Ok(p)
 }
 
 fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
@@ -545,6 +568,7 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
     };
     let opts = weft_router::Options {
         password: password(&args)?,
+        mesh: args.mesh,
         state_dir: args.state_dir,
         api_socket,
         metrics_addr,
@@ -612,7 +636,7 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--api-socket").arg(sock).arg("router");
     let a = &args;
-    cmd.args(["--state-dir"]).arg(&a.state_dir);
+    cmd.args(["--state-dir"]).arg(&a.state_dir).args(["--mesh", &a.mesh]);
     cmd.args(["--listen", &a.listen.to_string(), "--metrics-addr", &a.metrics_addr, "--bridge", &a.bridge]);
     cmd.args(["--mtu", &a.mtu.to_string(), "--max-datagram", &a.max_datagram.to_string(), "--log-format", &a.log_format]);
     if let Some(n) = &a.nickname {
@@ -666,13 +690,24 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
         if let Ok(v) = client::call(sock, "GET", "/v1/status", None) {
             let pid = child.id();
             std::fs::write(args.state_dir.join("router.pid"), format!("{pid}\n")).ok();
+            let weak = match &pw {
+                Some(p) => match weft_router::password::check(p)? {
+                    weft_router::password::Strength::Weak(why) => Some(why),
+                    weft_router::password::Strength::Strong => None,
+                },
+                None => None,
+            };
             if as_json {
-                writeln!(out, "{}", json!({"pid": pid, "name": v["name"], "log": log_path, "encryption": v["encryption"]}))?;
+                writeln!(out, "{}", json!({"pid": pid, "name": v["name"], "log": log_path, "encryption": v["encryption"],
+                    "warning": weak}))?;
             } else {
                 writeln!(out, "weft router started: pid {pid}, peer {} ({}), log {}", v["name"].as_str().unwrap_or("?"),
                     v["nickname"].as_str().unwrap_or("?"), log_path.display())?;
                 if v["encryption"] != "enabled" {
                     writeln!(out, "WARNING: no password set: traffic between hosts is NOT encrypted")?;
+                }
+                if let Some(why) = weak {
+                    writeln!(out, "WARNING: {why}")?;
                 }
             }
             return Ok(());

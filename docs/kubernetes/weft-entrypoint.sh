@@ -105,7 +105,7 @@ if [ -n "$NODE_NAME" ] && ! $user_nick; then
     set -- "$@" --nickname "$NODE_NAME"
 fi
 if [ -n "$PASSWORD_FILE" ]; then
-    [ -r "$PASSWORD_FILE" ] || die "password file $PASSWORD_FILE is not readable (mount the weft-password Secret, or set WEFT_PASSWORD_FILE= to run unencrypted)"
+    [ -r "$PASSWORD_FILE" ] || die "password file $PASSWORD_FILE is not readable (create the weft-password Secret: kubectl -n kube-system create secret generic weft-password --from-literal=password=\"\$(weft secret)\"; or set WEFT_PASSWORD_FILE= to run unencrypted)"
     set -- "$@" --password-file "$PASSWORD_FILE"
 else
     log "WEFT_PASSWORD_FILE is empty: running WITHOUT encryption"

@@ -19,6 +19,9 @@ pub const DEFAULT_MAX_DATAGRAM: usize = 1472;
 pub struct Options {
     /// Network password; `None` runs in plaintext.
     pub password: Option<String>,
+    /// The mesh's name: the salt the password is stretched with (see `password`). Every router
+    /// of a mesh must have the same one.
+    pub mesh: String,
     /// State directory (identity, IPAM and DNS state).
     pub state_dir: PathBuf,
     /// Local API socket.

@@ -35,6 +35,7 @@ pub mod control;
 pub mod frame;
 pub mod host;
 pub mod metrics;
+pub mod password;
 pub mod services;
 pub mod wiring;
 

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::control::stats::{ControlStats, CONN_STATES, HANDSHAKE_LABELS, READ_LABELS};
+use crate::control::stats::{ControlStats, CONN_STATES, HANDSHAKE_LABELS, READ_LABELS, REFUSAL_LABELS};
 use crate::frame::stats::{labelled, DROP_LABELS};
 use crate::frame::FramePath;
 
@@ -77,6 +77,11 @@ impl Collector for WeftCollector {
         let c = &self.ctl;
         let hs = by_reason(&HANDSHAKE_LABELS, &c.handshake_failures);
         family(&mut enc, "weft_handshake_failures", "Control connections that failed before they were up", MetricType::Counter, hs)?;
+        let refused = by_reason(&REFUSAL_LABELS, &c.handshakes_refused);
+        family(&mut enc, "weft_handshakes_refused", "Control connections closed before any handshake work (limits)", MetricType::Counter, refused)?;
+        family(&mut enc, "weft_handshakes_in_progress", "Inbound handshakes in progress", MetricType::Gauge, vec![
+            (vec![], c.handshakes_in_progress.load(Relaxed)),
+        ])?;
         let rd = by_reason(&READ_LABELS, &c.read_errors);
         family(&mut enc, "weft_control_read_errors", "Control connections ended by bad input or errors", MetricType::Counter, rd)?;
         family(&mut enc, "weft_gossip_messages", "Gossip messages", MetricType::Counter, vec![

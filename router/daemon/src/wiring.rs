@@ -24,10 +24,11 @@ use crate::control::ControlHandle;
 use crate::frame::links::Indices;
 use crate::frame::tap::{tap_name, Tap, TAP_MTU};
 use crate::frame::FramePath;
-use crate::host::identity::{self, derive_psk};
+use crate::host::identity;
 use crate::host::links::{bridge_mac, hw_addr};
 use crate::host::sysctl::disable_ipv6;
 use crate::host::NetDev;
+use crate::password;
 use crate::services::dns::DnsService;
 use crate::services::ipam::IpamService;
 use crate::services::persist::{FileId, SaveGate, Writer};
@@ -58,10 +59,7 @@ pub fn run(opts: Options) -> Result<()> {
     let initial_version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
     let dns_path = opts.state_dir.join(dns::STATE_FILE);
     let records = dns::load(id.name, initial_version, &dns_path)?;
-    let psk = opts.password.as_deref().map(derive_psk);
-    if psk.is_none() {
-        warn!("no password set: control and data traffic between hosts is NOT encrypted (set --password or WEFT_PASSWORD)");
-    }
+    let psk = network_key(opts.password.as_deref(), &opts.mesh)?;
     let nickname = opts.nickname.clone().unwrap_or_else(hostname);
     let keys = Handshaker::new(psk, id.private_key);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -193,6 +191,26 @@ impl Start {
         let _ = std::fs::remove_file(&opts.api_socket);
         result
     }
+}
+
+/// Checks the password (a placeholder stops the start, a weak one is warned about) and stretches
+/// it into the PSK. Runs before the runtime exists: Argon2id takes a fraction of a second and
+/// 64 MiB, once.
+fn network_key(password: Option<&str>, mesh: &str) -> Result<Option<[u8; 32]>> {
+    let Some(password) = password else {
+        warn!("no password set: control and data traffic between hosts is NOT encrypted (set --password or WEFT_PASSWORD)");
+        return Ok(None);
+    };
+    if let password::Strength::Weak(why) = password::check(password)? {
+        warn!(%mesh, "{why}");
+    }
+    if mesh == password::DEFAULT_MESH {
+        info!(%mesh, "the mesh name is the default: give your mesh its own (--mesh or WEFT_MESH, the same on every router) so its password's salt is not shared with other weft meshes");
+    }
+    let (psk, took) = password::derive_psk(password, mesh)?;
+    info!(%mesh, kdf = "argon2id", memory_mib = password::KDF_MEMORY_KIB / 1024, passes = password::KDF_PASSES,
+        lanes = password::KDF_LANES, ms = took.as_millis() as u64, "network password stretched");
+    Ok(Some(psk))
 }
 
 fn hostname() -> String {

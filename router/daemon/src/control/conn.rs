@@ -2,10 +2,11 @@
 //! hands messages to the actor and a write loop that sends what the actor queues (with
 //! keepalives). The actor decides whether a connection is kept; these tasks only carry bytes.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
@@ -13,9 +14,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 use weft_proto::{ConnId, ControlMsg, Hello};
 
+use super::admission::{Gate, Limits, Refusal, Ticket, Verdict};
 use super::handshake::{HandshakeError, Handshaker, SessionHello};
 use super::input::{ConnUp, Input};
-use super::records::{ReadError, RecordReader, RecordWriter};
+use super::records::{ReadError, RecordReader, RecordWriter, MAX_HELLO};
 use super::stats::ControlStats;
 use crate::frame::links::Indices;
 
@@ -24,6 +26,7 @@ pub const DEFAULT_PORT: u16 = 6783;
 /// Control-connection keepalive and idle timeout.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(10);
 const CONTROL_IDLE: Duration = Duration::from_secs(35);
+/// How long a connection has for its handshake and hello together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Messages queued for one connection before it counts as stuck.
@@ -59,14 +62,27 @@ impl Dialer {
     }
 }
 
-/// Accepts control connections for ever.
+/// Accepts control connections for ever, within the default [`Limits`] on handshakes.
 pub async fn accept_loop(dialer: Arc<Dialer>, listener: TcpListener) {
+    accept_within(dialer, listener, Limits::default()).await
+}
+
+/// Accepts control connections for ever. Each is first put to the admission [`Gate`]: one over
+/// its source's bounds (handshakes in progress from it, its budget of failed handshakes) is
+/// closed at once, before any crypto, and counted; when all the slots are taken the oldest
+/// handshake in progress is closed to make room.
+async fn accept_within(dialer: Arc<Dialer>, listener: TcpListener, limits: Limits) {
+    let admission = Arc::new(Mutex::new(Admission { gate: Gate::new(limits), evict: HashMap::new(), crowded: false }));
     loop {
         match listener.accept().await {
             Ok((s, remote)) => {
+                let Some(permit) = Permit::ask(&admission, &dialer.stats, remote) else {
+                    drop(s);
+                    continue;
+                };
                 let d = dialer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(d, s, remote, None).await {
+                    if let Err(e) = connection(d, s, remote, None, Some(permit)).await {
                         debug!(%remote, error = %e, "inbound connection ended");
                     }
                 });
@@ -76,6 +92,112 @@ pub async fn accept_loop(dialer: Arc<Dialer>, listener: TcpListener) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// The gate and the way to close the handshakes it evicts.
+struct Admission {
+    gate: Gate,
+    evict: HashMap<Ticket, oneshot::Sender<()>>,
+    /// Evicting since the slots were last less than half full (to log once per episode).
+    crowded: bool,
+}
+
+fn locked(a: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+    // A holder never panics half-way through an update (the gate is plain arithmetic).
+    a.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An inbound handshake admitted by the gate, from accept until the peer's hello is in. It
+/// counts as failed unless [`Permit::succeed`] is called (an error, a time-out, a task dropped
+/// half-way); `evicted` fires when a newcomer took its slot.
+struct Permit {
+    admission: Arc<Mutex<Admission>>,
+    stats: Arc<ControlStats>,
+    ticket: Ticket,
+    evicted: oneshot::Receiver<()>,
+    done: bool,
+}
+
+impl Permit {
+    /// Asks the gate; `None` (counted, and logged once per run of refusals from a source)
+    /// means close the connection now.
+    fn ask(admission: &Arc<Mutex<Admission>>, stats: &Arc<ControlStats>, remote: SocketAddr) -> Option<Permit> {
+        let mut a = locked(admission);
+        let verdict = a.gate.admit(remote.ip(), Instant::now());
+        let permit = match verdict {
+            Verdict::Admit { ticket, evicted } => {
+                if let Some(old) = evicted {
+                    if let Some(tx) = a.evict.remove(&old) {
+                        let _ = tx.send(());
+                    }
+                    stats.handshake_refused(Refusal::Evicted.label());
+                    if !a.crowded {
+                        a.crowded = true;
+                        warn!(%remote, in_progress = a.gate.in_progress(), "control port crowded: closing the oldest handshakes in progress to make room (counted in weft_handshakes_refused_total)");
+                    }
+                }
+                let (tx, evicted) = oneshot::channel();
+                a.evict.insert(ticket, tx);
+                Some(Permit { admission: admission.clone(), stats: stats.clone(), ticket, evicted, done: false })
+            }
+            Verdict::Refuse { why, first } => {
+                stats.handshake_refused(why.label());
+                if first {
+                    warn!(%remote, reason = why.label(), "closing control connections from this source before their handshake (limits on handshakes; counted in weft_handshakes_refused_total)");
+                } else {
+                    debug!(%remote, reason = why.label(), "control connection refused before its handshake");
+                }
+                None
+            }
+        };
+        stats.handshakes_in_progress.store(a.gate.in_progress() as u64, Relaxed);
+        permit
+    }
+
+    /// The peer got through its handshake and hello: its attempt is given back.
+    fn succeed(mut self) {
+        self.finish(true);
+    }
+
+    fn finish(&mut self, ok: bool) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let mut a = locked(&self.admission);
+        a.gate.finish(self.ticket, ok);
+        a.evict.remove(&self.ticket);
+        if a.gate.in_progress() * 2 < a.gate.limits().in_progress {
+            a.crowded = false;
+        }
+        self.stats.handshakes_in_progress.store(a.gate.in_progress() as u64, Relaxed);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+/// Why a step before the connection is up was cut short.
+enum Cut {
+    /// The handshake time-out (for handshake and hello together) passed.
+    Timeout,
+    /// A newcomer took this handshake's slot.
+    Evicted,
+}
+
+/// Runs `f` until `deadline`, and for an inbound connection until it is evicted.
+async fn in_time<F: std::future::Future>(deadline: tokio::time::Instant, permit: Option<&mut Permit>, f: F) -> Result<F::Output, Cut> {
+    let f = tokio::time::timeout_at(deadline, f);
+    match permit {
+        None => f.await.map_err(|_| Cut::Timeout),
+        Some(p) => tokio::select! {
+            r = f => r.map_err(|_| Cut::Timeout),
+            _ = &mut p.evicted => Err(Cut::Evicted),
+        },
     }
 }
 
@@ -99,7 +221,7 @@ async fn dial(dialer: Arc<Dialer>, addr: SocketAddr) {
         Ok(Err(e)) => return fail(&dialer, addr, format!("connect: {e}")).await,
         Err(_) => return fail(&dialer, addr, "connect: timed out".into()).await,
     };
-    if let Err(e) = connection(dialer.clone(), s, addr, Some(addr)).await {
+    if let Err(e) = connection(dialer.clone(), s, addr, Some(addr), None).await {
         fail(&dialer, addr, e).await;
     }
 }
@@ -109,11 +231,19 @@ async fn fail(dialer: &Dialer, addr: SocketAddr, error: String) {
 }
 
 /// One control connection from handshake to close. `Err` only for failures
-/// before the connection was handed to the actor.
-async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target: Option<SocketAddr>) -> Result<(), String> {
+/// before the connection was handed to the actor. An inbound one holds its admission `permit`
+/// until the peer's hello is in.
+async fn connection(
+    d: Arc<Dialer>,
+    mut s: TcpStream,
+    remote: SocketAddr,
+    target: Option<SocketAddr>,
+    mut permit: Option<Permit>,
+) -> Result<(), String> {
     let _ = s.set_nodelay(true);
     let outbound = target.is_some();
-    let secured = match tokio::time::timeout(HANDSHAKE_TIMEOUT, d.keys.run(&mut s, outbound)).await {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let secured = match in_time(deadline, permit.as_mut(), d.keys.run(&mut s, outbound)).await {
         Ok(Ok(sec)) => sec,
         Ok(Err(e)) => {
             d.stats.handshake_failed(e.label());
@@ -125,10 +255,11 @@ async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target
             }
             return Err(e.to_string());
         }
-        Err(_) => {
+        Err(Cut::Timeout) => {
             d.stats.handshake_failed("timeout");
             return Err("handshake timed out".into());
         }
+        Err(Cut::Evicted) => return Err("closed during its handshake to make room for a newer one".into()),
     };
     let (rd, wr) = s.into_split();
     let mut reader = RecordReader::new(rd, secured.transport.clone());
@@ -136,7 +267,8 @@ async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target
     let our_index = d.indices.next();
     let hello = SessionHello { hello: d.hello.clone(), udp_port: d.udp_port, sleeve_index: our_index };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
-    let theirs: SessionHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv()).await {
+    // The first message is bounded: nothing big is buffered for a peer whose hello is not in.
+    let theirs: SessionHello = match in_time(deadline, permit.as_mut(), reader.recv_bounded(MAX_HELLO)).await {
         Ok(Ok(h)) => h,
         Ok(Err(ReadError::Refused)) => {
             d.stats.handshake_failed("wrong_password");
@@ -147,10 +279,17 @@ async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target
             d.stats.read_failed(e.label());
             return Err(format!("reading hello: {e}"));
         }
-        Err(_) => return Err("hello timed out".into()),
+        Err(Cut::Timeout) => {
+            d.stats.handshake_failed("timeout");
+            return Err("hello timed out".into());
+        }
+        Err(Cut::Evicted) => return Err("closed before its hello to make room for a newer handshake".into()),
     };
     if theirs.hello.nickname.len() > weft_proto::topology::MAX_NICKNAME {
         return Err("peer nickname too long".into());
+    }
+    if let Some(p) = permit {
+        p.succeed();
     }
     let (tx, mut rx) = mpsc::channel::<ControlMsg>(SEND_QUEUE);
     let (close_tx, mut close_rx) = oneshot::channel();
@@ -222,4 +361,125 @@ pub async fn resolve(peer: &str) -> Result<SocketAddr> {
     let with_port = if peer.contains(':') { peer.to_string() } else { format!("{peer}:{DEFAULT_PORT}") };
     let mut addrs = tokio::net::lookup_host(&with_port).await.with_context(|| format!("resolving {peer}"))?;
     addrs.next().with_context(|| format!("{peer} resolved to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::handshake::handshake;
+    use super::*;
+    use tokio::net::TcpSocket;
+    use weft_proto::PeerName;
+
+    const PSK: [u8; 32] = [9; 32];
+
+    fn listener_side() -> (Arc<Dialer>, mpsc::Receiver<Input>) {
+        let (tx, rx) = mpsc::channel(64);
+        let hello = Hello { name: PeerName::from_u64(1), nickname: "listener".into(), uid: 1, listen_port: 1 };
+        let keys = Handshaker::new(Some(PSK), super::super::handshake::generate_keypair().expect("keys").0);
+        let stats = Arc::new(ControlStats::default());
+        (Arc::new(Dialer::new(keys, hello, 1, Indices::new(), stats, tx)), rx)
+    }
+
+    async fn connect_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+        let s = TcpSocket::new_v4()?;
+        s.bind(SocketAddr::from((src, 0)))?;
+        s.connect(to).await
+    }
+
+    /// Connects from `src` as a peer with `psk`, sends a hello and reads the listener's.
+    async fn join(src: [u8; 4], to: SocketAddr, psk: [u8; 32]) -> Result<SessionHello, String> {
+        let mut s = connect_from(src, to).await.map_err(|e| e.to_string())?;
+        let key = super::super::handshake::generate_keypair().map_err(|e| e.to_string())?.0;
+        let sec = handshake(&mut s, true, Some(&psk), &key).await.map_err(|e| e.to_string())?;
+        let (rd, wr) = s.into_split();
+        let mut w = RecordWriter::new(wr, sec.transport.clone());
+        let mut r = RecordReader::new(rd, sec.transport);
+        let hello = Hello { name: PeerName::from_u64(2), nickname: "joiner".into(), uid: 2, listen_port: 2 };
+        w.send(&SessionHello { hello, udp_port: 2, sleeve_index: 7 }).await.map_err(|e| format!("{e:#}"))?;
+        r.recv::<SessionHello>().await.map_err(|e| e.to_string())
+    }
+
+    fn count(stats: &ControlStats, label: &str) -> u64 {
+        let i = super::super::stats::REFUSAL_LABELS.iter().position(|l| *l == label).expect("label");
+        stats.handshakes_refused[i].load(Relaxed)
+    }
+
+    /// 300 connections that never speak, from 20 addresses, take every slot there is; the
+    /// slots stay bounded, and a real peer from another address still joins within 5 s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_open_connections_stay_bounded_and_a_real_peer_still_joins() {
+        let (d, mut inputs) = listener_side();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stats = d.stats.clone();
+        let server = tokio::spawn(accept_within(d, l, Limits::default()));
+        let mut held = Vec::new();
+        for i in 0..300u32 {
+            let src = [127, 0, 1, 1 + (i % 20) as u8];
+            held.push(connect_from(src, addr).await.expect("connect"));
+        }
+        // Let the accept loop take them all: each is refused, in progress or evicted.
+        let processed = || {
+            count(&stats, "source_busy") + count(&stats, "rate_limited") + count(&stats, "evicted") + stats.handshakes_in_progress.load(Relaxed)
+        };
+        let t0 = Instant::now();
+        while processed() < 300 && t0.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(processed(), 300);
+        let in_progress = stats.handshakes_in_progress.load(Relaxed);
+        assert_eq!(in_progress, 64, "every slot taken, and no more");
+        let per_source = count(&stats, "source_busy") + count(&stats, "rate_limited");
+        assert!(per_source >= 300 - 20 * 8, "connections over their source's bounds are closed: {per_source}");
+        assert!(count(&stats, "evicted") >= 20 * 8 - 64, "the oldest made room: {}", count(&stats, "evicted"));
+
+        let t0 = Instant::now();
+        let theirs = tokio::time::timeout(Duration::from_secs(5), join([127, 0, 0, 2], addr, PSK))
+            .await
+            .expect("a real peer joins within 5 s")
+            .expect("handshake and hello");
+        assert_eq!(theirs.hello.nickname, "listener");
+        match tokio::time::timeout(Duration::from_secs(5), inputs.recv()).await {
+            Ok(Some(Input::ConnUp(up))) => assert_eq!(up.hello.hello.nickname, "joiner"),
+            _ => panic!("the connection did not reach the actor"),
+        }
+        let took = t0.elapsed();
+        assert!(stats.handshakes_in_progress.load(Relaxed) <= 64);
+        eprintln!("joined in {took:?} with {in_progress} half-open handshakes in progress");
+        server.abort();
+        drop(held);
+    }
+
+    /// Wrong-password handshakes from one address are answered at the source's rate once its
+    /// budget is spent, and a real peer from another address still joins at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_handshakes_from_one_source_are_rate_limited() {
+        let (d, mut inputs) = listener_side();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stats = d.stats.clone();
+        let server = tokio::spawn(accept_within(d, l, Limits::default()));
+        let t0 = Instant::now();
+        let mut answered = 0;
+        for _ in 0..100 {
+            // A refused connection is closed before our preamble is answered.
+            if let Err(e) = join([127, 0, 2, 1], addr, [1; 32]).await {
+                if e.contains("password") {
+                    answered += 1;
+                }
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let wrong = stats.handshake_failures[3].load(Relaxed);
+        assert!(answered >= 8, "the first attempts are answered: {answered}");
+        assert!((wrong as f64) <= 8.0 + secs.ceil() + 1.0, "{wrong} wrong-password handshakes reached the crypto in {secs:.2} s");
+        assert!(count(&stats, "rate_limited") >= 100 - wrong, "the rest were closed before any crypto");
+        let theirs = tokio::time::timeout(Duration::from_secs(5), join([127, 0, 2, 2], addr, PSK))
+            .await
+            .expect("a real peer joins within 5 s")
+            .expect("handshake and hello");
+        assert_eq!(theirs.hello.nickname, "listener");
+        assert!(matches!(inputs.recv().await, Some(Input::ConnUp(_))));
+        server.abort();
+    }
 }

@@ -15,15 +15,29 @@ use tokio::net::TcpStream;
 use weft_proto::sleeve::Cipher;
 use weft_proto::Hello;
 
-/// Oldest and newest control protocol versions this build speaks.
-pub const PROTOCOL_MIN: u16 = 1;
+/// Oldest and newest control protocol versions this build speaks. Version 2 added the nonce to
+/// the preamble and made both preambles the Noise prologue; nothing speaks 1 any more.
+pub const PROTOCOL_MIN: u16 = 2;
 /// See [`PROTOCOL_MIN`].
-pub const PROTOCOL_MAX: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 2;
 /// The Noise protocol: mutual static keys (XX), the password as PSK mixed in last.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_AESGCM_SHA256";
 const MAGIC: &[u8; 4] = b"weft";
-const PREAMBLE_LEN: usize = 10;
+/// The part of the preamble every version has: magic, versions, flags, reserved. It is read on
+/// its own first, so a peer of another version gets the version error, not a stalled read.
+const PREAMBLE_HEAD: usize = 10;
+/// Random bytes after the head, fresh for every connection: they make the channel binding of
+/// a plaintext connection unique and are part of the Noise prologue.
+const PREAMBLE_NONCE: usize = 16;
+/// A whole version-2 preamble.
+pub(super) const PREAMBLE_LEN: usize = PREAMBLE_HEAD + PREAMBLE_NONCE;
 const FLAG_ENCRYPTED: u8 = 1;
+/// Largest handshake message we read. Noise XX messages here are 32, 96 and 64 bytes (no
+/// payloads); anything longer is malformed, so a connection holds no big buffer before it is
+/// authenticated.
+const MAX_HANDSHAKE_MESSAGE: usize = 256;
+/// Domain label of the plaintext channel binding.
+const BINDING_LABEL: &[u8] = b"weft channel binding v2";
 /// Refusal code sent in clear after a failed handshake.
 pub(super) const REFUSE_HANDSHAKE: u16 = 1;
 
@@ -123,6 +137,11 @@ pub struct Secured {
     pub sleeve_recv: Cipher,
     /// The peer's static public key, when encrypted.
     pub remote_static: Option<Vec<u8>>,
+    /// A value both ends compute alike and no other connection shares, for signing to bind
+    /// an identity to this connection: the Noise handshake hash when encrypted (it covers
+    /// the prologue, so both preambles, and every handshake message), else SHA-256 over a
+    /// label and both preambles (initiator's first), whose nonces make it unique.
+    pub binding: [u8; 32],
 }
 
 /// What each side announces once the channel is secure.
@@ -159,21 +178,19 @@ async fn write_frame(s: &mut TcpStream, b: &[u8]) -> Result<(), HandshakeError> 
     Ok(())
 }
 
-/// Runs version negotiation and (with a PSK) the Noise handshake on `s`.
-pub async fn handshake(
-    s: &mut TcpStream,
-    initiator: bool,
-    psk: Option<&[u8; 32]>,
-    private_key: &[u8; 32],
-) -> Result<Secured, HandshakeError> {
+/// Our preamble: magic, versions, flags, reserved, and a fresh nonce.
+fn our_preamble(encrypted: bool) -> [u8; PREAMBLE_LEN] {
     let mut pre = [0u8; PREAMBLE_LEN];
     pre[..4].copy_from_slice(MAGIC);
     pre[4..6].copy_from_slice(&PROTOCOL_MIN.to_be_bytes());
     pre[6..8].copy_from_slice(&PROTOCOL_MAX.to_be_bytes());
-    pre[8] = if psk.is_some() { FLAG_ENCRYPTED } else { 0 };
-    s.write_all(&pre).await?;
-    let mut theirs = [0u8; PREAMBLE_LEN];
-    s.read_exact(&mut theirs).await?;
+    pre[8] = if encrypted { FLAG_ENCRYPTED } else { 0 };
+    pre[PREAMBLE_HEAD..].copy_from_slice(&rand::random::<[u8; PREAMBLE_NONCE]>());
+    pre
+}
+
+/// Checks the head of the peer's preamble (magic and versions) before reading the rest.
+fn check_head(theirs: &[u8]) -> Result<(), HandshakeError> {
     if &theirs[..4] != MAGIC {
         return Err(HandshakeError::BadPreamble);
     }
@@ -182,8 +199,42 @@ pub async fn handshake(
     if PROTOCOL_MAX.min(their_max) < PROTOCOL_MIN.max(their_min) {
         return Err(HandshakeError::Version { our_min: PROTOCOL_MIN, our_max: PROTOCOL_MAX, their_min, their_max });
     }
+    Ok(())
+}
+
+/// The plaintext channel binding: SHA-256(label || initiator's preamble || responder's).
+fn plaintext_binding(prologue: &[u8]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(BINDING_LABEL);
+    ctx.update(prologue);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Runs version negotiation and (with a PSK) the Noise handshake on `s`.
+///
+/// Both preambles, the initiator's first, are the Noise prologue: a byte changed on the way
+/// (a version, the encryption flag, the nonce) makes the two ends' handshake hashes differ, and
+/// the second message fails to decrypt.
+pub async fn handshake(
+    s: &mut TcpStream,
+    initiator: bool,
+    psk: Option<&[u8; 32]>,
+    private_key: &[u8; 32],
+) -> Result<Secured, HandshakeError> {
+    let pre = our_preamble(psk.is_some());
+    s.write_all(&pre).await?;
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut theirs[..PREAMBLE_HEAD]).await?;
+    check_head(&theirs)?;
+    s.read_exact(&mut theirs[PREAMBLE_HEAD..]).await?;
+    let mut prologue = [0u8; 2 * PREAMBLE_LEN];
+    let (first, second) = if initiator { (&pre, &theirs) } else { (&theirs, &pre) };
+    prologue[..PREAMBLE_LEN].copy_from_slice(first);
+    prologue[PREAMBLE_LEN..].copy_from_slice(second);
     let their_encrypted = theirs[8] & FLAG_ENCRYPTED != 0;
-    match (psk, their_encrypted) {
+    let psk = match (psk, their_encrypted) {
         (Some(_), false) => {
             return Err(HandshakeError::EncryptionMismatch(
                 "the peer runs without a password but we have one: refusing a plaintext connection".into(),
@@ -195,18 +246,23 @@ pub async fn handshake(
             ))
         }
         (None, false) => {
-            return Ok(Secured { transport: None, sleeve_send: Cipher::Plain, sleeve_recv: Cipher::Plain, remote_static: None })
+            return Ok(Secured {
+                transport: None,
+                sleeve_send: Cipher::Plain,
+                sleeve_recv: Cipher::Plain,
+                remote_static: None,
+                binding: plaintext_binding(&prologue),
+            })
         }
-        (Some(_), true) => {}
-    }
-    let psk = psk.ok_or_else(|| HandshakeError::Malformed("no psk".into()))?;
+        (Some(psk), true) => psk,
+    };
     let builder = noise_builder()
-        .and_then(|b| Ok(b.local_private_key(private_key)?.psk(3, psk)?))
+        .and_then(|b| Ok(b.local_private_key(private_key)?.psk(3, psk)?.prologue(&prologue)?))
         .map_err(|e| HandshakeError::Malformed(format!("building Noise state: {e:#}")))?;
     let mut hs = if initiator { builder.build_initiator() } else { builder.build_responder() }
         .map_err(|e| HandshakeError::Malformed(e.to_string()))?;
-    let mut buf = vec![0u8; 65535];
-    let mut payload = vec![0u8; 65535];
+    let mut buf = [0u8; MAX_HANDSHAKE_MESSAGE];
+    let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
     // XX: -> e ; <- e, ee, s, es ; -> s, se, psk
     for step in 0..3 {
         let ours = (step % 2 == 0) == initiator;
@@ -214,7 +270,7 @@ pub async fn handshake(
             let n = hs.write_message(&[], &mut buf).map_err(|e| HandshakeError::Malformed(e.to_string()))?;
             write_frame(s, &buf[..n]).await?;
         } else {
-            let m = read_frame(s, 65535).await?;
+            let m = read_frame(s, MAX_HANDSHAKE_MESSAGE).await?;
             if hs.read_message(&m, &mut payload).is_err() {
                 if step == 2 {
                     // The PSK is mixed into the last message: failing here means
@@ -225,10 +281,15 @@ pub async fn handshake(
                     let _ = s.write_all(&r).await;
                     return Err(HandshakeError::WrongPassword);
                 }
-                return Err(HandshakeError::Malformed(format!("Noise message {} did not decrypt", step + 1)));
+                return Err(HandshakeError::Malformed(format!(
+                    "Noise message {} did not decrypt (a preamble changed on the way, or not a weft peer)",
+                    step + 1
+                )));
             }
         }
     }
+    let mut binding = [0u8; 32];
+    binding.copy_from_slice(hs.get_handshake_hash());
     let (i2r, r2i) = hs.dangerously_get_raw_split();
     let remote_static = hs.get_remote_static().map(<[u8]>::to_vec);
     let transport = hs.into_stateless_transport_mode().map_err(|e| HandshakeError::Malformed(e.to_string()))?;
@@ -245,6 +306,7 @@ pub async fn handshake(
         sleeve_send: Cipher::aes256gcm(&sleeve_key(&send_raw, send_info)),
         sleeve_recv: Cipher::aes256gcm(&sleeve_key(&recv_raw, recv_info)),
         remote_static,
+        binding,
     })
 }
 
@@ -257,5 +319,156 @@ fn sleeve_key(raw: &[u8; 32], info: &[u8]) -> [u8; 32] {
     match prk.expand(&info, hkdf::HKDF_SHA256).and_then(|okm| okm.fill(&mut out)) {
         Ok(()) => out,
         Err(_) => unreachable!("32 bytes is within HKDF-SHA256's output limit"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    fn key() -> [u8; 32] {
+        generate_keypair().expect("key pair").0
+    }
+
+    /// Runs a handshake between two fresh keys over loopback, the bytes from the initiator
+    /// passing through `to_responder` and those back through `to_initiator`, each called with
+    /// the byte's offset in its direction.
+    async fn through(
+        psk: Option<[u8; 32]>,
+        to_responder: fn(usize, u8) -> u8,
+        to_initiator: fn(usize, u8) -> u8,
+    ) -> (Result<Secured, HandshakeError>, Result<Secured, HandshakeError>) {
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server_addr = server.local_addr().expect("addr");
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_addr = proxy.local_addr().expect("addr");
+        let (ki, kr) = (key(), key());
+        let responder = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.expect("accept");
+            handshake(&mut s, false, psk.as_ref(), &kr).await
+        });
+        let relay = tokio::spawn(async move {
+            let (from_i, _) = proxy.accept().await.expect("accept");
+            let to_r = TcpStream::connect(server_addr).await.expect("connect");
+            let (ir, iw) = from_i.into_split();
+            let (rr, rw) = to_r.into_split();
+            let pump = |mut rd: tokio::net::tcp::OwnedReadHalf, mut wr: tokio::net::tcp::OwnedWriteHalf, f: fn(usize, u8) -> u8| async move {
+                let mut at = 0;
+                let mut b = [0u8; 1024];
+                while let Ok(n) = rd.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                    for x in &mut b[..n] {
+                        *x = f(at, *x);
+                        at += 1;
+                    }
+                    if wr.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = wr.shutdown().await;
+            };
+            tokio::join!(pump(ir, rw, to_responder), pump(rr, iw, to_initiator));
+        });
+        let mut c = TcpStream::connect(proxy_addr).await.expect("connect");
+        let ri = handshake(&mut c, true, psk.as_ref(), &ki).await;
+        drop(c);
+        let rr = responder.await.expect("join");
+        relay.abort();
+        (ri, rr)
+    }
+
+    fn keep(_: usize, b: u8) -> u8 {
+        b
+    }
+
+    #[tokio::test]
+    async fn an_untouched_relay_changes_nothing_and_both_ends_share_the_binding() {
+        for psk in [Some([7u8; 32]), None] {
+            let (i, r) = through(psk, keep, keep).await;
+            let (i, r) = (i.expect("initiator"), r.expect("responder"));
+            assert_eq!(i.binding, r.binding, "both ends compute the same binding (psk {})", psk.is_some());
+            assert_ne!(i.binding, [0u8; 32]);
+            let (i2, r2) = through(psk, keep, keep).await;
+            let (i2, r2) = (i2.expect("initiator"), r2.expect("responder"));
+            assert_eq!(i2.binding, r2.binding);
+            assert_ne!(i.binding, i2.binding, "two connections have different bindings (psk {})", psk.is_some());
+        }
+    }
+
+    /// A man in the middle that changes one preamble byte, in either direction, at an offset
+    /// where the change still negotiates (so only the prologue can catch it), makes both ends
+    /// fail.
+    #[tokio::test]
+    async fn a_preamble_changed_on_the_way_fails_the_handshake() {
+        // Lowest version 2 -> 0 (still compatible), the reserved byte, an unknown flag bit, a nonce byte.
+        fn min_version(at: usize, b: u8) -> u8 {
+            if at == 5 { 0 } else { b }
+        }
+        fn reserved(at: usize, b: u8) -> u8 {
+            if at == 9 { b ^ 0x80 } else { b }
+        }
+        fn flag(at: usize, b: u8) -> u8 {
+            if at == 8 { b | 0x02 } else { b }
+        }
+        fn nonce(at: usize, b: u8) -> u8 {
+            if at == PREAMBLE_HEAD + 3 { b ^ 1 } else { b }
+        }
+        for f in [min_version, reserved, flag, nonce] {
+            let (i, r) = through(Some([7u8; 32]), f, keep).await;
+            assert!(i.is_err() && r.is_err(), "tampered towards the responder: {:?} / {:?}", i.err(), r.err());
+            let (i, r) = through(Some([7u8; 32]), keep, f).await;
+            assert!(i.is_err() && r.is_err(), "tampered towards the initiator: {:?} / {:?}", i.err(), r.err());
+        }
+        // The encryption flag cleared: the side that sees it refuses a plaintext peer.
+        fn no_encryption(at: usize, b: u8) -> u8 {
+            if at == 8 { 0 } else { b }
+        }
+        let (i, r) = through(Some([7u8; 32]), no_encryption, keep).await;
+        assert!(matches!(r, Err(HandshakeError::EncryptionMismatch(_))), "{:?}", r.err());
+        assert!(i.is_err());
+    }
+
+    /// A version-1 peer (10-byte preamble, versions 1..=1) gets the version error, and so do we,
+    /// without waiting for bytes it never sends.
+    #[tokio::test]
+    async fn a_version_1_peer_gets_the_version_error() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let k = key();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            handshake(&mut s, false, Some(&[1; 32]), &k).await
+        });
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"weft\x00\x01\x00\x01\x01\x00").await.expect("write");
+        let mut ours = [0u8; PREAMBLE_HEAD];
+        c.read_exact(&mut ours).await.expect("read");
+        assert_eq!(&ours[4..8], &[0, 2, 0, 2], "what an old peer reads says 2..=2");
+        let r = tokio::time::timeout(Duration::from_secs(5), server).await.expect("no stall").expect("join");
+        assert!(
+            matches!(r, Err(HandshakeError::Version { their_min: 1, their_max: 1, our_min: 2, our_max: 2 })),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlong_handshake_message_is_refused_before_it_is_read() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let k = key();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.expect("accept");
+            handshake(&mut s, false, Some(&[1; 32]), &k).await
+        });
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(&our_preamble(true)).await.expect("write");
+        c.write_all(&(MAX_HANDSHAKE_MESSAGE as u16 + 1).to_be_bytes()).await.expect("write");
+        let r = tokio::time::timeout(Duration::from_secs(5), server).await.expect("no stall").expect("join");
+        assert!(matches!(r, Err(HandshakeError::Malformed(ref m)) if m.contains("257")), "{:?}", r.err());
     }
 }

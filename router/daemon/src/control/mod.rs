@@ -5,6 +5,7 @@
 //! reads its counters.
 
 pub mod actor;
+pub mod admission;
 pub mod conn;
 pub mod conns;
 pub mod handle;

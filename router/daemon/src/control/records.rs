@@ -14,6 +14,9 @@ use super::handshake::REFUSE_HANDSHAKE;
 
 /// Largest control message (after reassembly of records).
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// Largest first message (the `SessionHello`), read before the peer's hello has been checked:
+/// a connection that is not yet up holds no more than this.
+pub const MAX_HELLO: usize = 4096;
 /// Largest plaintext per Noise transport message (65535 minus the tag).
 const MAX_RECORD_PLAIN: usize = 65535 - 16;
 
@@ -69,7 +72,9 @@ pub struct RecordReader {
 impl RecordReader {
     /// Wraps the read half.
     pub fn new(rd: OwnedReadHalf, transport: Option<Arc<StatelessTransportState>>) -> Self {
-        RecordReader { rd: BufReader::with_capacity(1 << 16, rd), transport, nonce: 0, plain: Vec::new(), record: vec![0; 65535] }
+        // The record buffer grows to the largest record seen, so a connection that sends only a
+        // small hello never costs 64 KiB here.
+        RecordReader { rd: BufReader::with_capacity(1 << 16, rd), transport, nonce: 0, plain: Vec::new(), record: Vec::new() }
     }
 
     async fn fill(&mut self) -> Result<(), ReadError> {
@@ -83,6 +88,9 @@ impl RecordReader {
             // the in-clear refusal written by a responder whose handshake failed.
             let code = self.rd.read_u16().await.map_err(ReadError::Io)?;
             return Err(if code == REFUSE_HANDSHAKE { ReadError::Refused } else { ReadError::Malformed(format!("refusal code {code}")) });
+        }
+        if self.record.len() < len {
+            self.record.resize(len, 0);
         }
         let rec = &mut self.record[..len];
         self.rd.read_exact(rec).await.map_err(|e| {
@@ -106,11 +114,19 @@ impl RecordReader {
 
     /// Reads one message's bytes.
     pub async fn recv_raw(&mut self) -> Result<Vec<u8>, ReadError> {
+        self.recv_raw_bounded(MAX_MESSAGE).await
+    }
+
+    /// Reads one message's bytes, refusing a message over `max` bytes (and over
+    /// [`MAX_MESSAGE`]) before reading its body, and never buffering more than `max` plus one
+    /// record.
+    pub async fn recv_raw_bounded(&mut self, max: usize) -> Result<Vec<u8>, ReadError> {
+        let max = max.min(MAX_MESSAGE);
         while self.plain.len() < 4 {
             self.fill().await?;
         }
         let len = u32::from_be_bytes([self.plain[0], self.plain[1], self.plain[2], self.plain[3]]) as usize;
-        if len > MAX_MESSAGE {
+        if len > max {
             return Err(ReadError::TooLarge(len));
         }
         while self.plain.len() < 4 + len {
@@ -123,7 +139,12 @@ impl RecordReader {
 
     /// Reads and decodes one message.
     pub async fn recv<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, ReadError> {
-        let raw = self.recv_raw().await?;
+        self.recv_bounded(MAX_MESSAGE).await
+    }
+
+    /// Reads and decodes one message of at most `max` bytes (see [`Self::recv_raw_bounded`]).
+    pub async fn recv_bounded<T: for<'de> Deserialize<'de>>(&mut self, max: usize) -> Result<T, ReadError> {
+        let raw = self.recv_raw_bounded(max).await?;
         postcard::from_bytes(&raw).map_err(|e| ReadError::Malformed(e.to_string()))
     }
 }
@@ -251,6 +272,32 @@ mod tests {
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
         assert!(matches!(server.await.expect("join"), Err(HandshakeError::BadPreamble)));
+    }
+
+    #[tokio::test]
+    async fn a_bounded_read_refuses_a_message_over_its_bound_before_its_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            let (rd, _) = s.into_split();
+            let mut r = RecordReader::new(rd, None);
+            let first = r.recv_raw_bounded(MAX_HELLO).await;
+            let second = r.recv_raw_bounded(MAX_HELLO).await;
+            (first, second)
+        });
+        let c = TcpStream::connect(addr).await.expect("connect");
+        let (_, cw) = c.into_split();
+        let mut w = RecordWriter::new(cw, None);
+        w.send(&vec![1u8; 100]).await.expect("send");
+        // Only the length of the second goes out: the reader must not wait for its body.
+        let mut head = vec![0u8, 4];
+        head.extend_from_slice(&(MAX_HELLO as u32 + 1).to_be_bytes());
+        w.wr.write_all(&head).await.expect("write");
+        w.wr.flush().await.expect("flush");
+        let (first, second) = tokio::time::timeout(std::time::Duration::from_secs(5), server).await.expect("no stall").expect("join");
+        assert_eq!(first.expect("a small message passes").len(), 1 + 100);
+        assert!(matches!(second, Err(ReadError::TooLarge(n)) if n == MAX_HELLO + 1), "{second:?}");
     }
 
     #[tokio::test]

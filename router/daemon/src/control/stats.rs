@@ -10,6 +10,9 @@ use crate::services::ipam::IpamGauges;
 /// Handshake failure labels, in counter order.
 pub const HANDSHAKE_LABELS: [&str; 7] =
     ["bad_preamble", "version", "encryption_mismatch", "wrong_password", "malformed", "io", "timeout"];
+/// Why the admission limits closed connections before their handshake was over (see
+/// `admission`), in counter order.
+pub const REFUSAL_LABELS: [&str; 3] = ["evicted", "source_busy", "rate_limited"];
 /// Control read error labels, in counter order.
 pub const READ_LABELS: [&str; 5] = ["closed", "oversized", "decrypt", "malformed", "io"];
 /// Connection states, in gauge order.
@@ -33,6 +36,10 @@ pub struct DnsGauges {
 pub struct ControlStats {
     /// By [`HANDSHAKE_LABELS`].
     pub handshake_failures: [AtomicU64; 7],
+    /// By [`REFUSAL_LABELS`]; connections closed by the admission limits.
+    pub handshakes_refused: [AtomicU64; 3],
+    /// Inbound handshakes (with their hello) in progress now.
+    pub handshakes_in_progress: AtomicU64,
     /// By [`READ_LABELS`]; bad input on established connections.
     pub read_errors: [AtomicU64; 5],
     /// Gossip refused as malformed or invalid.
@@ -58,6 +65,13 @@ impl ControlStats {
     pub fn handshake_failed(&self, label: &str) {
         if let Some(i) = HANDSHAKE_LABELS.iter().position(|l| *l == label) {
             self.handshake_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a connection refused before its handshake, by label.
+    pub fn handshake_refused(&self, label: &str) {
+        if let Some(i) = REFUSAL_LABELS.iter().position(|l| *l == label) {
+            self.handshakes_refused[i].fetch_add(1, Relaxed);
         }
     }
 

@@ -9,7 +9,7 @@ use weft_proto::router::TargetState;
 use weft_proto::Router;
 
 use super::conns::Conns;
-use super::stats::{ControlStats, HANDSHAKE_LABELS, READ_LABELS};
+use super::stats::{ControlStats, HANDSHAKE_LABELS, READ_LABELS, REFUSAL_LABELS};
 use crate::frame::forwarder::Health;
 use crate::frame::plane::FramePath;
 use crate::frame::stats::{labelled, DROP_LABELS};
@@ -119,6 +119,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "datagrams_in": s.datagrams_in.load(Relaxed), "drops": as_map(labelled(&DROP_LABELS, &s.drops)),
             "gossip_refused": core.stats().gossip_refused,
             "handshake_failures": as_map(labelled(&HANDSHAKE_LABELS, &ctl.handshake_failures)),
+            "handshakes_refused": as_map(labelled(&REFUSAL_LABELS, &ctl.handshakes_refused)),
             "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
         },
     })

@@ -117,19 +117,6 @@ pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Derives the 32-byte Noise pre-shared key from the network password.
-///
-/// PBKDF2 makes each guess expensive for an attacker who completes a handshake
-/// with us and then tries passwords offline against the PSK-protected message.
-pub fn derive_psk(password: &str) -> [u8; 32] {
-    use aws_lc_rs::pbkdf2;
-    use std::num::NonZeroU32;
-    let mut out = [0u8; 32];
-    let iterations = NonZeroU32::new(100_000).unwrap_or(NonZeroU32::MIN);
-    pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, iterations, b"weft network password v1", password.as_bytes(), &mut out);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,11 +141,5 @@ mod tests {
         let err = load_or_create(&dir, None, fake_keygen).err().expect("corrupt key refused");
         assert!(format!("{err:#}").contains("noise.key is corrupt"), "{err:#}");
         let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn psk_depends_on_password() {
-        assert_ne!(derive_psk("a"), derive_psk("b"));
-        assert_eq!(derive_psk("a"), derive_psk("a"));
     }
 }
