@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
 use weft_router::api::client;
+mod ca;
 mod output;
 mod setup_cni;
 
@@ -144,10 +145,44 @@ enum Cmd {
     /// Print a strong random network password (32 bytes from the OS, base64url) for --password,
     /// WEFT_PASSWORD or a password file.
     Secret,
+    /// This host's identity: its name and the key it is bound to; forget another host's
+    /// binding; re-key this host.
+    Identity {
+        #[command(subcommand)]
+        cmd: IdentityCmd,
+    },
+    /// A mesh certificate authority: routers started with --ca accept only peers it certified.
+    Ca {
+        #[command(subcommand)]
+        cmd: ca::CaCmd,
+    },
     /// A multi-host lab in network namespaces on this machine (needs root).
     Lab {
         #[command(subcommand)]
         cmd: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCmd {
+    /// Print this host's name and identity key (made on first use; the router need not run).
+    Show {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+    },
+    /// Unbind another host's name here, so that the next key to claim it is bound (after that
+    /// host was re-installed and lost its key). Run it on every peer.
+    Forget {
+        /// The peer's name.
+        name: String,
+    },
+    /// Give this host a new identity key, signed over by the old one so peers accept it. Stop
+    /// the router first; it announces the change when it starts.
+    Rekey {
+        /// State directory.
+        #[arg(long, default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
     },
 }
 
@@ -297,6 +332,14 @@ struct RouterArgs {
     /// Upstream resolvers for other names (IP or IP:PORT, repeatable; default: /etc/resolv.conf).
     #[arg(long)]
     dns_upstream: Vec<String>,
+    /// The mesh CA's public key (64 hex digits, or a file holding it, as `weft ca init` writes):
+    /// only peers with a certificate from it are accepted.
+    #[arg(long, env = "WEFT_CA")]
+    ca: Option<String>,
+    /// This router's certificate (`weft ca sign`'s output; default: identity.cert in the state
+    /// directory).
+    #[arg(long)]
+    cert: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -454,6 +497,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Lab { cmd } => lab(cmd, &mut out),
+        Cmd::Ca { cmd } => ca::run(cmd, &sock, cli.json, &mut out),
+        Cmd::Identity { cmd } => identity(cmd, &sock, cli.json, &mut out),
     }
 }
 
@@ -610,6 +655,19 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
                 )
             },
         },
+        ca: None,
+        certificate: None,
+    };
+    let opts = weft_router::Options {
+        ca: match &args.ca {
+            Some(c) => Some(ca::parse_public(c)?),
+            None => None,
+        },
+        certificate: match &args.cert {
+            Some(p) => Some(weft_router::host::identity::load_certificate(p)?),
+            None => None,
+        },
+        ..opts
     };
     if opts.mtu < 576 || opts.mtu > 65_000 {
         bail!("--mtu {} is out of range (576..=65000)", opts.mtu);
@@ -723,6 +781,48 @@ fn tail(path: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn identity(cmd: IdentityCmd, sock: &Path, as_json: bool, out: &mut impl Write) -> Result<()> {
+    use weft_router::host::identity as id;
+    match cmd {
+        IdentityCmd::Show { state_dir } => {
+            let me = id::load_or_create(&state_dir, None, weft_router::control::handshake::generate_keypair)?;
+            let key = me.signing.public();
+            let cert = state_dir.join(id::CERT_FILE);
+            let cert = cert.exists().then(|| id::load_certificate(&cert)).transpose()?;
+            if as_json {
+                writeln!(out, "{}", json!({ "name": me.name.to_string(), "key": key.to_string(),
+                    "certificate_expires": cert.as_ref().map(|c| c.expires) }))?;
+            } else {
+                writeln!(out, "name: {}\nkey:  {key}", me.name)?;
+                match cert {
+                    Some(c) => writeln!(out, "certificate: from CA {}, expires {} (Unix time)", c.ca, c.expires)?,
+                    None => writeln!(out, "certificate: none (names are bound on first use unless the mesh runs --ca)")?,
+                }
+            }
+            Ok(())
+        }
+        IdentityCmd::Forget { name } => simple(sock, "/v1/identity/forget", json!({ "name": name }), as_json, out, |v| {
+            format!("forgot the key bound to {}: the next key to claim it will be bound", v["forgotten"].as_str().unwrap_or("?"))
+        }),
+        IdentityCmd::Rekey { state_dir } => {
+            if client::call(sock, "GET", "/v1/status", None).is_ok() {
+                bail!("the router is running: stop it first (`weft stop`), re-key, then start it again");
+            }
+            let me = id::load_or_create(&state_dir, None, weft_router::control::handshake::generate_keypair)?;
+            let (old, new) = id::rekey(&state_dir, me.name)?;
+            if as_json {
+                writeln!(out, "{}", json!({ "name": me.name.to_string(), "old_key": old.to_string(), "new_key": new.to_string() }))?;
+            } else {
+                writeln!(out, "{} now has key {new} (was {old}).\nStart the router: it tells its peers, with the old key's signature.", me.name)?;
+                if state_dir.join(id::CERT_FILE).exists() {
+                    writeln!(out, "This host has a CA certificate for the old key: get a new one with `weft ca sign --name {} --key {new}`.", me.name)?;
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn lab(cmd: LabCmd, out: &mut impl Write) -> Result<()> {

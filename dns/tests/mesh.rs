@@ -11,7 +11,14 @@ use std::time::{Duration, Instant};
 
 use weft_dns::records::{Output, Records};
 use weft_dns::CHANNEL;
-use weft_proto::{ConnId, Hello, PeerName, Router, RouterConfig};
+use weft_proto::identity::Claim;
+use weft_proto::router::Session;
+use weft_proto::{ConnId, Hello, PeerName, Router, RouterConfig, SigningKey};
+
+/// Node `i`'s identity key, the same in each of its lives.
+fn key(i: usize) -> SigningKey {
+    SigningKey::from_seed(&[i as u8 + 1; 32]).unwrap()
+}
 
 struct Node {
     router: Router,
@@ -50,7 +57,7 @@ impl Net {
     fn node(&self, i: usize, life: u64) -> Node {
         let name = PeerName::from_u64(i as u64 + 1);
         let start_us = self.now_ms * 1000 + life;
-        let mut cfg = RouterConfig::new(name, format!("n{i}"), life * 1000 + i as u64, i as u64);
+        let mut cfg = RouterConfig::new(name, format!("n{i}"), life * 1000 + i as u64, i as u64, key(i));
         cfg.initial_version = start_us;
         let mut router = Router::new(cfg, self.t0);
         router.register_channel(CHANNEL, Box::new(Records::new(name, start_us)));
@@ -72,20 +79,18 @@ impl Net {
         let (ca, cb) = (ConnId(self.next_conn), ConnId(self.next_conn + 1));
         self.next_conn += 2;
         let now = self.now();
-        let hello = |n: &Node, i: usize| Hello {
-            name: n.name,
-            nickname: format!("n{i}"),
-            uid: 0,
-            listen_port: addr(i).port(),
+        let binding = [ca.0 as u8; 32];
+        let hello = |n: &Node, i: usize| {
+            Hello::prove(&key(i), Claim::self_signed(&key(i), n.name), format!("n{i}"), 0, addr(i).port(), &binding)
         };
         let (ha, hb) = (hello(&self.nodes[a], a), hello(&self.nodes[b], b));
         self.nodes[a]
             .router
-            .handle_connection_up(now, ca, addr(b), Some(addr(b)), hb)
+            .handle_connection_up(now, ca, addr(b), Some(addr(b)), hb, Session { local: addr(a), binding })
             .unwrap();
         self.nodes[b]
             .router
-            .handle_connection_up(now, cb, addr(a), None, ha)
+            .handle_connection_up(now, cb, addr(a), None, ha, Session { local: addr(b), binding })
             .unwrap();
         self.links.insert((a, ca), (b, cb));
         self.links.insert((b, cb), (a, ca));

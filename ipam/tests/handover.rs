@@ -16,7 +16,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use weft_ipam::{Cidr, Config, Init, Ipam, Output, State, Want};
-use weft_proto::{ConnId, ControlMsg, Event, GossipChannel, Hello, PeerName, Router, RouterConfig};
+use weft_proto::identity::Claim;
+use weft_proto::router::Session;
+use weft_proto::{ConnId, ControlMsg, Event, GossipChannel, Hello, PeerName, Router, RouterConfig, SigningKey};
+
+fn key(i: usize) -> SigningKey {
+    SigningKey::from_seed(&[i as u8 + 1; 32]).unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// The first byte of an IPAM message is its variant's position in the wire
 /// enum (postcard): see `handover_messages_keep_their_wire_numbers` in
@@ -91,7 +97,7 @@ impl Net {
             .map(|(i, init)| {
                 let me = name(i);
                 let cfg = Config::new(me, range, None, init, i as u64).unwrap_or_else(|e| panic!("{e}"));
-                let mut router = Router::new(RouterConfig::new(me, format!("h{i}"), 100 + i as u64, i as u64), now);
+                let mut router = Router::new(RouterConfig::new(me, format!("h{i}"), 100 + i as u64, i as u64, key(i)), now);
                 router.register_channel(weft_ipam::CHANNEL, Box::new(Ipam::new(cfg, now)));
                 Host { router, disk: None, handed_over: Vec::new(), done: Vec::new(), errors: Vec::new() }
             })
@@ -102,11 +108,13 @@ impl Net {
     /// Connects `a` (dialing) and `b`, with a working data path both ways.
     fn connect(&mut self, a: usize, b: usize) {
         let (ca, cb) = (ConnId((a * 100 + b) as u64), ConnId((b * 100 + a) as u64));
-        let hello = |i: usize| Hello { name: name(i), nickname: format!("h{i}"), uid: 100 + i as u64, listen_port: 6783 };
+        let binding = [(a * 100 + b) as u8; 32];
+        let hello = |i: usize| Hello::prove(&key(i), Claim::self_signed(&key(i), name(i)), format!("h{i}"), 100 + i as u64, 6783, &binding);
         let now = self.now;
         self.hosts[a].router.add_target(now, addr(b));
-        self.hosts[a].router.handle_connection_up(now, ca, addr(b), Some(addr(b)), hello(b)).unwrap_or_else(|e| panic!("{e}"));
-        self.hosts[b].router.handle_connection_up(now, cb, addr(a), None, hello(a)).unwrap_or_else(|e| panic!("{e}"));
+        let s = |i: usize| Session { local: addr(i), binding };
+        self.hosts[a].router.handle_connection_up(now, ca, addr(b), Some(addr(b)), hello(b), s(a)).unwrap_or_else(|e| panic!("{e}"));
+        self.hosts[b].router.handle_connection_up(now, cb, addr(a), None, hello(a), s(b)).unwrap_or_else(|e| panic!("{e}"));
         self.hosts[a].router.handle_sleeve_state(now, ca, true);
         self.hosts[b].router.handle_sleeve_state(now, cb, true);
         self.links.push(((a, ca), (b, cb)));

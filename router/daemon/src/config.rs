@@ -50,4 +50,10 @@ pub struct Options {
     pub ipam: IpamOptions,
     /// Container DNS.
     pub dns: DnsOptions,
+    /// The mesh CA's public key: only peers it certified are accepted (`None`: names are
+    /// bound to keys on first use).
+    pub ca: Option<weft_proto::PublicKey>,
+    /// This router's certificate from the CA (`None`: `identity.cert` in the state directory,
+    /// if there is one).
+    pub certificate: Option<weft_proto::identity::Certificate>,
 }

@@ -91,6 +91,11 @@ impl Collector for WeftCollector {
         family(&mut enc, "weft_gossip_refused", "Gossip refused as malformed or invalid", MetricType::Counter, vec![
             (vec![], c.gossip_refused.load(Relaxed)),
         ])?;
+        let ident = by_reason(&weft_proto::identity::Refused::LABELS, &c.identity_refused);
+        family(&mut enc, "weft_identity_refused", "Claims, connections and gossip entries refused for their identity (forged, impostor, revoked, ...)", MetricType::Counter, ident)?;
+        family(&mut enc, "weft_gossip_unverified", "Gossip entries held back until their origin's key is known", MetricType::Counter, vec![
+            (vec![], c.gossip_unverified.load(Relaxed)),
+        ])?;
         let mut conns = Vec::new();
         for (state, row) in CONN_STATES.iter().zip(&c.connections) {
             for (encryption, n) in ["encrypted", "plaintext"].iter().zip(row) {

@@ -5,18 +5,19 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use weft_proto::switch::Limits;
-use weft_proto::{Hello, Router, RouterConfig};
+use weft_proto::identity::Certificate;
+use weft_proto::{Router, RouterConfig, Trust};
 
 use crate::api::state::ApiState;
 use crate::api::server::{serve_api, serve_metrics};
 use crate::config::Options;
 use crate::control::actor::{forward_signals, Actor};
-use crate::control::conn::{accept_loop, dial_on_request, resolve, Dialer};
+use crate::control::conn::{accept_loop, dial_on_request, resolve, Dialer, Introduction};
 use crate::control::handshake::{generate_keypair, Handshaker};
 use crate::control::stats::ControlStats;
 use crate::control::status::StatusInfo;
@@ -30,6 +31,7 @@ use crate::host::sysctl::disable_ipv6;
 use crate::host::NetDev;
 use crate::password;
 use crate::services::dns::DnsService;
+use crate::services::identities::IdentityStore;
 use crate::services::ipam::IpamService;
 use crate::services::persist::{FileId, SaveGate, Writer};
 use crate::services::{dns, dns_server, ipam};
@@ -44,6 +46,9 @@ pub fn run(opts: Options) -> Result<()> {
     // The state first, before any device is touched: a corrupt file stops the start here.
     let id = identity::load_or_create(&opts.state_dir, opts.name, generate_keypair)?;
     let uid = identity::fresh_uid();
+    let (trust, certificate) = trust(&opts, &id)?;
+    let rekey = identity::load_rekey(&opts.state_dir)?
+        .filter(|r| r.name == id.name && r.new == id.signing.public());
     let ipam_cfg = weft_ipam::Config::new(
         id.name,
         opts.ipam.range,
@@ -65,8 +70,53 @@ pub fn run(opts: Options) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     info!(range = %ipam_cfg.range, default_subnet = %ipam_cfg.default_subnet, init = %opts.ipam.init,
         ready = allocator.ready(), allocations = allocator.allocations().count(), file = %ipam_path.display(), "IPAM loaded");
-    let start = Start { opts, id_name: id.name, uid, nickname, keys, allocator, records, initial_version, ipam_cfg };
+    let signing = id.signing.clone();
+    let start = Start {
+        opts,
+        id_name: id.name,
+        uid,
+        nickname,
+        keys,
+        signing,
+        trust,
+        certificate,
+        rekey,
+        allocator,
+        records,
+        initial_version,
+        ipam_cfg,
+    };
     rt.block_on(start.run(ipam_path, dns_path))
+}
+
+/// How this router's name is bound: under `--ca`, its certificate must be valid for its name
+/// and key; without, names are bound on first use (a certificate, if there is one, is shown).
+fn trust(opts: &Options, id: &identity::Identity) -> Result<(Trust, Option<Certificate>)> {
+    let default_cert = opts.state_dir.join(identity::CERT_FILE);
+    let cert = match &opts.certificate {
+        Some(c) => Some(c.clone()),
+        None if default_cert.exists() => Some(identity::load_certificate(&default_cert)?),
+        None => None,
+    };
+    let key = id.signing.public();
+    let how_to = || {
+        format!(
+            "this router is {} with identity key {key}: on the CA's host run `weft ca sign --name {} --key {key}` and put its output in {}",
+            id.name,
+            id.name,
+            default_cert.display()
+        )
+    };
+    if let Some(c) = &cert {
+        if c.name != id.name || c.key != key {
+            bail!("the certificate is for {} with key {}, not for this router: {}", c.name, c.key, how_to());
+        }
+    }
+    let Some(ca) = opts.ca else { return Ok((Trust::FirstUse, cert)) };
+    let Some(cert) = cert else { bail!("--ca is set but this router has no certificate: {}", how_to()) };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    cert.check(&ca, now).map_err(|e| anyhow!("{e}: {}", how_to()))?;
+    Ok((Trust::Ca(ca), Some(cert)))
 }
 
 /// What `run` loaded before the runtime started.
@@ -76,6 +126,10 @@ struct Start {
     uid: u64,
     nickname: String,
     keys: Handshaker,
+    signing: weft_proto::SigningKey,
+    trust: Trust,
+    certificate: Option<Certificate>,
+    rekey: Option<weft_proto::identity::Rekey>,
     allocator: weft_ipam::Ipam,
     records: weft_dns::Records,
     initial_version: u64,
@@ -84,7 +138,21 @@ struct Start {
 
 impl Start {
     async fn run(self, ipam_path: std::path::PathBuf, dns_path: std::path::PathBuf) -> Result<()> {
-        let Start { opts, id_name, uid, nickname, keys, allocator, records, initial_version, ipam_cfg } = self;
+        let Start {
+            opts,
+            id_name,
+            uid,
+            nickname,
+            keys,
+            signing,
+            trust,
+            certificate,
+            rekey,
+            allocator,
+            records,
+            initial_version,
+            ipam_cfg,
+        } = self;
         let encrypted = keys.encrypted();
         // The ports first: if another router runs here, say so before touching any device.
         let udp = std::net::UdpSocket::bind(opts.listen)
@@ -114,10 +182,26 @@ impl Start {
 
         // The control path's core, with its services.
         let now = Instant::now();
-        let mut cfg = RouterConfig::new(id_name, nickname.clone(), uid, rand::random());
+        let mut cfg = RouterConfig::new(id_name, nickname.clone(), uid, rand::random(), signing.clone());
         cfg.discovery = opts.discovery;
         cfg.initial_version = initial_version;
+        cfg.listen_port = listen_port;
+        cfg.trust = trust;
+        cfg.certificate = certificate;
         let mut core = Router::new(cfg, now);
+        let identities = IdentityStore::new(&opts.state_dir);
+        if let Some(saved) = identities.load()? {
+            for e in core.load_identity_state(now, saved) {
+                warn!(error = %e, "a saved name binding no longer holds; dropped it");
+            }
+        }
+        let claim = core.own_claim();
+        if let Some(r) = rekey {
+            match core.announce_rekey(r, claim.clone()) {
+                Ok(()) => info!(key = %claim.key, "announcing this host's re-key to its peers"),
+                Err(e) => warn!(error = %e, "the re-key hand-over in the state directory does not hold; peers that knew the old key will refuse the new one"),
+            }
+        }
         for p in &opts.peers {
             match resolve(p).await {
                 Ok(a) => core.add_target(now, a),
@@ -146,8 +230,8 @@ impl Start {
         );
 
         // Connections.
-        let hello = Hello { name: id_name, nickname: nickname.clone(), uid, listen_port };
-        let dialer = Arc::new(Dialer::new(keys, hello, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()));
+        let me = Introduction { key: signing, claim, nickname: nickname.clone(), uid, listen_port };
+        let dialer = Arc::new(Dialer::new(keys, me, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()));
         let dials = dial_on_request(dialer.clone());
         tokio::spawn(accept_loop(dialer, listener));
 
@@ -179,7 +263,7 @@ impl Start {
             offload, gso_segments = frames.gso_segments(), port = listen_port, "router started"
         );
         let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now };
-        let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx);
+        let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx, identities);
         let result = actor.run(inputs_rx, saves_rx).await;
 
         // Down: answers under way go out, then the threads stop.

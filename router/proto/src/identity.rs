@@ -205,6 +205,35 @@ impl Certificate {
     }
 }
 
+/// A value in the one-line text form files and the API use: `PREFIX:` then the hex of its
+/// postcard encoding.
+pub fn to_text<T: Serialize>(prefix: &str, v: &T) -> String {
+    let mut out = format!("{prefix}:");
+    for b in signed_bytes(v) {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Reads [`to_text`]'s form back.
+pub fn from_text<T: serde::de::DeserializeOwned>(prefix: &str, text: &str) -> Result<T, String> {
+    let text = text.trim();
+    let hex = text
+        .strip_prefix(prefix)
+        .and_then(|t| t.strip_prefix(':'))
+        .ok_or_else(|| format!("not a {prefix} (it must start with \"{prefix}:\")"))?;
+    if hex.len() % 2 != 0 || hex.len() > 8192 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("the {prefix} is damaged (bad hex)"));
+    }
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+    postcard::from_bytes(&bytes).map_err(|e| format!("the {prefix} is damaged: {e}"))
+}
+
+/// The text prefix of a certificate.
+pub const CERT_PREFIX: &str = "weft-cert-v1";
+/// The text prefix of a revocation.
+pub const REVOCATION_PREFIX: &str = "weft-revocation-v1";
+
 /// The CA's statement that a key no longer belongs to the mesh.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
@@ -636,6 +665,17 @@ mod tests {
         assert_eq!(keys.revoke(&Revocation::issue(&ca, name, key(1).public())), Ok(Some(name)));
         assert_eq!(keys.get(name), None);
         assert!(matches!(keys.admit(&good), Err(Refused::Revoked { .. })));
+    }
+
+    #[test]
+    fn certificates_and_revocations_round_trip_as_text() {
+        let ca = key(100);
+        let cert = Certificate::issue(&ca, PeerName::from_u64(7), key(1).public(), 2000);
+        let text = to_text(CERT_PREFIX, &cert);
+        assert_eq!(from_text::<Certificate>(CERT_PREFIX, &format!("{text}\n")), Ok(cert));
+        assert!(from_text::<Certificate>(REVOCATION_PREFIX, &text).is_err());
+        assert!(from_text::<Certificate>(CERT_PREFIX, &text[..text.len() - 2]).is_err());
+        assert!(from_text::<Certificate>(CERT_PREFIX, "weft-cert-v1:zz").is_err());
     }
 
     #[test]

@@ -964,8 +964,12 @@ impl Router {
             // Anti-entropy: topology by digest (its full state grows with
             // peers × connections), other channels by full state.
             let picked = self.pick_neighbours(None);
+            // Bindings spread when they are made and on every new connection; anti-entropy
+            // only repairs, so one neighbour per round gets the identity digest.
+            if let Some(first) = picked.first() {
+                self.send_identity_digest(*first, false);
+            }
             for conn in picked {
-                self.send_identity_digest(conn, false);
                 self.send_digest(conn, false);
                 self.send_channels(conn);
             }

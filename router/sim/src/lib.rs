@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use weft_proto::{ConnId, ControlMsg, Event, Hello, PeerName, Router, RouterConfig};
+use weft_proto::router::Session;
+use weft_proto::{ConnId, ControlMsg, Event, Hello, PeerName, Router, RouterConfig, SigningKey};
 
 /// Port every simulated node listens on.
 pub const LISTEN_PORT: u16 = 6783;
@@ -232,7 +233,7 @@ impl Sim {
     fn start(&mut self, i: usize, initial_version: u64, targets: &[SocketAddr]) {
         let uid = self.rng.random::<u64>();
         let seed = self.rng.random::<u64>();
-        let mut cfg = RouterConfig::new(Self::name(i), format!("n{i}"), uid, seed);
+        let mut cfg = RouterConfig::new(Self::name(i), format!("n{i}"), uid, seed, Self::key(i));
         cfg.gossip_interval = GOSSIP_INTERVAL;
         cfg.discovery = true;
         cfg.initial_version = initial_version;
@@ -375,7 +376,7 @@ impl Sim {
                     }
                 }
                 Event::RoutesChanged => self.routes_dirty = true,
-                Event::Unicast { .. } => {}
+                Event::Unicast { .. } | Event::IdentitiesChanged | Event::Forged { .. } => {}
             }
         }
         let Some(r) = self.nodes[i].router.as_ref() else { return };
@@ -388,9 +389,21 @@ impl Sim {
         }
     }
 
-    fn hello(&self, i: usize) -> Option<Hello> {
-        let cfg = self.nodes[i].router.as_ref()?.config();
-        Some(Hello { name: cfg.name, nickname: cfg.nickname.clone(), uid: cfg.uid, listen_port: LISTEN_PORT })
+    /// Host `i`'s identity key: the same in every life of the host, as a real one keeps its
+    /// key in its state directory.
+    fn key(i: usize) -> SigningKey {
+        let mut seed = [0x5a; 32];
+        seed[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        match SigningKey::from_seed(&seed) {
+            Ok(k) => k,
+            Err(e) => unreachable!("every 32-byte seed makes an Ed25519 key: {e}"),
+        }
+    }
+
+    fn hello(&self, i: usize, binding: &[u8; 32]) -> Option<Hello> {
+        let r = self.nodes[i].router.as_ref()?;
+        let cfg = r.config();
+        Some(Hello::prove(&cfg.key, r.own_claim(), cfg.nickname.clone(), cfg.uid, LISTEN_PORT, binding))
     }
 
     fn dial_arrive(&mut self, from: usize, inc: u64, addr: SocketAddr) {
@@ -407,7 +420,10 @@ impl Sim {
             return;
         }
         let l = self.latency(from, to);
-        let (Some(h_out), Some(h_in)) = (self.hello(from), self.hello(to)) else {
+        // Each connection's handshake gives both ends one binding value no other has.
+        let mut binding = [0u8; 32];
+        binding[..8].copy_from_slice(&self.next_conn.to_be_bytes());
+        let (Some(h_out), Some(h_in)) = (self.hello(from, &binding), self.hello(to, &binding)) else {
             self.schedule(self.now + l, SimEvent::DialFailed { from, inc, addr, error: "connection refused".into() });
             return;
         };
@@ -418,8 +434,10 @@ impl Sim {
         let now = self.now();
         // The inbound side sees the dialer's IP with an ephemeral port.
         let eph = SocketAddr::new(self.nodes[from].addr.ip(), 40_000 + (c_out.0 % 20_000) as u16);
-        let ok_out = self.nodes[from].router.as_mut().map(|r| r.handle_connection_up(now, c_out, addr, Some(addr), h_in));
-        let ok_in = self.nodes[to].router.as_mut().map(|r| r.handle_connection_up(now, c_in, eph, None, h_out));
+        let s_out = Session { local: eph, binding };
+        let s_in = Session { local: addr, binding };
+        let ok_out = self.nodes[from].router.as_mut().map(|r| r.handle_connection_up(now, c_out, addr, Some(addr), h_in, s_out));
+        let ok_in = self.nodes[to].router.as_mut().map(|r| r.handle_connection_up(now, c_in, eph, None, h_out, s_in));
         self.dirty.insert(from);
         self.dirty.insert(to);
         if matches!(ok_out, Some(Err(_))) || matches!(ok_in, Some(Err(_))) {

@@ -21,6 +21,37 @@ pub fn routes() -> axum::Router<Shared> {
         .route("/v1/connect", post(connect))
         .route("/v1/forget", post(forget))
         .route("/v1/stop", post(stop))
+        .route("/v1/identity/forget", post(forget_identity))
+        .route("/v1/identity/revoke", post(revoke))
+}
+
+#[derive(Deserialize)]
+struct Name {
+    name: String,
+}
+
+async fn forget_identity(State(sh): State<Shared>, Json(req): Json<Name>) -> ApiResult {
+    let name: weft_proto::PeerName = req.name.parse().map_err(|e| bad(format!("{e}")))?;
+    let was = sh.control.forget_identity(name).await?;
+    if !was {
+        return Err(bad(format!("no key is bound to {name} here (or it is this router's own name)")));
+    }
+    Ok(Json(json!({ "forgotten": name.to_string() })))
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    revocation: String,
+}
+
+async fn revoke(State(sh): State<Shared>, Json(req): Json<Revoke>) -> ApiResult {
+    use weft_proto::identity::{from_text, Revocation, REVOCATION_PREFIX};
+    let r: Revocation = from_text(REVOCATION_PREFIX, &req.revocation).map_err(bad)?;
+    let (name, key) = (r.name, r.key);
+    match sh.control.revoke(r).await? {
+        Ok(cut) => Ok(Json(json!({ "revoked": name.to_string(), "key": key.to_string(), "was_bound": cut.is_some() }))),
+        Err(e) => Err(bad(format!("revocation refused: {e}"))),
+    }
 }
 
 /// Everything `weft status` shows: the mesh, IPAM and DNS (from the actor), the interfaces on

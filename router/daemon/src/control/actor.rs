@@ -10,13 +10,15 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use weft_ipam::NetnsRef;
 use weft_proto::sleeve::{Cipher, Opener, Sealer};
+use weft_proto::identity::Refused;
+use weft_proto::router::Refusal;
 use weft_proto::{ConnId, ControlMsg, Event, Router};
 
 
@@ -28,6 +30,7 @@ use crate::frame::forwarder::{Paths, SleeveForwarder};
 use crate::frame::plane::FramePath;
 use crate::host::netns::netns_alive;
 use crate::services::dns::DnsService;
+use crate::services::identities::IdentityStore;
 use crate::services::ipam::IpamService;
 use crate::services::persist::{FileId, SaveDone, Writer};
 
@@ -57,6 +60,8 @@ pub struct Actor {
     pub info: StatusInfo,
     /// Our own input channel, for work that reports back later.
     pub inputs: mpsc::Sender<Input>,
+    /// Where the name bindings are kept.
+    pub identities: IdentityStore,
     conns: Conns,
     stopping: Option<&'static str>,
 }
@@ -74,8 +79,22 @@ impl Actor {
         stats: Arc<ControlStats>,
         info: StatusInfo,
         inputs: mpsc::Sender<Input>,
+        identities: IdentityStore,
     ) -> Self {
-        Actor { core, frames, dials, ipam, dns, writer, stats, info, inputs, conns: Conns::default(), stopping: None }
+        Actor {
+            core,
+            frames,
+            dials,
+            ipam,
+            dns,
+            writer,
+            stats,
+            info,
+            inputs,
+            identities,
+            conns: Conns::default(),
+            stopping: None,
+        }
     }
 
     /// Runs until told to stop (SIGINT, SIGTERM, `weft stop`, `weft reset`) or every input
@@ -159,10 +178,10 @@ impl Actor {
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {
-        let ConnUp { id, remote, target, hello, ciphers, our_index, tx, close, reply } = up;
+        let ConnUp { id, remote, target, hello, session, ciphers, our_index, tx, close, reply } = up;
         let peer = hello.hello.name;
         let nick = hello.hello.nickname.clone();
-        match self.core.handle_connection_up(now, id, remote, target, hello.hello) {
+        match self.core.handle_connection_up(now, id, remote, target, hello.hello, session) {
             Ok(()) => {
                 let encrypted = matches!(ciphers.0, Cipher::Aes256Gcm(_));
                 let udp = SocketAddr::new(remote.ip(), hello.udp_port);
@@ -177,6 +196,10 @@ impl Actor {
                 let paths = Paths::new(vec![Box::new(SleeveForwarder::new(link, self.info.udp_port))]);
                 self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths });
                 let _ = reply.send(true);
+            }
+            Err(Refusal::Identity(e)) => {
+                warn!(%peer, %remote, reason = %e, "connection refused: the peer did not prove its name");
+                let _ = reply.send(false);
             }
             Err(e) => {
                 info!(%peer, %remote, reason = %e, "connection refused");
@@ -205,6 +228,20 @@ impl Actor {
             }
             Request::Ipam(r) => self.ipam.handle(&mut self.core, now, r),
             Request::Dns(r) => self.dns.handle(&mut self.core, r),
+            Request::ForgetIdentity(name, reply) => {
+                let done = self.core.forget_identity(now, name);
+                if done {
+                    warn!(peer = %name, "name binding forgotten by the operator: the next key to claim it is bound");
+                }
+                let _ = reply.send(done);
+            }
+            Request::Revoke(r, reply) => {
+                let out = self.core.revoke(now, r).map_err(|e| e.to_string());
+                if let Ok(Some(name)) = &out {
+                    warn!(peer = %name, "key revoked by the mesh CA: peer cut off");
+                }
+                let _ = reply.send(out);
+            }
         }
     }
 
@@ -230,6 +267,11 @@ impl Actor {
             self.check_namespaces(refs);
         }
         self.dns.tick(&mut self.core, now);
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.core.set_wall_clock(now, unix);
+        if let Err(e) = self.identities.save_if_changed(&self.core.identity_state()) {
+            warn!(error = %format!("{e:#}"), "could not save the name bindings; retrying in a second");
+        }
         for id in self.conns.ids() {
             let Some(c) = self.conns.get_mut(id) else { continue };
             let (reports, changed) = c.paths.tick();
@@ -273,6 +315,10 @@ impl Actor {
         s.gossip_received.store(st.gossip_received, Relaxed);
         s.gossip_sent.store(st.gossip_sent, Relaxed);
         s.gossip_refused.store(st.gossip_refused, Relaxed);
+        for (label, c) in Refused::LABELS.iter().zip(&s.identity_refused) {
+            c.store(st.identity_refused.get(label).copied().unwrap_or(0), Relaxed);
+        }
+        s.gossip_unverified.store(st.unverified, Relaxed);
         s.peers.store(self.core.topology().len() as u64, Relaxed);
         self.ipam.publish(&mut self.core, &s.ipam);
         let c = self.dns.counts(&mut self.core);
@@ -315,6 +361,11 @@ impl Actor {
                     self.dns.sync_origins(&mut self.core);
                 }
                 Event::Unicast { from, channel, .. } => debug!(%from, %channel, "unicast for an unknown channel"),
+                Event::IdentitiesChanged => self.identities.changed(),
+                Event::Forged { from, reasons } => {
+                    let first = reasons.first().map(ToString::to_string).unwrap_or_default();
+                    warn!(neighbour = %from, count = reasons.len(), first = %first, "dropped gossip that did not verify");
+                }
             }
         }
     }

@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
-use weft_proto::{ConnId, ControlMsg, Hello};
+use weft_proto::identity::Claim;
+use weft_proto::router::Session;
+use weft_proto::{ConnId, ControlMsg, Hello, SigningKey};
 
 use super::admission::{Gate, Limits, Refusal, Ticket, Verdict};
 use super::handshake::{HandshakeError, Handshaker, SessionHello};
@@ -36,7 +38,7 @@ pub const SEND_QUEUE: usize = 1024;
 /// ourselves, sleeve receive indices, counters, and the way to the actor.
 pub struct Dialer {
     keys: Handshaker,
-    hello: Hello,
+    me: Introduction,
     udp_port: u16,
     indices: Indices,
     stats: Arc<ControlStats>,
@@ -48,17 +50,38 @@ impl Dialer {
     /// See the type's docs.
     pub(crate) fn new(
         keys: Handshaker,
-        hello: Hello,
+        me: Introduction,
         udp_port: u16,
         indices: Indices,
         stats: Arc<ControlStats>,
         inputs: mpsc::Sender<Input>,
     ) -> Self {
-        Dialer { keys, hello, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1) }
+        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1) }
     }
 
     fn conn_id(&self) -> ConnId {
         ConnId(self.next_conn.fetch_add(1, Relaxed))
+    }
+}
+
+/// What we say about ourselves on every connection: our claim to our name, and a hello that
+/// proves our identity key is at this end of the connection.
+pub struct Introduction {
+    /// Our identity key.
+    pub key: SigningKey,
+    /// Our claim (self-signed, or our certificate).
+    pub claim: Claim,
+    /// Our nickname.
+    pub nickname: String,
+    /// This start's UID.
+    pub uid: u64,
+    /// Our TCP port.
+    pub listen_port: u16,
+}
+
+impl Introduction {
+    fn hello(&self, binding: &[u8; 32]) -> Hello {
+        Hello::prove(&self.key, self.claim.clone(), self.nickname.clone(), self.uid, self.listen_port, binding)
     }
 }
 
@@ -261,11 +284,13 @@ async fn connection(
         }
         Err(Cut::Evicted) => return Err("closed during its handshake to make room for a newer one".into()),
     };
+    let local = s.local_addr().map_err(|e| format!("reading the connection's local address: {e}"))?;
+    let session = Session { local, binding: secured.binding };
     let (rd, wr) = s.into_split();
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
     let our_index = d.indices.next();
-    let hello = SessionHello { hello: d.hello.clone(), udp_port: d.udp_port, sleeve_index: our_index };
+    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: our_index };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     // The first message is bounded: nothing big is buffered for a peer whose hello is not in.
     let theirs: SessionHello = match in_time(deadline, permit.as_mut(), reader.recv_bounded(MAX_HELLO)).await {
@@ -301,6 +326,7 @@ async fn connection(
         remote,
         target,
         hello: theirs,
+        session,
         ciphers: (secured.sleeve_send, secured.sleeve_recv),
         our_index,
         tx,
@@ -374,10 +400,12 @@ mod tests {
 
     fn listener_side() -> (Arc<Dialer>, mpsc::Receiver<Input>) {
         let (tx, rx) = mpsc::channel(64);
-        let hello = Hello { name: PeerName::from_u64(1), nickname: "listener".into(), uid: 1, listen_port: 1 };
+        let key = SigningKey::from_seed(&[1; 32]).expect("key");
+        let claim = Claim::self_signed(&key, PeerName::from_u64(1));
+        let me = Introduction { key, claim, nickname: "listener".into(), uid: 1, listen_port: 1 };
         let keys = Handshaker::new(Some(PSK), super::super::handshake::generate_keypair().expect("keys").0);
         let stats = Arc::new(ControlStats::default());
-        (Arc::new(Dialer::new(keys, hello, 1, Indices::new(), stats, tx)), rx)
+        (Arc::new(Dialer::new(keys, me, 1, Indices::new(), stats, tx)), rx)
     }
 
     async fn connect_from(src: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -394,7 +422,9 @@ mod tests {
         let (rd, wr) = s.into_split();
         let mut w = RecordWriter::new(wr, sec.transport.clone());
         let mut r = RecordReader::new(rd, sec.transport);
-        let hello = Hello { name: PeerName::from_u64(2), nickname: "joiner".into(), uid: 2, listen_port: 2 };
+        let key = SigningKey::from_seed(&[2; 32]).map_err(|e| e.to_string())?;
+        let claim = Claim::self_signed(&key, PeerName::from_u64(2));
+        let hello = Hello::prove(&key, claim, "joiner".into(), 2, 2, &sec.binding);
         w.send(&SessionHello { hello, udp_port: 2, sleeve_index: 7 }).await.map_err(|e| format!("{e:#}"))?;
         r.recv::<SessionHello>().await.map_err(|e| e.to_string())
     }

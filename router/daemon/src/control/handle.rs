@@ -75,6 +75,16 @@ impl ControlHandle {
         self.ask(|tx| Request::Forget(addrs, tx)).await
     }
 
+    /// Unbinds a name on this host; whether it was bound.
+    pub async fn forget_identity(&self, name: weft_proto::PeerName) -> Result<bool, Stopping> {
+        self.ask(|tx| Request::ForgetIdentity(name, tx)).await
+    }
+
+    /// Applies a CA revocation and passes it on; the name it cut off, or why it was refused.
+    pub async fn revoke(&self, r: weft_proto::identity::Revocation) -> Result<Result<Option<weft_proto::PeerName>, String>, Stopping> {
+        self.ask(|tx| Request::Revoke(r, tx)).await
+    }
+
     /// An address for container `id`; waits up to `timeout` (consensus, donation).
     pub async fn allocate(&self, id: String, want: Want, netns: Option<NetnsRef>, timeout: Duration) -> Result<Allocation, IpamError> {
         self.ipam(|reply| IpamRequest::Allocate { id, want, netns, timeout, reply }).await?

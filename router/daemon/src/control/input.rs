@@ -24,6 +24,8 @@ pub struct ConnUp {
     pub target: Option<SocketAddr>,
     /// What the peer said about itself.
     pub hello: SessionHello,
+    /// Our end's address and the handshake's binding value.
+    pub session: weft_proto::router::Session,
     /// Sleeve keys: (send, receive).
     pub ciphers: (Cipher, Cipher),
     /// Our receive index on the sleeve for this link.
@@ -81,4 +83,8 @@ pub enum Request {
     Ipam(IpamRequest),
     /// For the DNS service.
     Dns(DnsRequest),
+    /// Unbind a name on this host (`weft identity forget`); answers whether it was bound.
+    ForgetIdentity(weft_proto::PeerName, oneshot::Sender<bool>),
+    /// Apply and pass on a CA revocation (`weft ca revoke`); answers the name cut off.
+    Revoke(weft_proto::identity::Revocation, oneshot::Sender<Result<Option<weft_proto::PeerName>, String>>),
 }

@@ -44,6 +44,11 @@ pub struct ControlStats {
     pub read_errors: [AtomicU64; 5],
     /// Gossip refused as malformed or invalid.
     pub gossip_refused: AtomicU64,
+    /// Claims, connections and gossip entries refused for their identity, by
+    /// `weft_proto::identity::Refused::LABELS`.
+    pub identity_refused: [AtomicU64; 7],
+    /// Gossip entries held back because no key was bound to their origin yet.
+    pub gossip_unverified: AtomicU64,
     /// Gossip messages received.
     pub gossip_received: AtomicU64,
     /// Gossip messages sent.

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use serde_json::{json, Value};
+use weft_proto::identity::{Proof, Trust};
 use weft_proto::router::TargetState;
 use weft_proto::Router;
 
@@ -87,6 +88,27 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "state": state, "retry_in_seconds": retry, "attempts": t.attempts, "last_error": t.last_error})
         })
         .collect();
+    let st = core.stats();
+    let keys = core.keys();
+    let claim = core.own_claim();
+    let identity = json!({
+        "key": claim.key.to_string(),
+        "trust": match keys.trust() {
+            Trust::FirstUse => "first-use".to_string(),
+            Trust::Ca(ca) => format!("ca {ca}"),
+        },
+        "certificate_expires": match &claim.proof {
+            Proof::Certified(c) => json!(c.expires),
+            Proof::SelfSigned(_) => Value::Null,
+        },
+        "bound_names": keys.len(),
+        "bindings": keys.claims().map(|c| json!({"name": c.name.to_string(), "key": c.key.to_string(),
+            "certified": matches!(c.proof, Proof::Certified(_))})).collect::<Vec<_>>(),
+        "revoked_keys": keys.revocations().count(),
+        "refused": st.identity_refused.iter().map(|(l, v)| (l.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "forged_by": st.forged_by.iter().map(|(p, v)| (p.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "unverified": st.unverified,
+    });
     let r = core.routes();
     let s = frames.stats();
     let as_map =
@@ -100,6 +122,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
         "encryption": if enc { "enabled" } else { "disabled" },
         "warning": if enc { Value::Null } else { json!("NO PASSWORD SET: traffic between hosts is NOT encrypted") },
         "discovery": core.config().discovery,
+        "identity": identity,
         "bridge": info.bridge, "mtu": info.mtu,
         "sleeve": {"port": info.udp_port, "offload": frames.offload(),
             "gso_segments": frames.gso_segments(), "max_datagram": frames.max_datagram()},

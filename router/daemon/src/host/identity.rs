@@ -1,4 +1,5 @@
-//! The peer's identity, kept in the state directory: a stable name and a
+//! The peer's identity, kept in the state directory: a stable name, its identity key
+//! (Ed25519, `identity.key`: the key its name is bound to, see `weft_proto::identity`) and a
 //! static Noise key pair. The UID is fresh on every start.
 
 use std::fs;
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rand::RngCore;
-use weft_proto::PeerName;
+use weft_proto::{PeerName, SigningKey};
 
 /// What a router is, across restarts.
 pub struct Identity {
@@ -18,6 +19,33 @@ pub struct Identity {
     pub private_key: [u8; 32],
     /// Its public half.
     pub public_key: [u8; 32],
+    /// The identity key.
+    pub signing: SigningKey,
+}
+
+/// The file that holds the identity key's 32-byte seed.
+pub const IDENTITY_KEY_FILE: &str = "identity.key";
+
+/// Loads the identity key from `dir`, making one on first use.
+pub fn load_or_create_signing(dir: &Path) -> Result<SigningKey> {
+    let path = dir.join(IDENTITY_KEY_FILE);
+    let seed: [u8; 32] = if path.exists() {
+        let b = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        match <[u8; 32]>::try_from(b.as_slice()) {
+            Ok(k) => k,
+            Err(_) => bail!(
+                "{} is corrupt ({} bytes, want 32); restore it from a backup, or remove it and run `weft identity forget` for this host's name on every peer",
+                path.display(),
+                b.len()
+            ),
+        }
+    } else {
+        let mut seed = [0u8; 32];
+        rand::rng().fill_bytes(&mut seed);
+        write_atomic(&path, &seed)?;
+        seed
+    };
+    SigningKey::from_seed(&seed).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Makes a fresh static key pair: (private, public).
@@ -72,7 +100,54 @@ pub fn load_or_create(dir: &Path, name_override: Option<PeerName>, keygen: Keyge
     let mut public_key = [0u8; 32];
     private_key.copy_from_slice(&pair[..32]);
     public_key.copy_from_slice(&pair[32..]);
-    Ok(Identity { name, private_key, public_key })
+    let signing = load_or_create_signing(dir)?;
+    Ok(Identity { name, private_key, public_key, signing })
+}
+
+/// The file a deliberate re-key leaves for the router's next start: the old key's signed
+/// hand-over of the name to the new key, which the router passes on to its peers.
+pub const REKEY_FILE: &str = "identity.rekey";
+/// The text prefix of a re-key.
+pub const REKEY_PREFIX: &str = "weft-rekey-v1";
+/// The file a certificate is read from when `--cert` is not given.
+pub const CERT_FILE: &str = "identity.cert";
+
+/// Replaces the identity key in `dir` with a new one, leaving the old key's signed hand-over in
+/// [`REKEY_FILE`]. Run while the router is stopped. Returns (old, new) public keys.
+pub fn rekey(dir: &Path, name: PeerName) -> Result<(weft_proto::PublicKey, weft_proto::PublicKey)> {
+    let path = dir.join(IDENTITY_KEY_FILE);
+    if !path.exists() {
+        bail!("{} does not exist: this host has no identity key to hand over yet (start the router once)", path.display());
+    }
+    let old = load_or_create_signing(dir)?;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let new = SigningKey::from_seed(&seed).map_err(|e| anyhow::anyhow!(e))?;
+    let handover = weft_proto::identity::Rekey::issue(&old, name, new.public());
+    // The hand-over first: a crash before the key is replaced leaves a hand-over the router
+    // ignores (its new key is not in use), never a new key without one.
+    write_atomic(&dir.join(REKEY_FILE), weft_proto::identity::to_text(REKEY_PREFIX, &handover).as_bytes())?;
+    write_atomic(&path, &seed)?;
+    Ok((old.public(), new.public()))
+}
+
+/// The hand-over left by [`rekey`], if any.
+pub fn load_rekey(dir: &Path) -> Result<Option<weft_proto::identity::Rekey>> {
+    let path = dir.join(REKEY_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    weft_proto::identity::from_text(REKEY_PREFIX, &text)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; remove it if the re-key is long done", path.display()))
+}
+
+/// Reads a certificate file (`weft ca sign`'s output).
+pub fn load_certificate(path: &Path) -> Result<weft_proto::identity::Certificate> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading certificate {}", path.display()))?;
+    weft_proto::identity::from_text(weft_proto::identity::CERT_PREFIX, &text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// A fresh UID for this start.
@@ -133,6 +208,11 @@ mod tests {
         let b = load_or_create(&dir, None, fake_keygen).expect("load");
         assert_eq!(a.name, b.name);
         assert_eq!(a.public_key, b.public_key);
+        assert_eq!(a.signing.public(), b.signing.public());
+        fs::write(dir.join(IDENTITY_KEY_FILE), [1u8; 31]).expect("write");
+        let err = load_or_create(&dir, None, fake_keygen).err().expect("corrupt identity key refused");
+        assert!(format!("{err:#}").contains("identity.key is corrupt"), "{err:#}");
+        fs::write(dir.join(IDENTITY_KEY_FILE), [1u8; 32]).expect("write");
         fs::write(dir.join("name"), "not a name").expect("write");
         let err = load_or_create(&dir, None, fake_keygen).err().expect("corrupt name refused");
         assert!(format!("{err:#}").contains("name is corrupt"), "{err:#}");
