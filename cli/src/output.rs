@@ -24,6 +24,18 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         } else {
             writeln!(out, "  Encryption: DISABLED -- no password set, traffic between hosts is NOT encrypted")?;
         }
+        let id = &v["identity"];
+        let trust = if s(&id["trust"]) == "first-use" { "names bound on first use".to_string() } else { format!("mesh CA {}", s(&id["trust"]).trim_start_matches("ca ")) };
+        writeln!(out, "    Identity: key {}, {}, {} names bound", s(&id["key"]), trust, id["bound_names"])?;
+        let refused: Vec<String> = id["refused"]
+            .as_object()
+            .map(|m| m.iter().filter(|(_, n)| n.as_u64().unwrap_or(0) > 0).map(|(k, n)| format!("{k} {n}")).collect())
+            .unwrap_or_default();
+        if !refused.is_empty() {
+            let by: Vec<String> = id["forged_by"].as_object().map(|m| m.iter().map(|(p, n)| format!("{p} ({n})")).collect()).unwrap_or_default();
+            let by = if by.is_empty() { String::new() } else { format!("; forged gossip from {}", by.join(", ")) };
+            writeln!(out, "     Refused: {}{by}", refused.join(", "))?;
+        }
         let est = conns.iter().filter(|c| c["state"] == "established").count();
         let reach = peers.iter().filter(|p| p["reachable"] == true).count();
         writeln!(out, "       Peers: {} ({} reachable)", peers.len(), reach)?;

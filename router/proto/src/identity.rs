@@ -678,6 +678,30 @@ mod tests {
         assert!(from_text::<Certificate>(CERT_PREFIX, "weft-cert-v1:zz").is_err());
     }
 
+    /// The cost of checking gossip: `cargo test --release -p weft-proto -- --ignored --nocapture
+    /// verification_rate`. Not a pass/fail test; figures go to docs/benchmarks.md.
+    #[test]
+    #[ignore]
+    fn verification_rate() {
+        let k = key(1);
+        let mut keys = Keys::new(Trust::FirstUse);
+        keys.admit(&Claim::self_signed(&k, PeerName::from_u64(1))).expect("admit");
+        let msg = vec![7u8; 300];
+        let sig = k.sign(DOMAIN_TOPOLOGY, &msg);
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(keys.verify(PeerName::from_u64(1), DOMAIN_TOPOLOGY, &msg, &sig, "x").is_ok());
+        }
+        let verify = n as f64 / t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(k.sign(DOMAIN_TOPOLOGY, &msg));
+        }
+        let sign = n as f64 / t.elapsed().as_secs_f64();
+        eprintln!("Ed25519 over 300-byte entries, one core: {verify:.0} verifications/s, {sign:.0} signatures/s");
+    }
+
     #[test]
     fn verify_checks_the_bound_key() {
         let name = PeerName::from_u64(7);

@@ -242,6 +242,22 @@ mod tests {
         assert!(opener.open(h, b).expect("open").is_some());
     }
 
+    /// Complete handshakes per second over loopback, both ends in this process (so the figure
+    /// is for both sides' work): `cargo test --release -p weft-router -- --ignored --nocapture
+    /// handshake_rate`. Not a pass/fail test; figures go to docs/benchmarks.md.
+    #[tokio::test(flavor = "current_thread")]
+    #[ignore]
+    async fn handshake_rate() {
+        let n = 300;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let (rc, rs, _c, _s) = pair(Some([1; 32]), Some([1; 32])).await;
+            assert!(rc.is_ok() && rs.is_ok());
+        }
+        let rate = f64::from(n) / t.elapsed().as_secs_f64();
+        eprintln!("{rate:.0} complete Noise XXpsk3 handshakes/s (both ends, one core, loopback TCP)");
+    }
+
     #[tokio::test]
     async fn wrong_password_is_refused_on_both_sides() {
         let (rc, rs, c, _s) = pair(Some([1; 32]), Some([2; 32])).await;
