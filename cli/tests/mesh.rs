@@ -337,6 +337,8 @@ fn metrics_and_a_root_only_api() {
         "weft_connections{state=\"established\",encryption=\"encrypted\"} 1",
         "weft_drops_total{reason=\"replay\"}",
         "weft_handshake_failures_total{reason=\"wrong_password\"}",
+        "weft_handshakes_refused_total{reason=\"rate_limited\"} 0",
+        "weft_handshakes_in_progress{} 0",
         "weft_frames_total{direction=\"out\"}",
     ] {
         assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
