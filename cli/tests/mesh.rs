@@ -322,22 +322,38 @@ fn metrics_and_a_root_only_api() {
     let Some(mut lab) = lab("metrics_and_a_root_only_api", 2, Some("pw"), &[]) else { return };
     start_star(&mut lab);
     lab.wait_established(0, 1, UP).expect("connected");
-    let body = in_netns(&lab.host(0).ns, || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect("127.0.0.1:6782").expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-        let mut b = String::new();
-        s.read_to_string(&mut b).expect("read");
-        b
-    });
+    let get = |path: &'static str| {
+        in_netns(&lab.host(0).ns, move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:6782").expect("metrics endpoint");
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).expect("write");
+            let mut b = String::new();
+            s.read_to_string(&mut b).expect("read");
+            b
+        })
+    };
+    let body = get("/metrics");
     for needle in [
         "weft_connections{state=\"established\",encryption=\"encrypted\"} 1",
         "weft_drops_total{reason=\"replay\"}",
         "weft_handshake_failures_total{reason=\"wrong_password\"}",
+        "weft_handshakes_refused_total{reason=\"rate_limited\"} 0",
+        "weft_handshakes_in_progress{} 0",
         "weft_frames_total{direction=\"out\"}",
     ] {
         assert!(body.contains(needle), "metrics lack {needle}:\n{body}");
     }
+    // /status on TCP, which any local user can read, is health only: no names, UIDs or addresses.
+    let health = get("/status");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"ok\":true") && health.contains("\"connections_established\":1"), "{health}");
+    let full = status(&lab, 0);
+    for field in ["uid", "name"] {
+        let v = full[field].to_string();
+        let v = v.trim_matches('"');
+        assert!(!v.is_empty() && !health.contains(v), "the TCP /status shows the {field} {v}: {health}");
+    }
+    assert!(!health.contains("peers\":["), "{health}");
     // The API socket refuses anyone but root.
     let sock = lab.host(0).api_socket.clone();
     let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);

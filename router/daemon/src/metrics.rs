@@ -78,7 +78,7 @@ impl Collector for WeftCollector {
         let hs = by_reason(&HANDSHAKE_LABELS, &c.handshake_failures);
         family(&mut enc, "weft_handshake_failures", "Control connections that failed before they were up", MetricType::Counter, hs)?;
         let refused = by_reason(&REFUSAL_LABELS, &c.handshakes_refused);
-        family(&mut enc, "weft_handshakes_refused", "Control connections closed before any handshake work (limits)", MetricType::Counter, refused)?;
+        family(&mut enc, "weft_handshakes_refused", "Control connections closed by the limits on handshakes (evicted: the oldest in progress made room)", MetricType::Counter, refused)?;
         family(&mut enc, "weft_handshakes_in_progress", "Inbound handshakes in progress", MetricType::Gauge, vec![
             (vec![], c.handshakes_in_progress.load(Relaxed)),
         ])?;

@@ -71,6 +71,8 @@ const NETNS_DIR: &str = "/run/netns";
 const LAB_TOOLS: [&str; 2] = ["ip", "nsenter"];
 /// Limit for `ip`, `nft` and `weft` client commands.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a started router has to answer its API.
+const ROUTER_READY: Duration = Duration::from_secs(30);
 /// Limit for [`Lab::exec`] commands (long enough for an iperf3 run).
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long routers get between SIGTERM and SIGKILL on teardown.
@@ -306,7 +308,8 @@ impl Lab {
     }
 
     /// Starts `weft router` on host `i`, with the underlay IPs of hosts `peers` as PEER arguments.
-    /// Fails if a router is already running there, or if it exits within the first 100 ms.
+    /// Returns once its API answers. Fails if a router is already running there, or if it exits
+    /// before its API answers, or that takes over 30 s.
     pub fn start_router(&mut self, i: usize, peers: &[usize]) -> Result<()> {
         let peer_ips = peers
             .iter()
@@ -374,7 +377,32 @@ impl Lab {
             );
         }
         host.router = Some(child);
-        Ok(())
+        self.wait_api(i)
+    }
+
+    /// Waits until host `i`'s router answers `weft status`, as `weft launch` does: it stretches
+    /// the password (Argon2id, a fraction of a second) and makes its devices before its API is up.
+    /// Fails with the log's tail if the router exits first or does not answer within 30 s.
+    fn wait_api(&mut self, i: usize) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if self.weft(i, &["status"]).is_ok_and(|o| o.status.success()) {
+                return Ok(());
+            }
+            let host = &mut self.hosts[i];
+            let exited = match host.router.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                host.router = None;
+                bail!("router on host {i} exited during start-up ({status}); last lines of {}:\n{}", host.log.display(), tail(&host.log, 30));
+            }
+            if t0.elapsed() > ROUTER_READY {
+                bail!("router on host {i} did not answer `weft status` within {ROUTER_READY:?}; last lines of {}:\n{}", host.log.display(), tail(&host.log, 30));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`, `libc::SIGKILL`) to host `i`'s router by PID and

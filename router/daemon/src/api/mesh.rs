@@ -1,4 +1,5 @@
-//! The mesh: `/v1/status`, `/v1/connect`, `/v1/forget`, `/v1/stop`.
+//! The mesh: `/v1/status`, `/v1/connect`, `/v1/forget`, `/v1/stop`, and the health document the
+//! TCP endpoint serves as `/status`.
 
 use std::net::SocketAddr;
 
@@ -63,6 +64,29 @@ pub async fn status(State(sh): State<Shared>) -> ApiResult {
     Ok(Json(v))
 }
 
+/// `/status` on the TCP endpoint (127.0.0.1:6782, any local user, and more with
+/// `--metrics-addr`): health only, from the actor's answer (so a stuck actor fails the probe).
+/// Names, UIDs, addresses and the rest stay on the root-only socket.
+pub async fn health(State(sh): State<Shared>) -> ApiResult {
+    let v = sh.control.status().await?;
+    Ok(Json(health_of(&v)))
+}
+
+/// The health document from the full status: that the router answers, its version, how many
+/// peers it knows and how many connections are established.
+fn health_of(full: &Value) -> Value {
+    let count = |k: &str| full[k].as_array().map_or(0, Vec::len);
+    let established =
+        full["connections"].as_array().map_or(0, |cs| cs.iter().filter(|c| c["state"] == "established").count());
+    json!({
+        "ok": true,
+        "version": full["version"],
+        "encryption": full["encryption"],
+        "peers": count("peers"),
+        "connections_established": established,
+    })
+}
+
 /// Interfaces on the bridge other than the TAP: what is attached.
 async fn bridge_ports(sh: &Shared) -> Vec<Value> {
     match sh.netdev.bridge_ports(&sh.bridge).await {
@@ -106,4 +130,25 @@ async fn forget(State(sh): State<Shared>, Json(req): Json<Peers>) -> ApiResult {
 async fn stop(State(sh): State<Shared>) -> ApiResult {
     sh.control.stop("stop requested").await;
     Ok(Json(json!({ "stopping": true })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_health_document_counts_and_tells_nothing_else() {
+        let full = json!({
+            "version": "0.1.0", "name": "aa:bb:cc:dd:ee:ff", "nickname": "host-a", "uid": 12345, "encryption": "enabled",
+            "peers": [{"name": "aa:bb:cc:dd:ee:ff", "uid": 12345}, {"name": "11:22:33:44:55:66", "uid": 678}],
+            "connections": [{"state": "established", "address": "192.0.2.2:6783"}, {"state": "pending", "address": "192.0.2.3:6783"}],
+            "targets": [{"address": "192.0.2.3:6783"}],
+        });
+        let h = health_of(&full);
+        assert_eq!(h, json!({"ok": true, "version": "0.1.0", "encryption": "enabled", "peers": 2, "connections_established": 1}));
+        let text = h.to_string();
+        for secret in ["aa:bb", "12345", "678", "192.0.2", "host-a"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
 }

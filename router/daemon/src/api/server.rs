@@ -1,5 +1,6 @@
 //! The local API (HTTP/JSON on a root-only unix socket) used by the CLI and the CNI plugin, and
-//! the status/metrics endpoint on 127.0.0.1:6782. Routes come from one module per area.
+//! the health/metrics endpoint on 127.0.0.1:6782 (any local user can read it, so it serves
+//! counters and health, never the full status). Routes come from one module per area.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -79,7 +80,8 @@ pub async fn serve_api(state: Shared, path: &std::path::Path, mut stop: watch::R
     }))
 }
 
-/// Serves `/metrics` and `/status` on a TCP address (127.0.0.1:6782 by default).
+/// Serves `/metrics` and `/status` (the health document, see [`mesh::health`]) on a TCP address
+/// (127.0.0.1:6782 by default).
 pub async fn serve_metrics(state: Shared, frames: Arc<FramePath>, ctl: Arc<ControlStats>, addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics on {addr}"))?;
     let registry = Arc::new(metrics::registry(frames, ctl));
@@ -93,7 +95,7 @@ pub async fn serve_metrics(state: Shared, frames: Arc<FramePath>, ctl: Arc<Contr
                 }
             }),
         )
-        .route("/status", get(mesh::status))
+        .route("/status", get(mesh::health))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
