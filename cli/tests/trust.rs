@@ -255,3 +255,95 @@ fn a_mesh_ca_admits_only_certified_hosts_and_a_revocation_cuts_one_off() {
     assert!(refused(&status(&lab, 2), "revoked") > 0 || refused(&status(&lab, 0), "revoked") > 0, "reconnects not refused as revoked");
     assert_eq!(established(&lab, 1), 0, "the revoked host reconnected");
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn guessing_and_flooding_cost_the_attacker_more_than_the_router() {
+    let Some(mut lab) = lab("guessing_and_flooding", 3, Some(PASSWORD), &[]) else { return };
+    lab.start_router(0, &[]).expect("router 0");
+    let pid = lab.host(0).router_pid().expect("pid");
+    let to = router_addr(&lab, 0);
+    let ns = lab.host(2).ns.clone();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before = rss_kib(pid);
+
+    // 2,000 half-open connections from 40 addresses of host 2, held open while host 1 joins.
+    let sources: Vec<std::net::Ipv4Addr> = (0..40).map(|i| std::net::Ipv4Addr::new(192, 168, 77, 100 + i)).collect();
+    for ip in &sources {
+        let o = lab.exec(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "ul0"]).expect("ip addr add");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<usize>();
+    let flood = std::thread::spawn({
+        let ns = ns.clone();
+        move || {
+            in_netns(&ns, move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(async move {
+                    let mut held = Vec::new();
+                    for i in 0..2000 {
+                        let Ok(sock) = tokio::net::TcpSocket::new_v4() else { continue };
+                        if sock.bind(SocketAddr::from((sources[i % sources.len()], 0))).is_err() {
+                            continue;
+                        }
+                        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), sock.connect(to)).await {
+                            held.push(s);
+                        }
+                    }
+                    let _ = opened_tx.send(held.len());
+                    let _ = tokio::task::spawn_blocking(move || hold_rx.recv_timeout(Duration::from_secs(60))).await;
+                    drop(held);
+                })
+            })
+        }
+    });
+    let opened = opened_rx.recv_timeout(Duration::from_secs(120)).expect("flood opened");
+    let t0 = std::time::Instant::now();
+    lab.start_router(1, &[0]).expect("router 1");
+    lab.wait_established(1, 1, Duration::from_secs(15)).expect("a real peer joins during the flood");
+    let join = t0.elapsed();
+    let rss_flood = rss_kib(pid);
+    let st = status(&lab, 0);
+    let _ = hold_tx.send(());
+    flood.join().expect("flood thread");
+    eprintln!(
+        "half-open flood: {opened} connections opened; real peer joined in {join:?}; router RSS {rss_before} -> {rss_flood} KiB; refused {}",
+        st["stats"]["handshakes_refused"]
+    );
+    assert!(join < Duration::from_secs(10), "the real peer took {join:?} to join under the flood");
+    assert!(rss_flood < rss_before + 64 * 1024, "router memory grew from {rss_before} to {rss_flood} KiB");
+    assert!(st["stats"]["handshakes_in_progress"].as_u64().unwrap_or(0) <= 64, "{}", st["stats"]);
+
+    // 1,000 wrong-password handshakes from host 2: how many reach the crypto.
+    let (answered, total, secs) = in_netns(&ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let noise = generate_keypair().expect("noise key").0;
+            let wrong = [0x42u8; 32];
+            let t = std::time::Instant::now();
+            let mut answered = 0;
+            for _ in 0..1000 {
+                let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(to)).await else { continue };
+                // Closed before any crypto: the handshake fails at the preamble. Let through: our
+                // side completes, and the refusal comes as the first record.
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), handshake(&mut s, true, Some(&wrong), &noise)).await {
+                    answered += 1;
+                }
+            }
+            (answered, 1000, t.elapsed().as_secs_f64())
+        })
+    });
+    eprintln!("wrong passwords: {answered} of {total} reached the handshake in {secs:.1} s");
+    assert!(answered as f64 <= 8.0 + secs * 1.5 + 2.0, "{answered} wrong-password handshakes answered in {secs:.1} s");
+    // Meanwhile a correct peer from another address still joins at once.
+    lab.kill_router(1, libc::SIGTERM).expect("stop 1");
+    lab.start_router(1, &[0]).expect("router 1 again");
+    lab.wait_established(1, 1, Duration::from_secs(5)).expect("a real peer joins within 5 s after the guessing");
+    assert!(status(&lab, 0)["stats"]["handshakes_refused"]["rate_limited"].as_u64().unwrap_or(0) > 0);
+}

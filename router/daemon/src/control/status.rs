@@ -143,6 +143,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "gossip_refused": core.stats().gossip_refused,
             "handshake_failures": as_map(labelled(&HANDSHAKE_LABELS, &ctl.handshake_failures)),
             "handshakes_refused": as_map(labelled(&REFUSAL_LABELS, &ctl.handshakes_refused)),
+            "handshakes_in_progress": ctl.handshakes_in_progress.load(Relaxed),
             "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
         },
     })
