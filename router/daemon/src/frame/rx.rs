@@ -93,7 +93,15 @@ impl Rx<'_> {
     fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
-        let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
+        let opened = {
+            let mut opener = lock(&link.opener);
+            let r = opener.open(head, body, now);
+            let d = opener.take_discards();
+            self.sh.stats.drop_n(DropReason::Sleeve(SleeveError::PartialExpired), d.expired);
+            self.sh.stats.drop_n(DropReason::Sleeve(SleeveError::PartialEvicted), d.evicted);
+            r
+        };
+        let Some(msg) = opened? else { return Ok(()) };
         for rec in records(&msg) {
             match rec? {
                 Record::Heartbeat => link.heard(),

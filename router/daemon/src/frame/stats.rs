@@ -20,7 +20,7 @@ pub enum DropReason {
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 19] = [
+pub const DROP_LABELS: [&str; 23] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -30,6 +30,10 @@ pub const DROP_LABELS: [&str; 19] = [
     "auth",
     "mode_mismatch",
     "bad_record",
+    "fragment_size",
+    "fragment_count",
+    "partial_expired",
+    "partial_evicted",
     // switch
     "runt",
     "bad_source",
@@ -82,7 +86,7 @@ pub struct Stats {
     /// Frames the kernel sent out of the TAP from its own address (IPv6/IGMP chatter), ignored.
     pub filtered: AtomicU64,
     /// Drops by reason, indexed like [`DROP_LABELS`].
-    pub drops: [AtomicU64; 19],
+    pub drops: [AtomicU64; DROP_LABELS.len()],
     /// MACs known to live on this host (gauge, refreshed by the TAP thread).
     pub macs_local: AtomicU64,
     /// MACs known to live behind peers (gauge, refreshed by the TAP thread).
@@ -95,7 +99,14 @@ pub struct Stats {
 impl Stats {
     /// Counts a drop.
     pub fn drop(&self, why: DropReason) {
-        self.drops[why.index()].fetch_add(1, Relaxed);
+        self.drop_n(why, 1);
+    }
+
+    /// Counts `n` drops for one reason.
+    pub fn drop_n(&self, why: DropReason, n: u64) {
+        if n > 0 {
+            self.drops[why.index()].fetch_add(n, Relaxed);
+        }
     }
 }
 
