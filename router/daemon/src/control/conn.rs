@@ -133,8 +133,8 @@ async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target
     let (rd, wr) = s.into_split();
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
-    let our_index = d.indices.next();
-    let hello = SessionHello { hello: d.hello.clone(), udp_port: d.udp_port, sleeve_index: our_index };
+    let lease = d.indices.lease();
+    let hello = SessionHello { hello: d.hello.clone(), udp_port: d.udp_port, sleeve_index: lease.index() };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     let theirs: SessionHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv()).await {
         Ok(Ok(h)) => h,
@@ -163,7 +163,7 @@ async fn connection(d: Arc<Dialer>, mut s: TcpStream, remote: SocketAddr, target
         target,
         hello: theirs,
         ciphers: (secured.sleeve_send, secured.sleeve_recv),
-        our_index,
+        our_index: lease,
         tx,
         close: close_tx,
         reply: reply_tx,
