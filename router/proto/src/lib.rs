@@ -16,6 +16,7 @@ pub mod router;
 pub mod sleeve;
 pub mod switch;
 pub mod topology;
+pub mod vnet;
 
 pub use name::PeerName;
 pub use router::{ConnId, ControlMsg, Event, GossipChannel, Hello, Refusal, Router, RouterConfig, Transmit};

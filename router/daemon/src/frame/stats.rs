@@ -13,6 +13,8 @@ pub enum DropReason {
     Sleeve(SleeveError),
     /// A switching decision (see `weft_proto::switch::Reason`).
     Switch(Reason),
+    /// A peer's virtio-net header does not fit its frame (see `weft_proto::vnet`).
+    VnetHeader,
     /// Writing to the TAP failed.
     TapWrite,
     /// Sending on the UDP socket failed.
@@ -20,7 +22,7 @@ pub enum DropReason {
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 23] = [
+pub const DROP_LABELS: [&str; 24] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -44,6 +46,8 @@ pub const DROP_LABELS: [&str; 23] = [
     "unknown_source",
     "looped",
     "local_destination",
+    // frames from peers
+    "vnet_header",
     // I/O
     "tap_write",
     "udp_send",
@@ -55,6 +59,7 @@ impl DropReason {
         match self {
             DropReason::Sleeve(e) => e.label(),
             DropReason::Switch(r) => r.label(),
+            DropReason::VnetHeader => "vnet_header",
             DropReason::TapWrite => "tap_write",
             DropReason::UdpSend => "udp_send",
         }
@@ -123,7 +128,7 @@ mod tests {
     fn every_reason_has_its_own_counter() {
         let mut reasons: Vec<DropReason> = Reason::ALL.iter().map(|r| DropReason::Switch(*r)).collect();
         reasons.extend(SleeveError::ALL.iter().map(|e| DropReason::Sleeve(*e)));
-        reasons.extend([DropReason::TapWrite, DropReason::UdpSend]);
+        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend]);
         for r in &reasons {
             assert!(DROP_LABELS.contains(&r.label()), "{r:?} has no counter");
         }
