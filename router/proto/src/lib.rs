@@ -17,6 +17,7 @@ pub mod router;
 pub mod sleeve;
 pub mod switch;
 pub mod topology;
+pub mod vnet;
 
 pub use identity::{Keys, PublicKey, Signature, SigningKey, Trust};
 pub use name::PeerName;

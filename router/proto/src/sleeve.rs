@@ -6,7 +6,7 @@
 //! go out as one GSO send and come back as one GRO receive. See
 //! `docs/protocol.md` for the byte layout.
 
-use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
@@ -25,8 +25,21 @@ pub const KIND_AES256GCM: u8 = 1;
 pub const KIND_PLAIN: u8 = 2;
 /// Largest number of fragments of one message.
 pub const MAX_FRAGMENTS: usize = 255;
-/// Partially received messages kept per session; older ones are dropped.
+/// Partially received messages kept per session; when a new one starts on a full table, the one
+/// that started first is dropped.
 pub const MAX_PARTIALS: usize = 16;
+/// A partially received message is dropped this long after its first fragment arrived. A real
+/// message's fragments leave in one GSO send and arrive within milliseconds; by a second, TCP
+/// above has long retransmitted.
+pub const PARTIAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// The largest UDP payload (65 535 − 20 bytes of IPv4 header − 8 of UDP): no fragment is longer.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// The largest message body (records) a [`Sealer`] seals: a batch is cut at 64 KiB and one frame
+/// record (a 64 KiB TSO super-frame and its fixed fields) always fits alone, so this leaves room.
+/// A receiver refuses to reassemble more than this plus the tag.
+pub const MAX_MESSAGE: usize = 128 * 1024;
+/// The largest sealed message a receiver reassembles.
+pub const MAX_SEALED: usize = MAX_MESSAGE + TAG_LEN;
 /// Bytes of a frame record's fixed part (after the type byte).
 pub const FRAME_RECORD_LEN: usize = 6 + 6 + 1 + 1 + VNET_LEN + 4;
 /// Bytes of the virtio-net header carried with each frame (offload metadata).
@@ -67,11 +80,24 @@ pub enum SleeveError {
     /// A record inside an authentic message did not parse.
     #[error("malformed record in sleeve message")]
     BadRecord,
+    /// A fragment's body is empty, longer than a datagram can carry, not the size of the
+    /// message's other fragments, or would make the message longer than a sealer produces.
+    #[error("sleeve fragment of a size its message cannot have")]
+    FragmentSize,
+    /// A fragment gives another fragment count than the earlier fragments of its message.
+    #[error("sleeve fragment count differs from its message's")]
+    FragmentCount,
+    /// A partly received message was dropped because it did not complete in time.
+    #[error("partly received sleeve message expired")]
+    PartialExpired,
+    /// A partly received message was dropped to make room for a newer one.
+    #[error("partly received sleeve message evicted")]
+    PartialEvicted,
 }
 
 impl SleeveError {
     /// Every variant, for counters indexed by reason.
-    pub const ALL: [SleeveError; 8] = [
+    pub const ALL: [SleeveError; 12] = [
         SleeveError::Malformed,
         SleeveError::UnknownKind,
         SleeveError::UnknownSession,
@@ -80,6 +106,10 @@ impl SleeveError {
         SleeveError::Auth,
         SleeveError::ModeMismatch,
         SleeveError::BadRecord,
+        SleeveError::FragmentSize,
+        SleeveError::FragmentCount,
+        SleeveError::PartialExpired,
+        SleeveError::PartialEvicted,
     ];
 
     /// A short label for metrics.
@@ -93,6 +123,10 @@ impl SleeveError {
             SleeveError::Auth => "auth",
             SleeveError::ModeMismatch => "mode_mismatch",
             SleeveError::BadRecord => "bad_record",
+            SleeveError::FragmentSize => "fragment_size",
+            SleeveError::FragmentCount => "fragment_count",
+            SleeveError::PartialExpired => "partial_expired",
+            SleeveError::PartialEvicted => "partial_evicted",
         }
     }
 }
@@ -255,62 +289,96 @@ impl Sealer {
         (HEADER_LEN + chunk).min(out.len())
     }
 
-    /// The largest message body (records) that fits in [`MAX_FRAGMENTS`] fragments.
+    /// The largest message body (records) that fits in [`MAX_FRAGMENTS`] fragments of
+    /// `max_datagram` bytes, and at most [`MAX_MESSAGE`].
     pub fn max_message(max_datagram: usize) -> usize {
-        (max_datagram.saturating_sub(HEADER_LEN).max(64)) * MAX_FRAGMENTS - TAG_LEN
+        ((max_datagram.saturating_sub(HEADER_LEN).max(64)) * MAX_FRAGMENTS - TAG_LEN).min(MAX_MESSAGE)
     }
 }
 
+/// Partly received messages dropped since the caller last asked (see [`Opener::take_discards`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Discards {
+    /// Dropped after [`PARTIAL_TIMEOUT`].
+    pub expired: u64,
+    /// Dropped to make room for a newer one.
+    pub evicted: u64,
+}
+
+/// A message some of whose fragments arrived.
 struct Partial {
+    counter: u64,
     count: u8,
     got: usize,
+    /// When its first fragment arrived.
+    started: Instant,
+    /// The size of every fragment but the last, once one of them arrived.
+    chunk: Option<usize>,
+    /// The size of the last fragment, once it arrived.
+    last: Option<usize>,
     chunks: Vec<Vec<u8>>,
 }
 
+impl Partial {
+    /// Checks that a fragment of `len` bytes at `index` fits this message: every fragment but the
+    /// last has one size, the last is no longer, and the whole is at most [`MAX_SEALED`]. Returns
+    /// the fields to record.
+    fn fits(&self, index: u8, len: usize) -> Result<(Option<usize>, Option<usize>), SleeveError> {
+        let is_last = index + 1 == self.count;
+        let (chunk, last) = if is_last { (self.chunk, Some(len)) } else { (Some(len), self.last) };
+        if !is_last && self.chunk.is_some_and(|c| c != len) {
+            return Err(SleeveError::FragmentSize);
+        }
+        if let Some(c) = chunk {
+            let before_last = c * (usize::from(self.count) - 1);
+            if last.is_some_and(|l| l > c) || before_last + last.unwrap_or(1) > MAX_SEALED {
+                return Err(SleeveError::FragmentSize);
+            }
+        }
+        Ok((chunk, last))
+    }
+}
+
 /// The receiving half of a session: reassembles, authenticates and de-duplicates.
+///
+/// What is authenticated: the AEAD tag covers a whole *message* (its reassembled bytes, and the
+/// header with the fragment fields zeroed as associated data), not each fragment. A fragment is
+/// therefore taken into the reassembly table before anything about it can be verified, in
+/// encrypted mode too: anyone who can send UDP to this host and knows (or guesses) a receiver
+/// index can add fragments. Only a forged *message* is impossible (it fails the tag, and the
+/// replay window moves only after the tag verified). So the table is what must hold against
+/// spoofing: it is bounded ([`MAX_PARTIALS`]), a partial message expires after
+/// [`PARTIAL_TIMEOUT`], a full table drops the partial that *started* first (a spoofer's
+/// leftovers, not the real message now arriving), and fragment sizes are checked against what a
+/// sealer produces. Each refusal and each dropped partial is counted by its [`SleeveError`].
 pub struct Opener {
     cipher: Cipher,
     window: ReplayWindow,
-    partials: BTreeMap<u64, Partial>,
+    partials: Vec<Partial>,
+    discards: Discards,
 }
 
 impl Opener {
     /// A receiver with the given key.
     pub fn new(cipher: Cipher) -> Self {
-        Opener { cipher, window: ReplayWindow::default(), partials: BTreeMap::new() }
+        Opener { cipher, window: ReplayWindow::default(), partials: Vec::new(), discards: Discards::default() }
     }
 
-    /// Takes one fragment. Returns `Ok(Some(records))` when it completed an
+    /// Takes one fragment that arrived at `now`. Returns `Ok(Some(records))` when it completed an
     /// authentic, fresh message, `Ok(None)` when more fragments are needed.
-    pub fn open(&mut self, head: Header, body: &[u8]) -> Result<Option<Vec<u8>>, SleeveError> {
+    pub fn open(&mut self, head: Header, body: &[u8], now: Instant) -> Result<Option<Vec<u8>>, SleeveError> {
         if head.kind != self.cipher.kind() {
             return Err(SleeveError::ModeMismatch);
+        }
+        if body.len() > MAX_DATAGRAM - HEADER_LEN {
+            return Err(SleeveError::FragmentSize);
         }
         self.window.check(head.counter)?;
         let mut msg = if head.frag_count == 1 {
             body.to_vec()
         } else {
-            let p = self.partials.entry(head.counter).or_insert_with(|| Partial {
-                count: head.frag_count,
-                got: 0,
-                chunks: vec![Vec::new(); head.frag_count as usize],
-            });
-            if p.count != head.frag_count {
-                return Err(SleeveError::Malformed);
-            }
-            let slot = &mut p.chunks[head.frag_index as usize];
-            if slot.is_empty() {
-                slot.extend_from_slice(body);
-                p.got += 1;
-            }
-            if p.got < p.count as usize {
-                while self.partials.len() > MAX_PARTIALS {
-                    self.partials.pop_first();
-                }
-                return Ok(None);
-            }
-            match self.partials.remove(&head.counter) {
-                Some(p) => p.chunks.concat(),
+            match self.reassemble(head, body, now)? {
+                Some(m) => m,
                 None => return Ok(None),
             }
         };
@@ -324,6 +392,72 @@ impl Opener {
         }
         self.window.commit(head.counter)?;
         Ok(Some(msg))
+    }
+
+    /// Partly received messages dropped (expired or evicted) since the last call.
+    pub fn take_discards(&mut self) -> Discards {
+        std::mem::take(&mut self.discards)
+    }
+
+    /// Partly received messages held now.
+    pub fn partials(&self) -> usize {
+        self.partials.len()
+    }
+
+    /// Adds a fragment of a message of several; returns the message's bytes once complete.
+    fn reassemble(&mut self, head: Header, body: &[u8], now: Instant) -> Result<Option<Vec<u8>>, SleeveError> {
+        if body.is_empty() {
+            return Err(SleeveError::FragmentSize);
+        }
+        let before = self.partials.len();
+        self.partials.retain(|p| now.saturating_duration_since(p.started) < PARTIAL_TIMEOUT);
+        self.discards.expired += (before - self.partials.len()) as u64;
+        let at = match self.partials.iter().position(|p| p.counter == head.counter) {
+            Some(i) => {
+                if self.partials[i].count != head.frag_count {
+                    return Err(SleeveError::FragmentCount);
+                }
+                i
+            }
+            None => {
+                let p = Partial {
+                    counter: head.counter,
+                    count: head.frag_count,
+                    got: 0,
+                    started: now,
+                    chunk: None,
+                    last: None,
+                    chunks: vec![Vec::new(); usize::from(head.frag_count)],
+                };
+                // Checked before it takes a place, so a refused fragment evicts nothing.
+                p.fits(head.frag_index, body.len())?;
+                if self.partials.len() >= MAX_PARTIALS {
+                    let oldest = (0..self.partials.len()).min_by_key(|&i| self.partials[i].started);
+                    if let Some(i) = oldest {
+                        self.partials.swap_remove(i);
+                        self.discards.evicted += 1;
+                    }
+                }
+                self.partials.push(p);
+                self.partials.len() - 1
+            }
+        };
+        let p = &mut self.partials[at];
+        let slot = usize::from(head.frag_index);
+        if !p.chunks[slot].is_empty() {
+            // A duplicate: the first copy stays (the tag decides whether it was the real one).
+            return Ok(None);
+        }
+        let (chunk, last) = p.fits(head.frag_index, body.len())?;
+        p.chunk = chunk;
+        p.last = last;
+        p.chunks[slot].extend_from_slice(body);
+        p.got += 1;
+        if p.got < usize::from(p.count) {
+            return Ok(None);
+        }
+        let done = self.partials.swap_remove(at);
+        Ok(Some(done.chunks.concat()))
     }
 }
 
@@ -450,12 +584,42 @@ mod tests {
         }
     }
 
+    /// One fixed instant, so tests on time read as offsets from it.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
+    /// A sealed message of one 60 000-byte frame: (its records, its fragments).
+    fn big_message(s: &mut Sealer) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let frame: Vec<u8> = (0..60_000u32).map(|i| (i * 7) as u8).collect();
+        let mut msg = Vec::new();
+        MessageBuilder::push_frame(&mut msg, &meta(), &frame);
+        let records = msg.clone();
+        let mut wire = Vec::new();
+        let seg = s.seal(&mut msg, 1472, &mut wire);
+        (records, wire.chunks(seg).map(<[u8]>::to_vec).collect())
+    }
+
+    /// A spoofed fragment: any counter, `count` fragments, a body of `len` bytes of junk.
+    fn spoof(receiver: u32, counter: u64, index: u8, count: u8, len: usize) -> Vec<u8> {
+        let mut d = vec![0u8; HEADER_LEN + len];
+        Header { kind: KIND_AES256GCM, frag_index: index, frag_count: count, receiver, counter }.emit(&mut d);
+        d[HEADER_LEN..].fill(0x5a);
+        d
+    }
+
+    fn feed(o: &mut Opener, d: &[u8], now: Instant) -> Result<Option<Vec<u8>>, SleeveError> {
+        let (h, b) = Header::parse(d)?;
+        o.open(h, b, now)
+    }
+
     /// Feeds every fragment of `wire` (fragments of `seg` bytes) to the opener.
     fn deliver(o: &mut Opener, wire: &[u8], seg: usize) -> Result<Option<Vec<u8>>, SleeveError> {
         let mut last = Ok(None);
         for d in wire.chunks(seg) {
             let (h, b) = Header::parse(d)?;
-            last = o.open(h, b);
+            last = o.open(h, b, t0());
             last.clone()?;
         }
         last
@@ -492,7 +656,7 @@ mod tests {
         let mut out = None;
         for f in frags {
             let (h, b) = Header::parse(f).expect("parse");
-            if let Some(m) = o.open(h, b).expect("open") {
+            if let Some(m) = o.open(h, b, t0()).expect("open") {
                 out = Some(m);
             }
         }
@@ -550,13 +714,137 @@ mod tests {
         assert_eq!(records(&[9]).collect::<Vec<_>>(), vec![Err(SleeveError::BadRecord)]);
     }
 
+    #[test]
+    fn spoofed_partials_do_not_stop_a_real_message() {
+        let (mut s, mut o) = pair(true);
+        let ms = Duration::from_millis(1);
+        // The attack of the issue: a flood of bogus first fragments with counters above the
+        // real ones (the old table dropped the lowest counter: the real message).
+        for i in 0..1000u64 {
+            let d = spoof(0x0102_0304, 1_000_000 + i * 7919, 0, 45, 1456);
+            assert_eq!(feed(&mut o, &d, t0()), Ok(None));
+        }
+        assert_eq!(o.partials(), MAX_PARTIALS);
+        // The real message arrives with the flood still going: a new bogus partial between
+        // every three real fragments.
+        let (records, frags) = big_message(&mut s);
+        assert!(frags.len() > 40);
+        let mut out = None;
+        for (i, f) in frags.iter().enumerate() {
+            let now = t0() + ms + Duration::from_micros(i as u64);
+            if i % 3 == 0 {
+                let d = spoof(0x0102_0304, 5_000_000 + i as u64, 1, 45, 1456);
+                assert_eq!(feed(&mut o, &d, now), Ok(None));
+            }
+            if let Some(m) = feed(&mut o, f, now).expect("real fragment accepted") {
+                out = Some(m);
+            }
+        }
+        assert_eq!(out.as_deref(), Some(&records[..]), "the real message completes intact");
+        assert!(o.take_discards().evicted >= 1000 - MAX_PARTIALS as u64);
+        // And the next one too, once the flood's partials have expired.
+        let (records, frags) = big_message(&mut s);
+        let left = o.partials() as u64;
+        assert!(left > 0);
+        let later = t0() + PARTIAL_TIMEOUT + ms * 2;
+        let got: Vec<_> = frags.iter().filter_map(|f| feed(&mut o, f, later).expect("accepted")).collect();
+        assert_eq!(got, vec![records]);
+        assert_eq!(o.take_discards(), Discards { expired: left, evicted: 0 });
+        assert_eq!(o.partials(), 0);
+    }
+
+    #[test]
+    fn a_full_table_drops_the_partial_that_started_first() {
+        let (mut s, mut o) = pair(true);
+        let ms = Duration::from_millis(1);
+        // The real message starts first (counter 0), then MAX_PARTIALS bogus ones with lower
+        // and higher counters start after it: the real one is the oldest and goes.
+        let (_, frags) = big_message(&mut s);
+        assert_eq!(feed(&mut o, &frags[0], t0()), Ok(None));
+        for i in 0..MAX_PARTIALS as u64 {
+            assert_eq!(feed(&mut o, &spoof(0x0102_0304, 100 + i, 0, 9, 1456), t0() + ms), Ok(None));
+        }
+        assert_eq!(o.take_discards(), Discards { expired: 0, evicted: 1 });
+        // Its remaining fragments start it again without its first: it cannot complete.
+        for f in &frags[1..] {
+            assert_eq!(feed(&mut o, f, t0() + ms * 2), Ok(None));
+        }
+        // The next message, started after every bogus one, evicts them, not itself.
+        let (records, frags) = big_message(&mut s);
+        let got: Vec<_> = frags.iter().filter_map(|f| feed(&mut o, f, t0() + ms * 3).expect("accepted")).collect();
+        assert_eq!(got, vec![records]);
+    }
+
+    #[test]
+    fn partial_messages_expire() {
+        let (mut s, mut o) = pair(true);
+        let (records, frags) = big_message(&mut s);
+        let (last, rest) = frags.split_last().expect("fragments");
+        for f in rest {
+            assert_eq!(feed(&mut o, f, t0()), Ok(None));
+        }
+        // Just inside the timeout the message still completes.
+        let mut o2 = pair(true).1;
+        for f in rest {
+            assert_eq!(feed(&mut o2, f, t0()), Ok(None));
+        }
+        let just = t0() + PARTIAL_TIMEOUT - Duration::from_millis(1);
+        assert_eq!(feed(&mut o2, last, just), Ok(Some(records)));
+        // At the timeout the early fragments are gone: the last one starts a new partial alone.
+        assert_eq!(feed(&mut o, last, t0() + PARTIAL_TIMEOUT), Ok(None));
+        assert_eq!(o.take_discards(), Discards { expired: 1, evicted: 0 });
+        assert_eq!(o.partials(), 1);
+    }
+
+    #[test]
+    fn fragment_sizes_are_bounded() {
+        let (_, mut o) = pair(true);
+        let r = 0x0102_0304;
+        // Longer than any datagram.
+        let too_long = spoof(r, 1, 0, 1, MAX_DATAGRAM - HEADER_LEN + 1);
+        assert_eq!(feed(&mut o, &too_long, t0()), Err(SleeveError::FragmentSize));
+        // Empty fragment of a message of several.
+        assert_eq!(feed(&mut o, &spoof(r, 2, 0, 3, 0), t0()), Err(SleeveError::FragmentSize));
+        // More than a sealer ever produces: 255 fragments of 1456 bytes, and 3 of 64 000.
+        assert_eq!(feed(&mut o, &spoof(r, 3, 0, 255, 1456), t0()), Err(SleeveError::FragmentSize));
+        assert_eq!(feed(&mut o, &spoof(r, 4, 1, 4, 64_000), t0()), Err(SleeveError::FragmentSize));
+        // The largest that fits: (count − 1) × chunk + 1 ≤ MAX_SEALED.
+        let chunk = 1456;
+        let count = (MAX_SEALED - 1) / chunk + 1;
+        assert_eq!(feed(&mut o, &spoof(r, 5, 0, count as u8, chunk), t0()), Ok(None));
+        assert_eq!(feed(&mut o, &spoof(r, 6, 0, count as u8 + 1, chunk), t0()), Err(SleeveError::FragmentSize));
+        assert_eq!(o.partials(), 1, "refused fragments take no place");
+        // Fragments of one message disagree: size of a middle one, last longer than the others,
+        // count.
+        assert_eq!(feed(&mut o, &spoof(r, 7, 0, 4, 1000), t0()), Ok(None));
+        assert_eq!(feed(&mut o, &spoof(r, 7, 1, 4, 999), t0()), Err(SleeveError::FragmentSize));
+        assert_eq!(feed(&mut o, &spoof(r, 7, 3, 4, 1001), t0()), Err(SleeveError::FragmentSize));
+        assert_eq!(feed(&mut o, &spoof(r, 7, 2, 5, 1000), t0()), Err(SleeveError::FragmentCount));
+        assert_eq!(feed(&mut o, &spoof(r, 7, 3, 4, 10), t0()), Ok(None));
+        // A last fragment that came first bounds the others from below.
+        assert_eq!(feed(&mut o, &spoof(r, 8, 2, 3, 500), t0()), Ok(None));
+        assert_eq!(feed(&mut o, &spoof(r, 8, 0, 3, 499), t0()), Err(SleeveError::FragmentSize));
+        // A complete message of bogus fragments fails the tag, and is gone.
+        assert_eq!(feed(&mut o, &spoof(r, 8, 0, 3, 500), t0()), Ok(None));
+        assert_eq!(feed(&mut o, &spoof(r, 8, 1, 3, 500), t0()), Err(SleeveError::Auth));
+        assert_eq!(o.partials(), 2);
+    }
+
+    #[test]
+    fn every_error_has_a_distinct_label() {
+        let mut labels: Vec<&str> = SleeveError::ALL.iter().map(|e| e.label()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), SleeveError::ALL.len());
+    }
+
     proptest! {
         /// Any bytes given to the parser and opener give an error or a message, never a panic.
         #[test]
         fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let (_, mut o) = pair(true);
             if let Ok((h, b)) = Header::parse(&data) {
-                let _ = o.open(h, b);
+                let _ = o.open(h, b, t0());
             }
             for r in records(&data) { let _ = r; }
         }

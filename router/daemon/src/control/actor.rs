@@ -178,7 +178,8 @@ impl Actor {
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {
-        let ConnUp { id, remote, target, hello, session, ciphers, our_index, tx, close, reply } = up;
+        let ConnUp { id, remote, target, hello, session, ciphers, our_index: lease, tx, close, reply } = up;
+        let our_index = lease.index();
         let peer = hello.hello.name;
         let nick = hello.hello.nickname.clone();
         match self.core.handle_connection_up(now, id, remote, target, hello.hello, session) {
@@ -188,7 +189,7 @@ impl Actor {
                 let link = self.frames.add_link(
                     peer,
                     udp,
-                    our_index,
+                    lease,
                     Sealer::new(ciphers.0, hello.sleeve_index),
                     Opener::new(ciphers.1),
                 );

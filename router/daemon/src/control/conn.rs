@@ -289,8 +289,8 @@ async fn connection(
     let (rd, wr) = s.into_split();
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
-    let our_index = d.indices.next();
-    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: our_index };
+    let lease = d.indices.lease();
+    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: lease.index() };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     // The first message is bounded: nothing big is buffered for a peer whose hello is not in.
     let theirs: SessionHello = match in_time(deadline, permit.as_mut(), reader.recv_bounded(MAX_HELLO)).await {
@@ -328,7 +328,7 @@ async fn connection(
         hello: theirs,
         session,
         ciphers: (secured.sleeve_send, secured.sleeve_recv),
-        our_index,
+        our_index: lease,
         tx,
         close: close_tx,
         reply: reply_tx,

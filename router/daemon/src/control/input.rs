@@ -11,6 +11,7 @@ use weft_proto::sleeve::Cipher;
 use weft_proto::{ConnId, ControlMsg};
 
 use super::handshake::SessionHello;
+use crate::frame::links::IndexLease;
 use crate::services::dns::DnsRequest;
 use crate::services::ipam::IpamRequest;
 
@@ -28,8 +29,8 @@ pub struct ConnUp {
     pub session: weft_proto::router::Session,
     /// Sleeve keys: (send, receive).
     pub ciphers: (Cipher, Cipher),
-    /// Our receive index on the sleeve for this link.
-    pub our_index: u32,
+    /// Our receive index on the sleeve for this link, held by the link.
+    pub our_index: IndexLease,
     /// Messages to send on the connection.
     pub tx: mpsc::Sender<ControlMsg>,
     /// Closes the connection.

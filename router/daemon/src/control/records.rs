@@ -239,7 +239,7 @@ mod tests {
         let mut wire = Vec::new();
         sealer.seal(&mut msg, 1472, &mut wire);
         let (h, b) = weft_proto::sleeve::Header::parse(&wire).expect("parse");
-        assert!(opener.open(h, b).expect("open").is_some());
+        assert!(opener.open(h, b, std::time::Instant::now()).expect("open").is_some());
     }
 
     /// Complete handshakes per second over loopback, both ends in this process (so the figure

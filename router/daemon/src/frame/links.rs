@@ -5,7 +5,7 @@
 //! (rarely); each thread keeps its own `Arc` of the current one and looks for a newer one once
 //! per batch with one atomic load. No lock is held while frames are handled or sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,8 @@ pub struct Link {
     pub addr: SocketAddr,
     /// Our receive index for this link.
     pub index: u32,
+    /// Holds `index` for this link while it lives.
+    _lease: IndexLease,
     /// Whether messages are encrypted.
     pub encrypted: bool,
     /// Seals what we send. Taken by the TAP thread, and by the UDP thread when it relays; held
@@ -36,11 +38,12 @@ pub struct Link {
 
 impl Link {
     /// A new link; `epoch` is the frame path's start.
-    pub fn new(peer: PeerName, addr: SocketAddr, index: u32, sealer: Sealer, opener: Opener, epoch: Instant) -> Self {
+    pub fn new(peer: PeerName, addr: SocketAddr, lease: IndexLease, sealer: Sealer, opener: Opener, epoch: Instant) -> Self {
         Link {
             peer,
             addr,
-            index,
+            index: lease.index(),
+            _lease: lease,
             encrypted: sealer.encrypted(),
             sealer: Mutex::new(sealer),
             opener: Mutex::new(opener),
@@ -130,25 +133,58 @@ impl<T> Reader<T> {
     }
 }
 
-/// Sleeve receive indices: a counter from a random start, unique for 2^32 links.
-#[derive(Clone)]
-pub struct Indices(Arc<AtomicU64>);
+/// Sleeve receive indices: random `u32`s, never 0, each unique among the links alive. The index
+/// travels in clear in every datagram to us; random ones tell an observer nothing about how many
+/// links came before and cannot be guessed from another link's.
+#[derive(Clone, Default)]
+pub struct Indices(Arc<Mutex<HashSet<u32>>>);
 
 impl Indices {
-    /// From a random start.
+    /// None taken yet.
     pub fn new() -> Self {
-        Indices(Arc::new(AtomicU64::new(u64::from(rand::random::<u32>() | 1))))
+        Self::default()
     }
 
-    /// The next index.
-    pub fn next(&self) -> u32 {
-        self.0.fetch_add(1, Relaxed) as u32
+    /// A fresh index, held until the lease is dropped (with the link that owns it).
+    pub fn lease(&self) -> IndexLease {
+        self.lease_with(rand::random::<u32>)
+    }
+
+    /// [`Indices::lease`] drawing candidates from `draw`.
+    fn lease_with(&self, mut draw: impl FnMut() -> u32) -> IndexLease {
+        let mut live = lock(&self.0);
+        // Ends: the set holds one index per live connection, far fewer than 2^32.
+        let index = loop {
+            let i = draw();
+            if i != 0 && live.insert(i) {
+                break i;
+            }
+        };
+        IndexLease { index, live: self.0.clone() }
+    }
+
+    /// Indices held now.
+    pub fn live(&self) -> usize {
+        lock(&self.0).len()
     }
 }
 
-impl Default for Indices {
-    fn default() -> Self {
-        Self::new()
+/// One receive index, held from the connection's start until its link is gone.
+pub struct IndexLease {
+    index: u32,
+    live: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl IndexLease {
+    /// The index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl Drop for IndexLease {
+    fn drop(&mut self) {
+        lock(&self.live).remove(&self.index);
     }
 }
 
@@ -178,12 +214,48 @@ mod tests {
     }
 
     #[test]
+    fn indices_are_never_zero_and_unique_among_live_leases() {
+        let ix = Indices::new();
+        // Drawn 0, then 5 twice, then 6: the second lease skips the 0 and the taken 5.
+        let mut draws = [0u32, 5, 0, 5, 6].into_iter();
+        let mut draw = || draws.next().unwrap_or(9);
+        let a = ix.lease_with(&mut draw);
+        let b = ix.lease_with(&mut draw);
+        assert_eq!((a.index(), b.index()), (5, 6));
+        drop(a);
+        assert_eq!(ix.live(), 1);
+        // Once released, 5 may be handed out again.
+        let c = ix.lease_with(|| 5);
+        assert_eq!(c.index(), 5);
+        assert_eq!(ix.live(), 2);
+    }
+
+    #[test]
+    fn indices_are_random() {
+        let ix = Indices::new();
+        let leases: Vec<IndexLease> = (0..2000).map(|_| ix.lease()).collect();
+        let mut seen: Vec<u32> = leases.iter().map(IndexLease::index).collect();
+        assert!(seen.iter().all(|i| *i != 0));
+        // Consecutive indices (what the old counter gave) are a chance event now.
+        let steps = seen.windows(2).filter(|w| w[1] == w[0].wrapping_add(1)).count();
+        assert!(steps < 3, "{steps} consecutive pairs");
+        // Spread over the whole range, not a counter's corner of it.
+        assert!(seen.iter().any(|i| *i > u32::MAX / 2) && seen.iter().any(|i| *i < u32::MAX / 2));
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 2000);
+        assert_eq!(ix.live(), 2000);
+        drop(leases);
+        assert_eq!(ix.live(), 0);
+    }
+
+    #[test]
     fn heartbeat_age_starts_unknown() {
         let epoch = Instant::now() - Duration::from_secs(5);
         let l = Link::new(
             PeerName::from_u64(1),
             "127.0.0.1:1".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1))),
-            7,
+            Indices::new().lease(),
             Sealer::new(weft_proto::sleeve::Cipher::Plain, 1),
             Opener::new(weft_proto::sleeve::Cipher::Plain),
             epoch,

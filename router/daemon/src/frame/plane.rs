@@ -12,7 +12,7 @@ use weft_proto::sleeve::{Opener, Sealer};
 use weft_proto::switch::{Limits, Mac};
 use weft_proto::{PeerName, Routes};
 
-use super::links::{lock, Link, Published, Snapshot};
+use super::links::{lock, IndexLease, Link, Published, Snapshot};
 use super::shared::Shared;
 use super::stats::Stats;
 use super::tap::Tap;
@@ -79,8 +79,10 @@ impl FramePath {
     }
 
     /// Adds (or replaces) the link to `peer`; returns it, for its path's health checks.
-    pub fn add_link(&self, peer: PeerName, addr: SocketAddr, index: u32, sealer: Sealer, opener: Opener) -> Arc<Link> {
-        let link = Arc::new(Link::new(peer, addr, index, sealer, opener, self.sh.epoch));
+    /// The link holds `lease` (its receive index) until it is dropped.
+    pub fn add_link(&self, peer: PeerName, addr: SocketAddr, lease: IndexLease, sealer: Sealer, opener: Opener) -> Arc<Link> {
+        let index = lease.index();
+        let link = Arc::new(Link::new(peer, addr, lease, sealer, opener, self.sh.epoch));
         let l = link.clone();
         self.sh.snapshot.update(move |cur| {
             let mut s = cur.clone();

@@ -93,7 +93,15 @@ impl Rx<'_> {
     fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
-        let Some(msg) = lock(&link.opener).open(head, body)? else { return Ok(()) };
+        let opened = {
+            let mut opener = lock(&link.opener);
+            let r = opener.open(head, body, now);
+            let d = opener.take_discards();
+            self.sh.stats.drop_n(DropReason::Sleeve(SleeveError::PartialExpired), d.expired);
+            self.sh.stats.drop_n(DropReason::Sleeve(SleeveError::PartialEvicted), d.evicted);
+            r
+        };
+        let Some(msg) = opened? else { return Ok(()) };
         for rec in records(&msg) {
             match rec? {
                 Record::Heartbeat => link.heard(),
@@ -111,14 +119,22 @@ impl Rx<'_> {
         }
         let announce = d.announce;
         if d.deliver {
-            match sh.tap.write(&meta.vnet, frame) {
-                Ok(()) => {
-                    sh.stats.frames_in.fetch_add(1, Relaxed);
-                    sh.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
-                }
+            // The peer's offload metadata goes to our kernel only as checked against the frame
+            // and rebuilt; relays pass it on as it came (the next hop checks it).
+            match weft_proto::vnet::check(&meta.vnet, frame) {
+                Ok(vnet) => match sh.tap.write(&vnet, frame) {
+                    Ok(()) => {
+                        sh.stats.frames_in.fetch_add(1, Relaxed);
+                        sh.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
+                    }
+                    Err(e) => {
+                        sh.stats.drop(DropReason::TapWrite);
+                        tracing::debug!(error = %e, "writing to the TAP failed");
+                    }
+                },
                 Err(e) => {
-                    sh.stats.drop(DropReason::TapWrite);
-                    tracing::debug!(error = %e, "writing to the TAP failed");
+                    sh.stats.drop(DropReason::VnetHeader);
+                    tracing::debug!(peer = %link.peer, error = %e, "dropped a frame whose virtio-net header does not fit it");
                 }
             }
         }

@@ -13,6 +13,8 @@ pub enum DropReason {
     Sleeve(SleeveError),
     /// A switching decision (see `weft_proto::switch::Reason`).
     Switch(Reason),
+    /// A peer's virtio-net header does not fit its frame (see `weft_proto::vnet`).
+    VnetHeader,
     /// Writing to the TAP failed.
     TapWrite,
     /// Sending on the UDP socket failed.
@@ -20,7 +22,7 @@ pub enum DropReason {
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 19] = [
+pub const DROP_LABELS: [&str; 24] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -30,6 +32,10 @@ pub const DROP_LABELS: [&str; 19] = [
     "auth",
     "mode_mismatch",
     "bad_record",
+    "fragment_size",
+    "fragment_count",
+    "partial_expired",
+    "partial_evicted",
     // switch
     "runt",
     "bad_source",
@@ -40,6 +46,8 @@ pub const DROP_LABELS: [&str; 19] = [
     "unknown_source",
     "looped",
     "local_destination",
+    // frames from peers
+    "vnet_header",
     // I/O
     "tap_write",
     "udp_send",
@@ -51,6 +59,7 @@ impl DropReason {
         match self {
             DropReason::Sleeve(e) => e.label(),
             DropReason::Switch(r) => r.label(),
+            DropReason::VnetHeader => "vnet_header",
             DropReason::TapWrite => "tap_write",
             DropReason::UdpSend => "udp_send",
         }
@@ -82,7 +91,7 @@ pub struct Stats {
     /// Frames the kernel sent out of the TAP from its own address (IPv6/IGMP chatter), ignored.
     pub filtered: AtomicU64,
     /// Drops by reason, indexed like [`DROP_LABELS`].
-    pub drops: [AtomicU64; 19],
+    pub drops: [AtomicU64; DROP_LABELS.len()],
     /// MACs known to live on this host (gauge, refreshed by the TAP thread).
     pub macs_local: AtomicU64,
     /// MACs known to live behind peers (gauge, refreshed by the TAP thread).
@@ -95,7 +104,14 @@ pub struct Stats {
 impl Stats {
     /// Counts a drop.
     pub fn drop(&self, why: DropReason) {
-        self.drops[why.index()].fetch_add(1, Relaxed);
+        self.drop_n(why, 1);
+    }
+
+    /// Counts `n` drops for one reason.
+    pub fn drop_n(&self, why: DropReason, n: u64) {
+        if n > 0 {
+            self.drops[why.index()].fetch_add(n, Relaxed);
+        }
     }
 }
 
@@ -112,7 +128,7 @@ mod tests {
     fn every_reason_has_its_own_counter() {
         let mut reasons: Vec<DropReason> = Reason::ALL.iter().map(|r| DropReason::Switch(*r)).collect();
         reasons.extend(SleeveError::ALL.iter().map(|e| DropReason::Sleeve(*e)));
-        reasons.extend([DropReason::TapWrite, DropReason::UdpSend]);
+        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend]);
         for r in &reasons {
             assert!(DROP_LABELS.contains(&r.label()), "{r:?} has no counter");
         }
