@@ -120,6 +120,8 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "gossip_refused": core.stats().gossip_refused,
             "handshake_failures": as_map(labelled(&HANDSHAKE_LABELS, &ctl.handshake_failures)),
             "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
+            "sleeve_rekeys": ctl.sleeve_rekeys.load(Relaxed),
+            "sleeve_rekey_failures": ctl.sleeve_rekey_failures.load(Relaxed),
         },
     })
 }
