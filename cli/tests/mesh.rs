@@ -449,6 +449,57 @@ fn a_bulk_tcp_transfer_loses_nothing_in_the_sleeve() {
     }
 }
 
+fn rekeys(lab: &weft_lab::Lab, i: usize) -> u64 {
+    status(lab, i)["stats"]["sleeve_rekeys"].as_u64().expect("rekey counter")
+}
+
+#[test]
+fn sleeve_keys_rotate_under_load_and_lose_nothing() {
+    // Keys rotate every 2 s here (120 s by default): a 10 s bulk transfer and a ping flood span
+    // several rotations; nothing may be refused for its key, and both transfers complete.
+    if std::process::Command::new("iperf3").arg("--version").output().is_err() {
+        eprintln!("skipping sleeve_keys_rotate_under_load_and_lose_nothing: iperf3 not installed");
+        return;
+    }
+    if !weft_lab::require_root("sleeve_keys_rotate_under_load_and_lose_nothing") {
+        return;
+    }
+    let _ = weft_lab::cleanup_stale();
+    let mut cfg = weft_lab::LabConfig::new(2, env!("CARGO_BIN_EXE_weft"));
+    cfg.password = Some("rotate these keys".into());
+    cfg.router_env = vec![("WEFT_REKEY_INTERVAL_MS".into(), "2000".into())];
+    let mut lab = weft_lab::Lab::new(cfg).expect("building the lab");
+    let (a, b) = two_hosts_pinging(&mut lab);
+    let before = (rekeys(&lab, 0), rekeys(&lab, 1));
+    let _server = spawn_in(&b.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = lab.exec(&a.ns, &["iperf3", "-c", "10.50.0.2", "-p", "5201", "-t", "10", "-J"]).expect("iperf3");
+    assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("iperf3 json");
+    // (iperf3's sent and received totals differ by what was in flight when it stopped; loss is
+    // judged by the ping flood and the drop counters below.)
+    let received = j["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(received > 50 << 20, "only {received} bytes crossed");
+    let during = (rekeys(&lab, 0), rekeys(&lab, 1));
+    assert!(during.0 >= before.0 + 3 && during.1 >= before.1 + 3, "rotations before {before:?}, after the transfer {during:?}");
+    // A ping flood across more rotations: every echo answered.
+    let o = lab.exec(&a.ns, &["ping", "-q", "-c", "1500", "-i", "0.005", "-W", "2", "10.50.0.2"]).expect("ping");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success() && out.contains("1500 packets transmitted, 1500 received"), "{out}");
+    let after = (rekeys(&lab, 0), rekeys(&lab, 1));
+    eprintln!("{received} bytes in 10 s; rotations before {before:?}, after the transfer {during:?}, after the pings {after:?}");
+    assert!(after.0 >= during.0 + 2, "no rotation during the ping flood");
+    for h in 0..2 {
+        let st = status(&lab, h);
+        let d = &st["stats"]["drops"];
+        for reason in ["key_phase", "auth", "replay", "too_old", "partial_expired", "partial_evicted"] {
+            assert_eq!(d[reason].as_u64(), Some(0), "host {h} dropped datagrams ({reason}): {d}");
+        }
+        assert_eq!(st["stats"]["sleeve_rekey_failures"].as_u64(), Some(0), "host {h}: {}", st["stats"]);
+        assert_eq!(st["connections"][0]["state"], "established", "host {h}: the connection was not replaced");
+    }
+}
+
 #[test]
 fn attach_and_detach_by_pid() {
     let Some(mut lab) = lab("attach_and_detach_by_pid", 2, Some("pw"), &[]) else { return };

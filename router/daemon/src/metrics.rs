@@ -84,6 +84,12 @@ impl Collector for WeftCollector {
         ])?;
         let rd = by_reason(&READ_LABELS, &c.read_errors);
         family(&mut enc, "weft_control_read_errors", "Control connections ended by bad input or errors", MetricType::Counter, rd)?;
+        family(&mut enc, "weft_sleeve_rekeys", "Sleeve key rotations completed", MetricType::Counter, vec![
+            (vec![], c.sleeve_rekeys.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_sleeve_rekey_failures", "Sleeve key rotations that failed (connection closed)", MetricType::Counter, vec![
+            (vec![], c.sleeve_rekey_failures.load(Relaxed)),
+        ])?;
         family(&mut enc, "weft_gossip_messages", "Gossip messages", MetricType::Counter, vec![
             (dir("in"), c.gossip_received.load(Relaxed)),
             (dir("out"), c.gossip_sent.load(Relaxed)),

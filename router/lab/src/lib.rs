@@ -92,6 +92,8 @@ pub struct LabConfig {
     pub password: Option<String>,
     /// Extra router arguments (e.g. `--no-discovery`), placed before the peer addresses.
     pub router_args: Vec<String>,
+    /// Environment variables set for every router (e.g. `WEFT_REKEY_INTERVAL_MS`).
+    pub router_env: Vec<(String, String)>,
     /// Leave namespaces, routers and the temp dir in place when the lab is dropped (for inspection;
     /// a later [`cleanup_stale`] removes them once this process has exited).
     pub keep: bool,
@@ -105,6 +107,7 @@ impl LabConfig {
             weft_bin: weft_bin.into(),
             password: None,
             router_args: Vec::new(),
+            router_env: Vec::new(),
             keep: false,
         }
     }
@@ -354,6 +357,7 @@ impl Lab {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(self.cfg.router_env.iter().map(|(k, v)| (k, v)));
         let mut log = fs::OpenOptions::new()
             .create(true)
             .append(true)

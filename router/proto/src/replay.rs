@@ -49,6 +49,11 @@ impl ReplayWindow {
         }
     }
 
+    /// The highest counter accepted so far.
+    pub fn highest(&self) -> Option<u64> {
+        self.highest
+    }
+
     /// Records `c` as accepted. Checks again, so a racing duplicate is still refused.
     pub fn commit(&mut self, c: u64) -> Result<(), ReplayError> {
         self.check(c)?;

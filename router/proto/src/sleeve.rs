@@ -23,6 +23,18 @@ pub const VERSION: u8 = 1;
 pub const KIND_AES256GCM: u8 = 1;
 /// A message sent without encryption (network run without a password).
 pub const KIND_PLAIN: u8 = 2;
+/// Byte 1's top bit: the key phase, the low bit of the key epoch the message was sealed under
+/// (see [`Sealer::rekey`], [`Opener::install`]). The other bits are the kind.
+pub const KEY_PHASE_BIT: u8 = 0x80;
+/// After a newer receive key opened its first message, the previous key still opens messages for
+/// this long (what was sealed before the sender switched and is still on its way), then it is
+/// erased.
+pub const KEY_OVERLAP: Duration = Duration::from_secs(1);
+/// A new key is agreed once a key has sealed this many messages, well inside AES-256-GCM's
+/// limits: a message is at most [`MAX_SEALED`] bytes (2^13 blocks), so a key sees at most 2^36
+/// blocks, which keeps an attacker's advantage at distinguishing below 2^-57 (σ²/2^129; the bound
+/// RFC 9001 §6.6 uses for QUIC's 2^23-packet limit). Nonces are counters and never repeat.
+pub const REKEY_AFTER_MESSAGES: u64 = 1 << 23;
 /// Largest number of fragments of one message.
 pub const MAX_FRAGMENTS: usize = 255;
 /// Partially received messages kept per session; when a new one starts on a full table, the one
@@ -77,6 +89,10 @@ pub enum SleeveError {
     /// Plaintext arrived on an encrypted session, or the reverse.
     #[error("sleeve encryption mode mismatch")]
     ModeMismatch,
+    /// No key for the datagram's key phase: the previous key was erased after its overlap, or
+    /// the phase was never installed.
+    #[error("no sleeve key for the datagram's key phase")]
+    KeyPhase,
     /// A record inside an authentic message did not parse.
     #[error("malformed record in sleeve message")]
     BadRecord,
@@ -97,7 +113,7 @@ pub enum SleeveError {
 
 impl SleeveError {
     /// Every variant, for counters indexed by reason.
-    pub const ALL: [SleeveError; 12] = [
+    pub const ALL: [SleeveError; 13] = [
         SleeveError::Malformed,
         SleeveError::UnknownKind,
         SleeveError::UnknownSession,
@@ -105,6 +121,7 @@ impl SleeveError {
         SleeveError::TooOld,
         SleeveError::Auth,
         SleeveError::ModeMismatch,
+        SleeveError::KeyPhase,
         SleeveError::BadRecord,
         SleeveError::FragmentSize,
         SleeveError::FragmentCount,
@@ -122,6 +139,7 @@ impl SleeveError {
             SleeveError::TooOld => "too_old",
             SleeveError::Auth => "auth",
             SleeveError::ModeMismatch => "mode_mismatch",
+            SleeveError::KeyPhase => "key_phase",
             SleeveError::BadRecord => "bad_record",
             SleeveError::FragmentSize => "fragment_size",
             SleeveError::FragmentCount => "fragment_count",
@@ -145,6 +163,8 @@ impl From<ReplayError> for SleeveError {
 pub struct Header {
     /// [`KIND_AES256GCM`] or [`KIND_PLAIN`].
     pub kind: u8,
+    /// The key phase (0 or 1): the low bit of the sealing key's epoch.
+    pub phase: u8,
     /// Index of this fragment, from 0.
     pub frag_index: u8,
     /// Number of fragments of the message, from 1.
@@ -161,11 +181,13 @@ impl Header {
         if buf.len() < HEADER_LEN {
             return Err(SleeveError::Malformed);
         }
-        if buf[0] != VERSION || (buf[1] != KIND_AES256GCM && buf[1] != KIND_PLAIN) {
+        let kind = buf[1] & !KEY_PHASE_BIT;
+        if buf[0] != VERSION || (kind != KIND_AES256GCM && kind != KIND_PLAIN) {
             return Err(SleeveError::UnknownKind);
         }
         let h = Header {
-            kind: buf[1],
+            kind,
+            phase: u8::from(buf[1] & KEY_PHASE_BIT != 0),
             frag_index: buf[2],
             frag_count: buf[3],
             receiver: u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]),
@@ -182,7 +204,7 @@ impl Header {
     /// Writes the header into the first [`HEADER_LEN`] bytes of `out`.
     pub fn emit(&self, out: &mut [u8]) {
         out[0] = VERSION;
-        out[1] = self.kind;
+        out[1] = self.kind | if self.phase & 1 != 0 { KEY_PHASE_BIT } else { 0 };
         out[2] = self.frag_index;
         out[3] = self.frag_count;
         out[4..8].copy_from_slice(&self.receiver.to_be_bytes());
@@ -190,7 +212,7 @@ impl Header {
     }
 
     /// The authenticated data: the header with the fragment fields zeroed,
-    /// identical for every fragment of a message.
+    /// identical for every fragment of a message (the key phase is authenticated).
     fn aad(&self) -> [u8; HEADER_LEN] {
         let mut a = [0u8; HEADER_LEN];
         Header { frag_index: 0, frag_count: 0, ..*self }.emit(&mut a);
@@ -235,12 +257,32 @@ pub struct Sealer {
     cipher: Cipher,
     receiver: u32,
     next_counter: u64,
+    epoch: u32,
 }
 
 impl Sealer {
-    /// `receiver` is the index the peer asked us to put in our datagrams.
+    /// `receiver` is the index the peer asked us to put in our datagrams. The key is epoch 0's.
     pub fn new(cipher: Cipher, receiver: u32) -> Self {
-        Sealer { cipher, receiver, next_counter: 0 }
+        Sealer { cipher, receiver, next_counter: 0, epoch: 0 }
+    }
+
+    /// Seals from now on with `cipher`, the key of `epoch` (the previous one is dropped, so it
+    /// can seal nothing more); counters start again from 0 under it. Call it only once the peer
+    /// installed the matching receive key.
+    pub fn rekey(&mut self, epoch: u32, cipher: Cipher) {
+        self.cipher = cipher;
+        self.epoch = epoch;
+        self.next_counter = 0;
+    }
+
+    /// The epoch of the key in use.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Messages sealed under the key in use.
+    pub fn sealed(&self) -> u64 {
+        self.next_counter
     }
 
     /// Whether messages are encrypted.
@@ -258,8 +300,9 @@ impl Sealer {
         let counter = self.next_counter;
         self.next_counter += 1;
         let chunk = max_datagram.saturating_sub(HEADER_LEN).max(64);
+        let phase = (self.epoch & 1) as u8;
         let mut head =
-            Header { kind: self.cipher.kind(), frag_index: 0, frag_count: 1, receiver: self.receiver, counter };
+            Header { kind: self.cipher.kind(), phase, frag_index: 0, frag_count: 1, receiver: self.receiver, counter };
         if let Cipher::Aes256Gcm(key) = &self.cipher {
             let aad = head.aad();
             // Sealing only fails for messages over the AEAD's length limit (64 GiB).
@@ -307,6 +350,7 @@ pub struct Discards {
 
 /// A message some of whose fragments arrived.
 struct Partial {
+    phase: u8,
     counter: u64,
     count: u8,
     got: usize,
@@ -351,29 +395,87 @@ impl Partial {
 /// [`PARTIAL_TIMEOUT`], a full table drops the partial that *started* first (a spoofer's
 /// leftovers, not the real message now arriving), and fragment sizes are checked against what a
 /// sealer produces. Each refusal and each dropped partial is counted by its [`SleeveError`].
+///
+/// Keys rotate (see `docs/protocol.md`, key rotation): the opener holds at most two receive
+/// keys, one per key phase, each with its own replay window (counters start from 0 under each
+/// key). A datagram is opened with the key of the phase in its header. Once the newest key opened
+/// a message, the other is erased [`KEY_OVERLAP`] later, so a key taken from memory then opens
+/// nothing sealed before the previous rotation.
 pub struct Opener {
-    cipher: Cipher,
-    window: ReplayWindow,
+    keys: [Option<RecvKey>; 2],
+    /// The phase of the newest key.
+    newest: usize,
     partials: Vec<Partial>,
     discards: Discards,
 }
 
+/// One receive key and what goes with it.
+struct RecvKey {
+    cipher: Cipher,
+    epoch: u32,
+    window: ReplayWindow,
+    /// Whether it opened a message yet.
+    used: bool,
+    /// When it is erased (set on the previous key once the next one is used).
+    retire_at: Option<Instant>,
+}
+
 impl Opener {
-    /// A receiver with the given key.
+    /// A receiver with the given key (epoch 0).
     pub fn new(cipher: Cipher) -> Self {
-        Opener { cipher, window: ReplayWindow::default(), partials: Vec::new(), discards: Discards::default() }
+        let key = RecvKey { cipher, epoch: 0, window: ReplayWindow::default(), used: false, retire_at: None };
+        Opener { keys: [Some(key), None], newest: 0, partials: Vec::new(), discards: Discards::default() }
+    }
+
+    /// Installs the receive key of `epoch`, in the slot of its phase: the key there before (two
+    /// epochs back) is erased, with its partly received messages. Install it before the peer
+    /// may seal with it; the current key keeps opening until [`KEY_OVERLAP`] after the new one
+    /// opened its first message.
+    pub fn install(&mut self, epoch: u32, cipher: Cipher) {
+        let phase = (epoch & 1) as usize;
+        self.partials.retain(|p| usize::from(p.phase) != phase);
+        self.keys[phase] = Some(RecvKey { cipher, epoch, window: ReplayWindow::default(), used: false, retire_at: None });
+        self.newest = phase;
+    }
+
+    /// The epoch of the newest receive key.
+    pub fn epoch(&self) -> u32 {
+        self.keys[self.newest].as_ref().map_or(0, |k| k.epoch)
+    }
+
+    /// Messages opened under the newest key, as far as its highest counter tells.
+    pub fn opened(&self) -> u64 {
+        self.keys[self.newest].as_ref().and_then(|k| k.window.highest()).map_or(0, |h| h.saturating_add(1))
+    }
+
+    /// The epochs of the keys held now, newest first.
+    pub fn epochs(&self) -> Vec<u32> {
+        let other = 1 - self.newest;
+        [self.newest, other].iter().filter_map(|&i| self.keys[i].as_ref().map(|k| k.epoch)).collect()
+    }
+
+    /// Erases keys whose overlap is over (at `now`).
+    pub fn retire(&mut self, now: Instant) {
+        for k in &mut self.keys {
+            if k.as_ref().and_then(|k| k.retire_at).is_some_and(|t| now >= t) {
+                *k = None;
+            }
+        }
     }
 
     /// Takes one fragment that arrived at `now`. Returns `Ok(Some(records))` when it completed an
     /// authentic, fresh message, `Ok(None)` when more fragments are needed.
     pub fn open(&mut self, head: Header, body: &[u8], now: Instant) -> Result<Option<Vec<u8>>, SleeveError> {
-        if head.kind != self.cipher.kind() {
+        self.retire(now);
+        let phase = usize::from(head.phase & 1);
+        let key = self.keys[phase].as_ref().ok_or(SleeveError::KeyPhase)?;
+        if head.kind != key.cipher.kind() {
             return Err(SleeveError::ModeMismatch);
         }
         if body.len() > MAX_DATAGRAM - HEADER_LEN {
             return Err(SleeveError::FragmentSize);
         }
-        self.window.check(head.counter)?;
+        key.window.check(head.counter)?;
         let mut msg = if head.frag_count == 1 {
             body.to_vec()
         } else {
@@ -382,15 +484,22 @@ impl Opener {
                 None => return Ok(None),
             }
         };
-        if let Cipher::Aes256Gcm(key) = &self.cipher {
+        let key = self.keys[phase].as_mut().ok_or(SleeveError::KeyPhase)?;
+        if let Cipher::Aes256Gcm(k) = &key.cipher {
             let aad = head.aad();
-            let n = key
-                .open_in_place(nonce(head.counter), Aad::from(aad), &mut msg)
-                .map_err(|_| SleeveError::Auth)?
-                .len();
+            let n = k.open_in_place(nonce(head.counter), Aad::from(aad), &mut msg).map_err(|_| SleeveError::Auth)?.len();
             msg.truncate(n);
         }
-        self.window.commit(head.counter)?;
+        key.window.commit(head.counter)?;
+        if !key.used {
+            key.used = true;
+            // The sender switched to the newest key: the other one has KEY_OVERLAP to go.
+            if phase == self.newest {
+                if let Some(old) = self.keys[1 - phase].as_mut() {
+                    old.retire_at.get_or_insert(now + KEY_OVERLAP);
+                }
+            }
+        }
         Ok(Some(msg))
     }
 
@@ -412,7 +521,7 @@ impl Opener {
         let before = self.partials.len();
         self.partials.retain(|p| now.saturating_duration_since(p.started) < PARTIAL_TIMEOUT);
         self.discards.expired += (before - self.partials.len()) as u64;
-        let at = match self.partials.iter().position(|p| p.counter == head.counter) {
+        let at = match self.partials.iter().position(|p| p.counter == head.counter && p.phase == head.phase) {
             Some(i) => {
                 if self.partials[i].count != head.frag_count {
                     return Err(SleeveError::FragmentCount);
@@ -421,6 +530,7 @@ impl Opener {
             }
             None => {
                 let p = Partial {
+                    phase: head.phase,
                     counter: head.counter,
                     count: head.frag_count,
                     got: 0,
@@ -604,7 +714,7 @@ mod tests {
     /// A spoofed fragment: any counter, `count` fragments, a body of `len` bytes of junk.
     fn spoof(receiver: u32, counter: u64, index: u8, count: u8, len: usize) -> Vec<u8> {
         let mut d = vec![0u8; HEADER_LEN + len];
-        Header { kind: KIND_AES256GCM, frag_index: index, frag_count: count, receiver, counter }.emit(&mut d);
+        Header { kind: KIND_AES256GCM, phase: 0, frag_index: index, frag_count: count, receiver, counter }.emit(&mut d);
         d[HEADER_LEN..].fill(0x5a);
         d
     }
@@ -627,7 +737,7 @@ mod tests {
 
     #[test]
     fn header_literal_bytes() {
-        let h = Header { kind: KIND_AES256GCM, frag_index: 2, frag_count: 3, receiver: 0xa0b0c0d0, counter: 0x1122 };
+        let h = Header { kind: KIND_AES256GCM, phase: 0, frag_index: 2, frag_count: 3, receiver: 0xa0b0c0d0, counter: 0x1122 };
         let mut b = [0u8; HEADER_LEN];
         h.emit(&mut b);
         assert_eq!(b, [1, 1, 2, 3, 0xa0, 0xb0, 0xc0, 0xd0, 0, 0, 0, 0, 0, 0, 0x11, 0x22]);
@@ -836,6 +946,94 @@ mod tests {
         labels.sort();
         labels.dedup();
         assert_eq!(labels.len(), SleeveError::ALL.len());
+    }
+
+    /// Seals a heartbeat message; returns its one datagram.
+    fn heartbeat(s: &mut Sealer) -> Vec<u8> {
+        let mut msg = Vec::new();
+        MessageBuilder::push_heartbeat(&mut msg);
+        let mut wire = Vec::new();
+        s.seal(&mut msg, 1472, &mut wire);
+        wire
+    }
+
+    #[test]
+    fn key_phase_is_a_header_bit() {
+        let h = Header { kind: KIND_AES256GCM, phase: 1, frag_index: 0, frag_count: 1, receiver: 9, counter: 3 };
+        let mut b = [0u8; HEADER_LEN];
+        h.emit(&mut b);
+        assert_eq!(b[..4], [1, 0x81, 0, 1]);
+        assert_eq!(Header::parse(&b), Ok((h, &[][..])));
+        b[1] = 0x83;
+        assert_eq!(Header::parse(&b), Err(SleeveError::UnknownKind));
+        // A plaintext session has one key, phase 0.
+        let (_, mut o) = pair(false);
+        let mut d = [0u8; HEADER_LEN + 1];
+        Header { kind: KIND_PLAIN, phase: 1, frag_index: 0, frag_count: 1, receiver: 9, counter: 0 }.emit(&mut d);
+        assert_eq!(feed(&mut o, &d, t0()), Err(SleeveError::KeyPhase));
+    }
+
+    #[test]
+    fn previous_key_opens_during_the_overlap_only() {
+        let (mut s, mut o) = pair(true);
+        let k1 = [11u8; 32];
+        let ms = Duration::from_millis(1);
+        assert!(feed(&mut o, &heartbeat(&mut s), t0()).expect("epoch 0").is_some());
+        // Sealed under epoch 0 and still on its way when the sender switches.
+        let late: Vec<Vec<u8>> = (0..3).map(|_| heartbeat(&mut s)).collect();
+        // The receiver installs epoch 1 first; epoch 0 still opens.
+        o.install(1, Cipher::aes256gcm(&k1));
+        assert_eq!(o.epochs(), vec![1, 0]);
+        assert!(feed(&mut o, &late[0], t0() + ms).expect("old key before the switch").is_some());
+        // The sender switches: counters start again, the phase bit flips.
+        s.rekey(1, Cipher::aes256gcm(&k1));
+        assert_eq!((s.epoch(), s.sealed()), (1, 0));
+        let first = heartbeat(&mut s);
+        assert_eq!(Header::parse(&first).map(|(h, _)| (h.phase, h.counter)), Ok((1, 0)));
+        let t1 = t0() + ms * 10;
+        assert!(feed(&mut o, &first, t1).expect("new key").is_some());
+        assert_eq!(o.opened(), 1);
+        // Each key has its own replay window: counter 0 was used under both, and each refuses
+        // its own repeat.
+        assert_eq!(feed(&mut o, &first, t1), Err(SleeveError::Replay));
+        assert_eq!(feed(&mut o, &late[0], t1), Err(SleeveError::Replay));
+        // Within the overlap the old key opens what was in flight...
+        assert!(feed(&mut o, &late[1], t1 + KEY_OVERLAP - ms).expect("old key in the overlap").is_some());
+        // ...and after it, it is gone.
+        assert_eq!(feed(&mut o, &late[2], t1 + KEY_OVERLAP), Err(SleeveError::KeyPhase));
+        assert_eq!(o.epochs(), vec![1]);
+        assert!(feed(&mut o, &heartbeat(&mut s), t1 + KEY_OVERLAP).expect("new key").is_some());
+    }
+
+    #[test]
+    fn a_key_two_epochs_back_opens_nothing() {
+        let (mut s, mut o) = pair(true);
+        let old = heartbeat(&mut s);
+        let (k1, k2) = ([11u8; 32], [12u8; 32]);
+        o.install(1, Cipher::aes256gcm(&k1));
+        s.rekey(1, Cipher::aes256gcm(&k1));
+        assert!(feed(&mut o, &heartbeat(&mut s), t0()).expect("epoch 1").is_some());
+        // Epoch 2 takes phase 0's slot even before epoch 0's overlap ended.
+        o.install(2, Cipher::aes256gcm(&k2));
+        assert_eq!(o.epochs(), vec![2, 1]);
+        assert_eq!(feed(&mut o, &old, t0()), Err(SleeveError::Auth));
+        s.rekey(2, Cipher::aes256gcm(&k2));
+        assert!(feed(&mut o, &heartbeat(&mut s), t0()).expect("epoch 2").is_some());
+        // A message of epoch 2's key with the phase bit flipped fails: the phase is authenticated.
+        let mut flipped = heartbeat(&mut s);
+        flipped[1] ^= KEY_PHASE_BIT;
+        assert_eq!(feed(&mut o, &flipped, t0()), Err(SleeveError::Auth));
+    }
+
+    #[test]
+    fn rekeying_drops_the_partials_of_the_replaced_key() {
+        let (mut s, mut o) = pair(true);
+        let (_, frags) = big_message(&mut s);
+        assert_eq!(feed(&mut o, &frags[0], t0()), Ok(None));
+        o.install(1, Cipher::aes256gcm(&[11u8; 32]));
+        assert_eq!(o.partials(), 1, "epoch 0's partial stays while epoch 0 may still arrive");
+        o.install(2, Cipher::aes256gcm(&[12u8; 32]));
+        assert_eq!(o.partials(), 0);
     }
 
     proptest! {

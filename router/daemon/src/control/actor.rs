@@ -194,17 +194,17 @@ impl Actor {
                     Opener::new(ciphers.1),
                 );
                 info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, "connection up");
-                let paths = Paths::new(vec![Box::new(SleeveForwarder::new(link, self.info.udp_port))]);
+                let paths = Paths::new(vec![Box::new(SleeveForwarder::new(link.clone(), self.info.udp_port))]);
                 self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths });
-                let _ = reply.send(true);
+                let _ = reply.send(Some(link));
             }
             Err(Refusal::Identity(e)) => {
                 warn!(%peer, %remote, reason = %e, "connection refused: the peer did not prove its name");
-                let _ = reply.send(false);
+                let _ = reply.send(None);
             }
             Err(e) => {
                 info!(%peer, %remote, reason = %e, "connection refused");
-                let _ = reply.send(false);
+                let _ = reply.send(None);
             }
         }
     }

@@ -20,6 +20,7 @@ use super::admission::{Gate, Limits, Refusal, Ticket, Verdict};
 use super::handshake::{HandshakeError, Handshaker, SessionHello};
 use super::input::{ConnUp, Input};
 use super::records::{ReadError, RecordReader, RecordWriter, MAX_HELLO};
+use super::rekey::{self, Incoming, RekeyMsg, Rekeyer};
 use super::stats::ControlStats;
 use crate::frame::links::Indices;
 
@@ -44,6 +45,7 @@ pub struct Dialer {
     stats: Arc<ControlStats>,
     inputs: mpsc::Sender<Input>,
     next_conn: AtomicU64,
+    rekey_interval: Duration,
 }
 
 impl Dialer {
@@ -56,7 +58,8 @@ impl Dialer {
         stats: Arc<ControlStats>,
         inputs: mpsc::Sender<Input>,
     ) -> Self {
-        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1) }
+        let rekey_interval = rekey::interval_from_env();
+        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1), rekey_interval }
     }
 
     fn conn_id(&self) -> ConnId {
@@ -334,31 +337,54 @@ async fn connection(
         reply: reply_tx,
     };
     d.inputs.send(Input::ConnUp(Box::new(up))).await.map_err(|_| "router stopping".to_string())?;
-    if !reply_rx.await.unwrap_or(false) {
+    let Some(link) = reply_rx.await.ok().flatten() else {
         writer.shutdown().await;
         return Ok(());
-    }
+    };
+    // Sleeve key rotation (encrypted connections): its messages share the record layer but
+    // never reach the actor.
+    let rekeyer = secured
+        .rekey_root
+        .map(|root| Arc::new(Mutex::new(Rekeyer::new(link, root, outbound, d.rekey_interval, Instant::now(), d.stats.clone()))));
+    let (rekey_tx, mut rekey_rx) = mpsc::channel::<RekeyMsg>(4);
+    let mut rekey_timer = tokio::spawn(rekey::drive(rekeyer.clone(), rekey_tx.clone()));
     let writer_task = tokio::spawn(async move {
         loop {
-            let msg = match tokio::time::timeout(CONTROL_KEEPALIVE, rx.recv()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(_) => ControlMsg::Heartbeat,
+            let sent = tokio::select! {
+                m = tokio::time::timeout(CONTROL_KEEPALIVE, rx.recv()) => match m {
+                    Ok(Some(m)) => writer.send(&m).await,
+                    Ok(None) => break,
+                    Err(_) => writer.send(&ControlMsg::Heartbeat).await,
+                },
+                Some(k) = rekey_rx.recv() => writer.send(&rekey::tagged(k)).await,
             };
-            if writer.send(&msg).await.is_err() {
+            if sent.is_err() {
                 break;
             }
         }
         writer.shutdown().await;
     });
     let reason = loop {
+        let next = async { Incoming::decode(&reader.recv_raw().await?) };
         tokio::select! {
-            r = tokio::time::timeout(CONTROL_IDLE, reader.recv::<ControlMsg>()) => match r {
-                Ok(Ok(msg)) => {
+            r = tokio::time::timeout(CONTROL_IDLE, next) => match r {
+                Ok(Ok(Incoming::Control(msg))) => {
                     if d.inputs.send(Input::Message { id, msg }).await.is_err() {
                         break "router stopping".to_string();
                     }
                 }
+                Ok(Ok(Incoming::Rekey(m))) => match rekey::handle(rekeyer.as_ref(), m) {
+                    Ok(Some(answer)) => {
+                        if rekey_tx.send(answer).await.is_err() {
+                            break "connection writer stopped".to_string();
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(%peer, %remote, error = %e, "sleeve key rotation failed; closing the connection");
+                        break e.to_string();
+                    }
+                },
                 Ok(Err(e)) => {
                     if !matches!(e, ReadError::Closed) {
                         d.stats.read_failed(e.label());
@@ -368,9 +394,15 @@ async fn connection(
                 }
                 Err(_) => break format!("no control traffic for {CONTROL_IDLE:?}"),
             },
+            r = &mut rekey_timer => {
+                let e = r.map_or_else(|e| format!("key rotation task ended: {e}"), |e| e.to_string());
+                warn!(%peer, %remote, error = %e, "sleeve key rotation failed; closing the connection");
+                break e;
+            }
             _ = &mut close_rx => break "closed by us".to_string(),
         }
     };
+    rekey_timer.abort();
     writer_task.abort();
     let _ = d.inputs.send(Input::ConnDown { id, reason }).await;
     Ok(())

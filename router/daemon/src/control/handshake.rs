@@ -135,6 +135,8 @@ pub struct Secured {
     pub sleeve_send: Cipher,
     /// Key for sleeve messages we receive.
     pub sleeve_recv: Cipher,
+    /// The root secret sleeve key rotation starts from (`control::rekey`), when encrypted.
+    pub rekey_root: Option<[u8; 32]>,
     /// The peer's static public key, when encrypted.
     pub remote_static: Option<Vec<u8>>,
     /// A value both ends compute alike and no other connection shares, for signing to bind
@@ -250,6 +252,7 @@ pub async fn handshake(
                 transport: None,
                 sleeve_send: Cipher::Plain,
                 sleeve_recv: Cipher::Plain,
+                rekey_root: None,
                 remote_static: None,
                 binding: plaintext_binding(&prologue),
             })
@@ -305,9 +308,26 @@ pub async fn handshake(
         transport: Some(Arc::new(transport)),
         sleeve_send: Cipher::aes256gcm(&sleeve_key(&send_raw, send_info)),
         sleeve_recv: Cipher::aes256gcm(&sleeve_key(&recv_raw, recv_info)),
+        rekey_root: Some(rekey_root(&i2r, &r2i)),
         remote_static,
         binding,
     })
+}
+
+/// The first root secret of sleeve key rotation (`control::rekey`), from the Noise split keys
+/// (`k1` initiator to responder, `k2` back):
+/// `HKDF-SHA256(salt = "weft sleeve rekey v1", ikm = k1 || k2, info = "weft rekey root")`.
+pub fn rekey_root(k1: &[u8; 32], k2: &[u8; 32]) -> [u8; 32] {
+    let mut ikm = [0u8; 64];
+    ikm[..32].copy_from_slice(k1);
+    ikm[32..].copy_from_slice(k2);
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"weft sleeve rekey v1").extract(&ikm);
+    ikm.fill(0);
+    let mut out = [0u8; 32];
+    match prk.expand(&[b"weft rekey root"], hkdf::HKDF_SHA256).and_then(|okm| okm.fill(&mut out)) {
+        Ok(()) => out,
+        Err(_) => unreachable!("32 bytes is within HKDF-SHA256's output limit"),
+    }
 }
 
 /// HKDF-SHA256 (RFC 5869) from a Noise split key to a sleeve key.

@@ -3,6 +3,7 @@
 //! order to stop.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -11,7 +12,7 @@ use weft_proto::sleeve::Cipher;
 use weft_proto::{ConnId, ControlMsg};
 
 use super::handshake::SessionHello;
-use crate::frame::links::IndexLease;
+use crate::frame::links::{IndexLease, Link};
 use crate::services::dns::DnsRequest;
 use crate::services::ipam::IpamRequest;
 
@@ -35,8 +36,9 @@ pub struct ConnUp {
     pub tx: mpsc::Sender<ControlMsg>,
     /// Closes the connection.
     pub close: oneshot::Sender<()>,
-    /// Whether the actor took it (false: refused, e.g. a duplicate).
-    pub reply: oneshot::Sender<bool>,
+    /// The connection's sleeve link when the actor took it (`None`: refused, e.g. a duplicate);
+    /// the connection task rotates its keys.
+    pub reply: oneshot::Sender<Option<Arc<Link>>>,
 }
 
 /// One input for the actor.

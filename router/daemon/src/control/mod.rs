@@ -12,6 +12,7 @@ pub mod handle;
 pub mod handshake;
 pub mod input;
 pub mod records;
+pub mod rekey;
 pub mod stats;
 pub mod status;
 

@@ -42,6 +42,10 @@ pub struct ControlStats {
     pub handshakes_in_progress: AtomicU64,
     /// By [`READ_LABELS`]; bad input on established connections.
     pub read_errors: [AtomicU64; 5],
+    /// Sleeve key rotations completed (each side counts its own).
+    pub sleeve_rekeys: AtomicU64,
+    /// Sleeve key rotations that failed (the connection was closed).
+    pub sleeve_rekey_failures: AtomicU64,
     /// Gossip refused as malformed or invalid.
     pub gossip_refused: AtomicU64,
     /// Claims, connections and gossip entries refused for their identity, by

@@ -145,6 +145,8 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "handshakes_refused": as_map(labelled(&REFUSAL_LABELS, &ctl.handshakes_refused)),
             "handshakes_in_progress": ctl.handshakes_in_progress.load(Relaxed),
             "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
+            "sleeve_rekeys": ctl.sleeve_rekeys.load(Relaxed),
+            "sleeve_rekey_failures": ctl.sleeve_rekey_failures.load(Relaxed),
         },
     })
 }

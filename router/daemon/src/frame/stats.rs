@@ -22,7 +22,7 @@ pub enum DropReason {
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 24] = [
+pub const DROP_LABELS: [&str; 25] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -31,6 +31,7 @@ pub const DROP_LABELS: [&str; 24] = [
     "too_old",
     "auth",
     "mode_mismatch",
+    "key_phase",
     "bad_record",
     "fragment_size",
     "fragment_count",
