@@ -93,7 +93,15 @@ fn main() -> ExitCode {
     if listen.is_empty() {
         return usage("--listen is required");
     }
-    let mut records = Records::new(PeerName::from_u64(1), 1);
+    // The entries are never gossiped here: any key will do, a fixed one.
+    let key = match weft_proto::SigningKey::from_seed(&[1; 32]) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("serve: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut records = Records::new(PeerName::from_u64(1), 1, key);
     for (i, (n, a)) in names.iter().enumerate() {
         let n = match weft_dns::records::relative_name(n, &domain) {
             Ok(n) => n,
@@ -150,3 +158,4 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     })
 }
+

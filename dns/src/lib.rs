@@ -22,7 +22,7 @@
 //!
 //! **Start.**
 //! ```ignore
-//! let mut records = Records::new(me, start_us);
+//! let mut records = Records::new(me, start_us, identity_key); // the key bound to `me`
 //! for r in saved_registrations {            // from the daemon's state file
 //!     if container_still_exists(&r.id) { records.add(&r.id, &r.name, r.addr)?; }
 //! }
@@ -57,8 +57,9 @@
 //! labels with a message fit for the CLI. `dns-add` without a container can
 //! use a fixed ID such as `weft:extern`. `dns-lookup`: `r.lookup(name)`;
 //! `status dns`: `r.counts()`, `r.entries()`, `stats.snapshot()`,
-//! `dns.udp_addrs()`. Metrics: the counters of [`server::DnsStats`] and the
-//! sizes of [`records::Counts`].
+//! `dns.udp_addrs()`. Metrics: the counters of [`server::DnsStats`], the
+//! sizes of [`records::Counts`] and the entries dropped unverified,
+//! [`records::Refusals`] (`r.refusals()`).
 //!
 //! Logging: hickory-server logs every TCP query at INFO from target
 //! `hickory_server`; add `hickory_server=warn` to the daemon's default filter.
@@ -67,7 +68,8 @@ pub mod records;
 pub mod server;
 
 pub use records::{
-    relative_name, validate_name, Counts, Entry, Error, Output, Records, Registration, ZoneView,
+    encode_entries, relative_name, validate_name, Counts, Entry, Error, Output, Records, Refusals,
+    Registration, SenderRefusals, SignedEntry, ZoneView, DOMAIN_DNS,
 };
 pub use server::{serve, DnsConfig, DnsStats, ServeError, ServerHandle, StatsSnapshot};
 

@@ -36,6 +36,20 @@
 //!   gossiped) for a TTL, and copies still circulating from peers that have not
 //!   noticed yet go there too instead of resurrecting the names. If the peer
 //!   comes back within the TTL (a healed partition) its entries return at once.
+//! - **Signatures**: every entry travels with its origin's Ed25519 signature
+//!   ([`DOMAIN_DNS`], over the postcard encoding of `(origin, id, name, addr,
+//!   version, deleted_ms)`); an origin signs its entries when it makes or
+//!   changes them (add, removal, re-assertion). An entry from a peer that
+//!   would change our state is verified against the key bound to its origin
+//!   ([`Keys`]) *before* it is merged; one that would change nothing is not
+//!   verified at all (re-gossip of known entries costs no signature check).
+//!   A bad signature drops the entry (counted per sending neighbour, see
+//!   [`Refusals`]) and it is never passed on; so is an entry whose origin has
+//!   no bound key yet (counted as unverified: anti-entropy brings it again
+//!   once the key is known). Entries in our own name are checked against our
+//!   own key: one we did not sign never replaces ours nor makes us re-assert
+//!   (a forger could otherwise burn our version space). The rest of a payload
+//!   is merged as usual: one bad entry does not refuse its honest neighbours.
 //!
 //! # Calling convention
 //!
@@ -59,7 +73,15 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use weft_proto::{GossipChannel, Keys, PeerName};
+use weft_proto::identity::{signed_bytes, Refused};
+use weft_proto::{GossipChannel, Keys, PeerName, PublicKey, Signature, SigningKey};
+
+/// Domain label of a DNS entry's signature.
+pub const DOMAIN_DNS: &[u8] = b"weft dns v1";
+/// What a DNS entry's signature is called in refusals.
+const SIGNED_WHAT: &str = "DNS entry";
+/// Most neighbours refusals are counted for one by one (the totals count all).
+pub const MAX_SENDERS: usize = 4096;
 
 /// Longest container ID accepted (as IPAM).
 pub const MAX_ID_LEN: usize = 256;
@@ -69,9 +91,10 @@ pub const MAX_NAME_LEN: usize = 253;
 /// Longest label of a name.
 pub const MAX_LABEL_LEN: usize = 63;
 /// Entries held at most, live, tombstones and quarantined together. With the
-/// longest IDs and names an encoded entry is about 530 bytes, so the full state
-/// stays under the control channel's 16 MiB message limit.
-pub const MAX_ENTRIES: usize = 32_768;
+/// longest IDs and names an encoded, signed entry is about 630 bytes, so the
+/// full state stays under [`MAX_PAYLOAD`] and the control channel's 16 MiB
+/// message limit (a test checks it).
+pub const MAX_ENTRIES: usize = 24_576;
 /// Largest gossip payload accepted.
 pub const MAX_PAYLOAD: usize = 16 << 20;
 /// How long tombstones and the entries of gone peers are kept by default: long
@@ -198,6 +221,25 @@ struct Val {
     /// When this tombstone was first seen here (local clock, ms). `None` until
     /// the next [`Records::expire_tombstones`] stamps it: merges carry no time.
     seen_ms: Option<u64>,
+    /// The origin's signature of the entry (see [`message`]).
+    sig: Signature,
+}
+
+/// The bytes an entry's signature covers (under [`DOMAIN_DNS`]): the postcard
+/// encoding of `(origin, id, name, addr, version, deleted_ms)`, which is also
+/// the encoding of the [`Entry`] with those fields.
+fn message(key: &Key, version: u64, deleted_ms: Option<u64>) -> Vec<u8> {
+    signed_bytes(&(key.origin, &key.id, &key.name, key.addr, version, deleted_ms))
+}
+
+/// A value of our own, signed with `signing`.
+fn sealed(signing: &SigningKey, key: &Key, version: u64, deleted_ms: Option<u64>, seen_ms: Option<u64>) -> Val {
+    Val {
+        version,
+        deleted_ms,
+        seen_ms,
+        sig: signing.sign(DOMAIN_DNS, &message(key, version, deleted_ms)),
+    }
 }
 
 impl Val {
@@ -238,7 +280,13 @@ impl Entry {
         self.deleted_ms.is_none()
     }
 
-    fn split(self) -> (Key, Val) {
+    /// Signs it with `key` (which must be its origin's to verify anywhere).
+    pub fn sign(self, key: &SigningKey) -> SignedEntry {
+        let sig = key.sign(DOMAIN_DNS, &signed_bytes(&self));
+        SignedEntry { entry: self, sig }
+    }
+
+    fn split(self, sig: Signature) -> (Key, Val) {
         (
             Key {
                 origin: self.origin,
@@ -250,6 +298,7 @@ impl Entry {
                 version: self.version,
                 deleted_ms: self.deleted_ms,
                 seen_ms: None,
+                sig,
             },
         )
     }
@@ -263,6 +312,64 @@ impl Entry {
             version: v.version,
             deleted_ms: v.deleted_ms,
         }
+    }
+
+    fn signed(k: &Key, v: &Val) -> SignedEntry {
+        SignedEntry {
+            entry: Entry::join(k, v),
+            sig: v.sig,
+        }
+    }
+}
+
+/// An entry with its origin's signature, as gossiped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEntry {
+    /// The entry.
+    pub entry: Entry,
+    /// Its origin's signature under [`DOMAIN_DNS`] of the entry's postcard encoding.
+    pub sig: Signature,
+}
+
+/// Entries from peers that were not merged because they could not be verified.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    /// Entries whose signature is not their origin's (forged, or altered on
+    /// the way): `bad_signature`.
+    pub forged: u64,
+    /// Entries whose origin has no bound key yet: `unknown_key`. Not an
+    /// attack; they are merged when they come again after the key is bound.
+    pub unverified: u64,
+    /// The same by neighbour that sent them (at most [`MAX_SENDERS`]).
+    pub by_sender: BTreeMap<PeerName, SenderRefusals>,
+}
+
+/// What one neighbour sent that could not be verified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderRefusals {
+    /// Entries with a bad signature.
+    pub forged: u64,
+    /// Entries whose origin had no bound key yet.
+    pub unverified: u64,
+}
+
+impl Refusals {
+    /// Counts a refusal of an entry sent by `from`; returns that sender's
+    /// count of this kind so far (0 past [`MAX_SENDERS`] senders).
+    fn count(&mut self, from: PeerName, why: &Refused) -> u64 {
+        let unknown = matches!(why, Refused::UnknownKey { .. });
+        if unknown {
+            self.unverified += 1;
+        } else {
+            self.forged += 1;
+        }
+        if self.by_sender.len() >= MAX_SENDERS && !self.by_sender.contains_key(&from) {
+            return 0;
+        }
+        let s = self.by_sender.entry(from).or_default();
+        let n = if unknown { &mut s.unverified } else { &mut s.forged };
+        *n += 1;
+        *n
     }
 }
 
@@ -308,11 +415,21 @@ pub enum Output {
 /// The wire format. An enum so later versions can add messages.
 #[derive(Serialize, Deserialize)]
 enum Msg {
-    Entries(Vec<Entry>),
+    /// Unsigned entries, as routers before signed DNS gossip sent them:
+    /// decoded only to be refused with a clear message.
+    Unsigned(Vec<Entry>),
+    /// Entries, each signed by its origin.
+    Entries(Vec<SignedEntry>),
 }
 
-fn encode(entries: Vec<Entry>) -> Vec<u8> {
+/// Encodes signed entries as a payload of the `dns` channel (what a delta or
+/// a full state is; exposed for tests and tools that play a peer).
+pub fn encode_entries(entries: Vec<SignedEntry>) -> Vec<u8> {
     postcard::to_stdvec(&Msg::Entries(entries)).unwrap_or_default()
+}
+
+fn encode(entries: Vec<SignedEntry>) -> Vec<u8> {
+    encode_entries(entries)
 }
 
 /// What the server answers from: live names and reverse mappings.
@@ -408,6 +525,10 @@ struct Touched {
 /// One peer's record store. See the module docs.
 pub struct Records {
     me: PeerName,
+    /// Our identity key: signs our entries.
+    signing: SigningKey,
+    /// Entries from peers dropped unverified.
+    refusals: Refusals,
     /// Our next version.
     next_version: u64,
     /// Entries of present origins, live and tombstones.
@@ -438,10 +559,14 @@ impl fmt::Debug for Records {
 
 impl Records {
     /// An empty store for peer `me`, whose first own version is
-    /// `initial_version` (pass the start time in microseconds).
-    pub fn new(me: PeerName, initial_version: u64) -> Records {
+    /// `initial_version` (pass the start time in microseconds). `signing` is
+    /// `me`'s identity key (the one bound to `me` mesh-wide): it signs our
+    /// entries, and entries in our name are checked against it.
+    pub fn new(me: PeerName, initial_version: u64, signing: SigningKey) -> Records {
         Records {
             me,
+            signing,
+            refusals: Refusals::default(),
             next_version: initial_version.max(1),
             entries: BTreeMap::new(),
             gone: BTreeMap::new(),
@@ -458,6 +583,16 @@ impl Records {
     /// Our peer name.
     pub fn me(&self) -> PeerName {
         self.me
+    }
+
+    /// The key our entries are signed with.
+    pub fn public_key(&self) -> PublicKey {
+        self.signing.public()
+    }
+
+    /// Entries from peers dropped because they could not be verified.
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     /// A handle on the live zone for the server.
@@ -495,16 +630,13 @@ impl Records {
         if old.is_none() && self.held() >= MAX_ENTRIES {
             return Err(Error::Full);
         }
-        let val = Val {
-            version: self.bump(old.map_or(0, |v| v.version)),
-            deleted_ms: None,
-            seen_ms: None,
-        };
+        let version = self.bump(old.map_or(0, |v| v.version));
+        let val = sealed(&self.signing, &key, version, None, None);
         let mut t = Touched::default();
         self.put(key.clone(), val, &mut t);
         self.publish(t);
         self.dirty = true;
-        Ok(Some(encode(vec![Entry::join(&key, &val)])))
+        Ok(Some(encode(vec![Entry::signed(&key, &val)])))
     }
 
     /// Removes our entries of container `id`: all of them, or those with this
@@ -544,12 +676,9 @@ impl Records {
         let mut delta = Vec::with_capacity(keys.len());
         for k in keys {
             let old = self.entries.get(&k).map_or(0, |v| v.version);
-            let val = Val {
-                version: self.bump(old),
-                deleted_ms: Some(now_ms),
-                seen_ms: Some(now_ms),
-            };
-            delta.push(Entry::join(&k, &val));
+            let version = self.bump(old);
+            let val = sealed(&self.signing, &k, version, Some(now_ms), Some(now_ms));
+            delta.push(Entry::signed(&k, &val));
             self.put(k, val, &mut t);
         }
         self.publish(t);
@@ -562,19 +691,22 @@ impl Records {
         self.remove(now_ms, id, None, None)
     }
 
-    /// Merges a payload (full state or delta) from neighbour `from`. Returns
-    /// the delta of what changed here, to pass on. On error nothing was applied.
-    /// Re-assertions of our own entries are also queued as an
+    /// Merges a payload (full state or delta) from neighbour `from`, checking
+    /// each entry that would change our state against the key `keys` binds to
+    /// its origin (see "Signatures" in the module docs). Returns the delta of
+    /// what changed here, to pass on: only verified entries. On error nothing
+    /// was applied. Re-assertions of our own entries are also queued as an
     /// [`Output::Unicast`] to `from`, which the router's spreading skips.
     pub fn merge_payload(
         &mut self,
         from: PeerName,
         payload: &[u8],
+        keys: &Keys,
     ) -> Result<Option<Vec<u8>>, Error> {
         let entries = Self::decode(payload)?;
         // Where each key would go, to check the size bound before applying anything.
         let mut new_keys: BTreeSet<(PeerName, &str, &str, IpAddr)> = BTreeSet::new();
-        for e in &entries {
+        for SignedEntry { entry: e, .. } in &entries {
             let key = Key {
                 origin: e.origin,
                 id: e.id.clone(),
@@ -599,27 +731,36 @@ impl Records {
         let mut t = Touched::default();
         let mut delta = Vec::new();
         let mut reasserted = Vec::new();
-        for e in entries {
-            let (key, val) = e.split();
+        for SignedEntry { entry, sig } in entries {
+            let (key, val) = entry.split(sig);
             if key.origin == self.me {
-                if let Some(v) = self.reassert(&key, val, &mut t) {
-                    let e = Entry::join(&key, &v);
+                if let Some(v) = self.reassert(from, &key, val, &mut t) {
+                    let e = Entry::signed(&key, &v);
                     delta.push(e.clone());
                     reasserted.push(e);
                 }
                 continue;
             }
-            if let Some(g) = self.gone.get_mut(&key.origin) {
-                // Held aside, not passed on: the origin is gone as far as we know.
-                merge_into(&mut g.entries, key, val);
+            if let Some(g) = self.gone.get(&key.origin) {
+                // Held aside, not passed on: the origin is gone as far as we
+                // know. Verified all the same: held entries return to the zone
+                // unchecked when the origin comes back.
+                if g.entries.get(&key).is_some_and(|old| old.rank() >= val.rank()) {
+                    continue;
+                }
+                if self.verify(from, keys, &key, &val) {
+                    if let Some(g) = self.gone.get_mut(&key.origin) {
+                        g.entries.insert(key, val);
+                    }
+                }
                 continue;
             }
             let better = self
                 .entries
                 .get(&key)
                 .is_none_or(|old| val.rank() > old.rank());
-            if better {
-                delta.push(Entry::join(&key, &val));
+            if better && self.verify(from, keys, &key, &val) {
+                delta.push(Entry::signed(&key, &val));
                 self.put(key, val, &mut t);
             }
         }
@@ -632,11 +773,56 @@ impl Records {
         Ok((!delta.is_empty()).then(|| encode(delta)))
     }
 
-    /// An entry in our own name arrived. See "Re-assertion" in the module docs.
-    /// Returns the value we now hold if it must be announced.
-    fn reassert(&mut self, key: &Key, val: Val, t: &mut Touched) -> Option<Val> {
+    /// Whether `val` is `key.origin`'s signed entry, by the key `keys` binds to
+    /// the origin; a refusal is counted against `from`, the neighbour that sent it.
+    fn verify(&mut self, from: PeerName, keys: &Keys, key: &Key, val: &Val) -> bool {
+        let msg = message(key, val.version, val.deleted_ms);
+        match keys.verify(key.origin, DOMAIN_DNS, &msg, &val.sig, SIGNED_WHAT) {
+            Ok(()) => true,
+            Err(why) => {
+                self.refused(from, key, &why);
+                false
+            }
+        }
+    }
+
+    /// Whether `val` is an entry we signed ourselves (entries in our own name
+    /// are checked against our own key, bound or not).
+    fn verify_own(&mut self, from: PeerName, key: &Key, val: &Val) -> bool {
+        let msg = message(key, val.version, val.deleted_ms);
+        if self.signing.public().verify(DOMAIN_DNS, &msg, &val.sig) {
+            return true;
+        }
+        let why = Refused::BadSignature {
+            name: self.me,
+            what: SIGNED_WHAT,
+        };
+        self.refused(from, key, &why);
+        false
+    }
+
+    fn refused(&mut self, from: PeerName, key: &Key, why: &Refused) {
+        let n = self.refusals.count(from, why);
+        if matches!(why, Refused::UnknownKey { .. }) {
+            tracing::debug!(peer = %from, origin = %key.origin, name = %key.name,
+                "DNS entry of an origin with no bound key yet not merged (it comes again by anti-entropy)");
+        } else if n.is_power_of_two() {
+            // The first, second, fourth... from each neighbour: a forger cannot flood the log.
+            tracing::warn!(peer = %from, origin = %key.origin, name = %key.name, forged_from_peer = n,
+                "forged DNS entry dropped: {why}");
+        }
+    }
+
+    /// An entry in our own name arrived. See "Re-assertion" and "Signatures"
+    /// in the module docs. Returns the value we now hold if it must be announced.
+    fn reassert(&mut self, from: PeerName, key: &Key, val: Val, t: &mut Touched) -> Option<Val> {
         let ours = self.entries.get(key).copied();
         if ours.is_some_and(|o| o.rank() >= val.rank()) {
+            return None;
+        }
+        // Newer than ours: only our own signature (from a previous life) may
+        // make us act; a forgery neither replaces ours nor bumps our versions.
+        if !self.verify_own(from, key, &val) {
             return None;
         }
         let ours_live = ours.is_some_and(|o| o.live());
@@ -646,24 +832,13 @@ impl Records {
             return None;
         }
         let version = self.bump(val.version);
-        let new = if ours_live {
-            Val {
-                version,
-                deleted_ms: None,
-                seen_ms: None,
-            }
-        } else {
-            Val {
-                version,
-                deleted_ms: Some(self.clock_ms),
-                seen_ms: None,
-            }
-        };
+        let deleted_ms = (!ours_live).then_some(self.clock_ms);
+        let new = sealed(&self.signing, key, version, deleted_ms, None);
         self.put(key.clone(), new, t);
         Some(new)
     }
 
-    fn decode(payload: &[u8]) -> Result<Vec<Entry>, Error> {
+    fn decode(payload: &[u8]) -> Result<Vec<SignedEntry>, Error> {
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::Invalid(format!(
                 "payload of {} bytes (max {MAX_PAYLOAD})",
@@ -678,14 +853,21 @@ impl Records {
                 rest.len()
             )));
         }
-        let Msg::Entries(entries) = msg;
+        let entries = match msg {
+            Msg::Entries(entries) => entries,
+            Msg::Unsigned(_) => {
+                return Err(Error::Invalid(
+                    "unsigned DNS entries (from a weft router that does not sign its DNS gossip): upgrade it".into(),
+                ))
+            }
+        };
         if entries.len() > MAX_ENTRIES {
             return Err(Error::Invalid(format!(
                 "{} entries in one payload (max {MAX_ENTRIES})",
                 entries.len()
             )));
         }
-        for e in &entries {
+        for SignedEntry { entry: e, .. } in &entries {
             validate_id(&e.id)
                 .map_err(|err| Error::Invalid(format!("entry of {}: {err}", e.origin)))?;
             match validate_name(&e.name) {
@@ -787,7 +969,7 @@ impl Records {
             for (k, v) in g.entries {
                 if self.entries.get(&k).is_none_or(|old| v.rank() > old.rank()) {
                     if v.live() {
-                        released.push(Entry::join(&k, &v));
+                        released.push(Entry::signed(&k, &v));
                     }
                     self.put(k, v, &mut t);
                 }
@@ -1007,30 +1189,27 @@ fn parents(name: &str) -> impl Iterator<Item = &str> {
     name.match_indices('.').map(move |(i, _)| &name[i + 1..])
 }
 
-fn merge_into(map: &mut BTreeMap<Key, Val>, key: Key, val: Val) {
-    match map.get(&key) {
-        Some(old) if old.rank() >= val.rank() => {}
-        _ => {
-            map.insert(key, val);
-        }
-    }
-}
-
 impl GossipChannel for Records {
     /// Every entry of present origins, tombstones included (not the entries of
-    /// gone peers held aside).
+    /// gone peers held aside), with their signatures.
     fn encode_full(&self) -> Vec<u8> {
-        encode(self.entries())
+        encode(
+            self.entries
+                .iter()
+                .map(|(k, v)| Entry::signed(k, v))
+                .collect(),
+        )
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
-        self.merge_payload(from, payload).map_err(|e| e.to_string())
+    fn merge(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<Option<Vec<u8>>, String> {
+        self.merge_payload(from, payload, keys).map_err(|e| e.to_string())
     }
 
-    /// Merged like gossip; what it teaches us is queued as [`Output::Broadcast`].
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<(), String> {
+    /// Merged like gossip (each entry verified the same way); what it teaches
+    /// us is queued as [`Output::Broadcast`].
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<(), String> {
         if let Some(delta) = self
-            .merge_payload(from, payload)
+            .merge_payload(from, payload, keys)
             .map_err(|e| e.to_string())?
         {
             self.out.push_back(Output::Broadcast(delta));
@@ -1057,6 +1236,44 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// The identity key of a test peer (a fixed seed per name).
+    fn key_of(p: PeerName) -> SigningKey {
+        let mut seed = [0x5a; 32];
+        seed[..8].copy_from_slice(&p.as_u64().to_le_bytes());
+        SigningKey::from_seed(&seed).unwrap()
+    }
+
+    /// A payload of `entries`, each signed by its origin's key.
+    fn signed(entries: Vec<Entry>) -> Vec<u8> {
+        encode(
+            entries
+                .into_iter()
+                .map(|e| {
+                    let k = key_of(e.origin);
+                    e.sign(&k)
+                })
+                .collect(),
+        )
+    }
+
+    /// A store for `me` with its own key.
+    fn rec(me: PeerName, initial_version: u64) -> Records {
+        Records::new(me, initial_version, key_of(me))
+    }
+
+    /// Keys bound for peers 1 to 128 (each its `key_of`), as a router would hold them.
+    fn keys() -> &'static Keys {
+        static KEYS: std::sync::OnceLock<Keys> = std::sync::OnceLock::new();
+        KEYS.get_or_init(|| {
+            let mut k = Keys::new(weft_proto::Trust::FirstUse);
+            for n in 1..=128 {
+                let p = peer(n);
+                k.admit(&weft_proto::identity::Claim::self_signed(&key_of(p), p)).unwrap();
+            }
+            k
+        })
     }
 
     /// The state as a comparable value: entries of present origins.
@@ -1114,7 +1331,7 @@ mod tests {
 
     #[test]
     fn add_lookup_remove() {
-        let mut r = Records::new(peer(1), 100);
+        let mut r = rec(peer(1), 100);
         let view = r.view();
         assert!(r.add("c1", "Web", ip("10.32.0.1")).unwrap().is_some());
         assert!(
@@ -1154,7 +1371,7 @@ mod tests {
 
     #[test]
     fn invalid_input_is_refused() {
-        let mut r = Records::new(peer(1), 1);
+        let mut r = rec(peer(1), 1);
         assert!(matches!(
             r.add("c", "bad name", ip("10.0.0.1")),
             Err(Error::InvalidName { .. })
@@ -1172,7 +1389,7 @@ mod tests {
 
     #[test]
     fn dotted_names_make_parents_exist() {
-        let mut r = Records::new(peer(1), 1);
+        let mut r = rec(peer(1), 1);
         r.add("c", "db.prod.eu", ip("10.0.0.1")).unwrap();
         let v = r.view();
         assert!(v.read().exists("prod.eu"));
@@ -1188,24 +1405,24 @@ mod tests {
 
     #[test]
     fn tombstone_beats_older_add_and_readd_works() {
-        let mut a = Records::new(peer(1), 1);
-        let mut b = Records::new(peer(2), 1);
+        let mut a = rec(peer(1), 1);
+        let mut b = rec(peer(2), 1);
         let add = a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
         let del = a.remove(10, "c", None, None).unwrap();
         // Out of order: the tombstone first, then the older add.
-        b.merge_payload(peer(1), &del).unwrap();
+        b.merge_payload(peer(1), &del, keys()).unwrap();
         assert_eq!(
-            b.merge_payload(peer(1), &add).unwrap(),
+            b.merge_payload(peer(1), &add, keys()).unwrap(),
             None,
             "the older add changes nothing"
         );
         assert!(b.lookup("web").is_empty());
         // Re-add after remove: a new, higher version.
         let readd = a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
-        assert!(b.merge_payload(peer(1), &readd).unwrap().is_some());
+        assert!(b.merge_payload(peer(1), &readd, keys()).unwrap().is_some());
         assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
         // Replaying the old tombstone does not hide it again.
-        assert_eq!(b.merge_payload(peer(1), &del).unwrap(), None);
+        assert_eq!(b.merge_payload(peer(1), &del, keys()).unwrap(), None);
         assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
     }
 
@@ -1227,11 +1444,11 @@ mod tests {
             deleted_ms: Some(4),
             ..k.clone()
         };
-        let mut x = Records::new(peer(9), 1);
-        let mut y = Records::new(peer(8), 1);
-        x.merge_payload(peer(1), &encode(vec![k.clone(), t.clone(), t2.clone()]))
+        let mut x = rec(peer(9), 1);
+        let mut y = rec(peer(8), 1);
+        x.merge_payload(peer(1), &signed(vec![k.clone(), t.clone(), t2.clone()]), keys())
             .unwrap();
-        y.merge_payload(peer(1), &encode(vec![t2.clone(), k.clone(), t]))
+        y.merge_payload(peer(1), &signed(vec![t2.clone(), k.clone(), t]), keys())
             .unwrap();
         assert_eq!(state(&x), state(&y));
         assert_eq!(state(&x), vec![t2]);
@@ -1240,18 +1457,18 @@ mod tests {
     #[test]
     fn restart_reasserts_own_entries() {
         let me = peer(1);
-        let mut old = Records::new(me, 1_000);
+        let mut old = rec(me, 1_000);
         old.add("gone", "web", ip("10.0.0.1")).unwrap();
         old.add("kept", "db", ip("10.0.0.2")).unwrap();
-        let mut other = Records::new(peer(2), 1);
-        other.merge_payload(me, &old.encode_full()).unwrap();
+        let mut other = rec(peer(2), 1);
+        other.merge_payload(me, &old.encode_full(), keys()).unwrap();
         assert_eq!(other.lookup("web"), vec![ip("10.0.0.1")]);
 
         // The origin restarts with a later start time, re-adds what still exists.
-        let mut new = Records::new(me, 2_000);
+        let mut new = rec(me, 2_000);
         new.add("kept", "db", ip("10.0.0.2")).unwrap();
         let delta = new
-            .merge_payload(peer(2), &other.encode_full())
+            .merge_payload(peer(2), &other.encode_full(), keys())
             .unwrap()
             .unwrap();
         // It tombstones the vanished container's name, keeps the other live.
@@ -1262,7 +1479,7 @@ mod tests {
         };
         assert_eq!(to, peer(2));
         assert_eq!(reply, delta);
-        other.merge_payload(me, &reply).unwrap();
+        other.merge_payload(me, &reply, keys()).unwrap();
         assert!(
             other.lookup("web").is_empty(),
             "the vanished name is gone everywhere"
@@ -1270,14 +1487,14 @@ mod tests {
         assert_eq!(other.lookup("db"), vec![ip("10.0.0.2")]);
         // The re-added entry's new version reaches it by gossip; then it converges.
         assert!(other
-            .merge_payload(me, &new.encode_full())
+            .merge_payload(me, &new.encode_full(), keys())
             .unwrap()
             .is_some());
         assert_eq!(
-            new.merge_payload(peer(2), &other.encode_full()).unwrap(),
+            new.merge_payload(peer(2), &other.encode_full(), keys()).unwrap(),
             None
         );
-        assert_eq!(other.merge_payload(me, &new.encode_full()).unwrap(), None);
+        assert_eq!(other.merge_payload(me, &new.encode_full(), keys()).unwrap(), None);
         assert_eq!(state(&new), state(&other));
     }
 
@@ -1285,13 +1502,13 @@ mod tests {
     fn own_entry_with_a_newer_version_is_outranked() {
         // The clock went back across a restart: the old life's versions are higher.
         let me = peer(1);
-        let mut old = Records::new(me, 5_000);
+        let mut old = rec(me, 5_000);
         old.add("c", "web", ip("10.0.0.1")).unwrap();
         old.remove(1, "c", None, None);
-        let mut new = Records::new(me, 10);
+        let mut new = rec(me, 10);
         new.add("c", "web", ip("10.0.0.1")).unwrap();
         let delta = new
-            .merge_payload(peer(2), &old.encode_full())
+            .merge_payload(peer(2), &old.encode_full(), keys())
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -1299,10 +1516,10 @@ mod tests {
             vec![ip("10.0.0.1")],
             "our live entry stays"
         );
-        let mut third = Records::new(peer(3), 1);
-        third.merge_payload(peer(2), &old.encode_full()).unwrap();
+        let mut third = rec(peer(3), 1);
+        third.merge_payload(peer(2), &old.encode_full(), keys()).unwrap();
         assert!(third.lookup("web").is_empty());
-        third.merge_payload(me, &delta).unwrap();
+        third.merge_payload(me, &delta, keys()).unwrap();
         assert_eq!(third.lookup("web"), vec![ip("10.0.0.1")]);
         assert!(new.add("c", "x", ip("10.0.0.9")).is_ok());
         assert!(new
@@ -1313,25 +1530,25 @@ mod tests {
 
     #[test]
     fn unicast_merge_queues_a_broadcast() {
-        let mut a = Records::new(peer(1), 1);
-        let mut b = Records::new(peer(2), 1);
+        let mut a = rec(peer(1), 1);
+        let mut b = rec(peer(2), 1);
         let d = a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
-        b.handle_unicast(peer(1), &d, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap();
+        b.handle_unicast(peer(1), &d, keys()).unwrap();
         assert!(matches!(b.poll_output(), Some(Output::Broadcast(_))));
         assert_eq!(b.poll_output(), None);
     }
 
     #[test]
     fn tombstones_expire_by_local_receipt_time() {
-        let mut a = Records::new(peer(1), 1);
-        let mut b = Records::new(peer(2), 1);
+        let mut a = rec(peer(1), 1);
+        let mut b = rec(peer(2), 1);
         a.add("c", "web", ip("10.0.0.1")).unwrap();
         let del = a.remove(1_000, "c", None, None).unwrap();
         let ttl = Duration::from_secs(60);
         // The origin's deletion time is far in the past for b's clock: b still
         // keeps the tombstone a full TTL from when it saw it.
         assert_eq!(b.expire_tombstones(500_000, ttl), 0);
-        b.merge_payload(peer(1), &del).unwrap();
+        b.merge_payload(peer(1), &del, keys()).unwrap();
         assert_eq!(b.expire_tombstones(600_000, ttl), 0, "stamped now");
         assert_eq!(b.expire_tombstones(659_999, ttl), 0);
         assert_eq!(b.expire_tombstones(660_000, ttl), 1);
@@ -1348,35 +1565,35 @@ mod tests {
     #[test]
     fn expired_tombstone_then_stale_live_copy_is_retombstoned_by_origin() {
         let me = peer(1);
-        let mut a = Records::new(me, 1);
-        let mut stale = Records::new(peer(3), 1);
+        let mut a = rec(me, 1);
+        let mut stale = rec(peer(3), 1);
         stale
-            .merge_payload(me, &a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap())
+            .merge_payload(me, &a.add("c", "web", ip("10.0.0.1")).unwrap().unwrap(), keys())
             .unwrap();
         a.remove(0, "c", None, None);
         a.expire_tombstones(1_000_000, Duration::from_secs(1));
         assert!(a.entries().is_empty());
         // A peer that missed the removal gossips the old live entry back.
         let d = a
-            .merge_payload(peer(3), &stale.encode_full())
+            .merge_payload(peer(3), &stale.encode_full(), keys())
             .unwrap()
             .unwrap();
-        stale.merge_payload(me, &d).unwrap();
+        stale.merge_payload(me, &d, keys()).unwrap();
         assert!(stale.lookup("web").is_empty());
     }
 
     #[test]
     fn gone_origins_are_dropped_held_and_restored() {
         let x = peer(5);
-        let mut xr = Records::new(x, 1);
+        let mut xr = rec(x, 1);
         let full = {
             xr.add("c", "web", ip("10.0.0.1")).unwrap();
             xr.encode_full()
         };
-        let mut y = Records::new(peer(1), 1);
-        let mut z = Records::new(peer(2), 1);
-        y.merge_payload(x, &full).unwrap();
-        z.merge_payload(x, &full).unwrap();
+        let mut y = rec(peer(1), 1);
+        let mut z = rec(peer(2), 1);
+        y.merge_payload(x, &full, keys()).unwrap();
+        z.merge_payload(x, &full, keys()).unwrap();
         assert_eq!(y.lookup("web").len(), 1);
 
         y.sync_origins(1_000, |p| p != x);
@@ -1388,11 +1605,11 @@ mod tests {
             "held-aside entries are not gossiped"
         );
         // z has not noticed yet and gossips them back: they do not resurrect.
-        assert_eq!(y.merge_payload(peer(2), &z.encode_full()).unwrap(), None);
+        assert_eq!(y.merge_payload(peer(2), &z.encode_full(), keys()).unwrap(), None);
         assert!(y.lookup("web").is_empty());
         // A change x made meanwhile (relayed) is held too.
         let d = xr.add("c2", "api", ip("10.0.0.3")).unwrap().unwrap();
-        assert_eq!(y.merge_payload(peer(2), &d).unwrap(), None);
+        assert_eq!(y.merge_payload(peer(2), &d, keys()).unwrap(), None);
         assert_eq!(y.counts().quarantined, 2);
         // x comes back (partition healed): its names return at once.
         y.sync_origins(2_000, |_| true);
@@ -1403,7 +1620,7 @@ mod tests {
         };
         assert_eq!(to, x);
         assert_eq!(
-            xr.merge_payload(peer(1), &shown).unwrap(),
+            xr.merge_payload(peer(1), &shown, keys()).unwrap(),
             None,
             "x has them all"
         );
@@ -1423,13 +1640,13 @@ mod tests {
         );
         assert_eq!(y.counts(), Counts::default());
         // And what arrives after that is accepted again (a fresh start of x).
-        y.merge_payload(x, &xr.encode_full()).unwrap();
+        y.merge_payload(x, &xr.encode_full(), keys()).unwrap();
         assert_eq!(y.lookup("api").len(), 1);
     }
 
     #[test]
     fn own_registrations_and_dirty() {
-        let mut r = Records::new(peer(1), 1);
+        let mut r = rec(peer(1), 1);
         assert!(!r.is_dirty());
         assert!(!r.take_dirty());
         r.add("c", "web", ip("10.0.0.1")).unwrap();
@@ -1438,9 +1655,9 @@ mod tests {
         assert!(r.take_dirty());
         assert!(!r.is_dirty());
         assert!(!r.take_dirty());
-        let mut other = Records::new(peer(2), 1);
+        let mut other = rec(peer(2), 1);
         other.add("o", "x", ip("10.0.0.9")).unwrap();
-        r.merge_payload(peer(2), &other.encode_full()).unwrap();
+        r.merge_payload(peer(2), &other.encode_full(), keys()).unwrap();
         assert!(!r.take_dirty(), "others' entries are not ours to persist");
         assert_eq!(
             r.own(),
@@ -1459,13 +1676,13 @@ mod tests {
     /// the wire (an empty list), and merges as nothing.
     #[test]
     fn an_empty_store_encodes_to_an_empty_list() {
-        let empty = Records::new(peer(1), 1);
-        assert_eq!(empty.encode_full(), [0, 0]);
-        let mut r = Records::new(peer(2), 1);
+        let empty = rec(peer(1), 1);
+        assert_eq!(empty.encode_full(), [1, 0]);
+        let mut r = rec(peer(2), 1);
         r.add("c", "web", ip("10.0.0.1")).unwrap();
         r.take_dirty();
         let before = state(&r);
-        assert_eq!(r.merge_payload(peer(1), &empty.encode_full()).unwrap(), None);
+        assert_eq!(r.merge_payload(peer(1), &empty.encode_full(), keys()).unwrap(), None);
         assert_eq!(state(&r), before);
         assert!(!r.is_dirty());
         assert!(r.poll_output().is_none());
@@ -1473,7 +1690,7 @@ mod tests {
 
     #[test]
     fn malformed_and_invalid_payloads_are_refused_whole() {
-        let mut r = Records::new(peer(1), 1);
+        let mut r = rec(peer(1), 1);
         let good = Entry {
             origin: peer(2),
             id: "c".into(),
@@ -1488,7 +1705,7 @@ mod tests {
             (vec![0, 0xff, 0xff, 0xff, 0xff, 0x0f], "huge count"),
             (
                 {
-                    let mut p = encode(vec![good.clone()]);
+                    let mut p = signed(vec![good.clone()]);
                     p.push(0);
                     p
                 },
@@ -1496,13 +1713,13 @@ mod tests {
             ),
             (
                 {
-                    let p = encode(vec![good.clone()]);
+                    let p = signed(vec![good.clone()]);
                     p[..p.len() - 3].to_vec()
                 },
                 "truncated",
             ),
             (
-                encode(vec![
+                signed(vec![
                     good.clone(),
                     Entry {
                         name: "Web".into(),
@@ -1512,7 +1729,7 @@ mod tests {
                 "upper case",
             ),
             (
-                encode(vec![
+                signed(vec![
                     good.clone(),
                     Entry {
                         name: "a..b".into(),
@@ -1522,7 +1739,7 @@ mod tests {
                 "bad name",
             ),
             (
-                encode(vec![
+                signed(vec![
                     good.clone(),
                     Entry {
                         id: String::new(),
@@ -1532,7 +1749,7 @@ mod tests {
                 "empty id",
             ),
             (
-                encode(vec![
+                signed(vec![
                     good.clone(),
                     Entry {
                         id: "x".repeat(300),
@@ -1542,16 +1759,20 @@ mod tests {
                 "long id",
             ),
             (vec![0u8; MAX_PAYLOAD + 1], "oversized"),
+            (
+                postcard::to_stdvec(&Msg::Unsigned(vec![good.clone()])).unwrap(),
+                "unsigned (an older router)",
+            ),
         ] {
-            assert!(r.merge_payload(peer(2), &payload).is_err(), "{what}");
+            assert!(r.merge_payload(peer(2), &payload, keys()).is_err(), "{what}");
             assert!(r.entries().is_empty(), "{what}: nothing applied");
         }
-        assert!(r.merge(peer(2), &[9], &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_err().contains("malformed"));
+        assert!(r.merge(peer(2), &[9], keys()).unwrap_err().contains("malformed"));
     }
 
     #[test]
     fn size_bound_refuses_whole_payload() {
-        let mut r = Records::new(peer(1), 1);
+        let mut r = rec(peer(1), 1);
         let many: Vec<Entry> = (0..MAX_ENTRIES + 1)
             .map(|i| Entry {
                 origin: peer(2),
@@ -1562,7 +1783,7 @@ mod tests {
                 deleted_ms: None,
             })
             .collect();
-        let e = r.merge_payload(peer(2), &encode(many[..MAX_ENTRIES].to_vec()));
+        let e = r.merge_payload(peer(2), &signed(many[..MAX_ENTRIES].to_vec()), keys());
         assert!(e.is_ok());
         assert_eq!(r.counts().live, MAX_ENTRIES);
         assert!(matches!(
@@ -1570,13 +1791,281 @@ mod tests {
             Err(Error::Full)
         ));
         assert!(r
-            .merge_payload(peer(2), &encode(many[MAX_ENTRIES..].to_vec()))
+            .merge_payload(peer(2), &signed(many[MAX_ENTRIES..].to_vec()), keys())
             .is_err());
         // Known keys are fine even when full.
         assert!(r
-            .merge_payload(peer(2), &encode(many[..10].to_vec()))
+            .merge_payload(peer(2), &signed(many[..10].to_vec()), keys())
             .unwrap()
             .is_none());
+    }
+
+    // ---- signatures ----
+
+    /// The entries of a payload, decoded.
+    fn decoded(payload: &[u8]) -> Vec<SignedEntry> {
+        Records::decode(payload).unwrap()
+    }
+
+    #[test]
+    fn own_entries_are_signed_over_all_their_fields() {
+        let me = peer(1);
+        let mut r = rec(me, 1);
+        let add = r.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
+        let del = r.remove(77, "c", None, None).unwrap();
+        for p in [&add, &del, &r.encode_full()] {
+            for SignedEntry { entry, sig } in decoded(p) {
+                assert!(key_of(me).public().verify(DOMAIN_DNS, &signed_bytes(&entry), &sig));
+                assert_eq!(entry.clone().sign(&key_of(me)).sig, sig, "Entry::sign signs the same bytes");
+                for altered in [
+                    Entry { origin: peer(2), ..entry.clone() },
+                    Entry { id: "d".into(), ..entry.clone() },
+                    Entry { name: "wet".into(), ..entry.clone() },
+                    Entry { addr: ip("10.0.0.2"), ..entry.clone() },
+                    Entry { version: entry.version + 1, ..entry.clone() },
+                    Entry { deleted_ms: entry.deleted_ms.map_or(Some(1), |d| Some(d + 1)), ..entry.clone() },
+                ] {
+                    assert!(!key_of(me).public().verify(DOMAIN_DNS, &signed_bytes(&altered), &sig), "{altered:?}");
+                }
+                assert!(!key_of(me).public().verify(b"weft topology v1", &signed_bytes(&entry), &sig), "domain");
+            }
+        }
+    }
+
+    #[test]
+    fn forged_entries_of_another_origin_change_nothing_and_are_counted() {
+        let (a, forger) = (peer(1), peer(2));
+        let mut origin = rec(a, 1_000);
+        let mut b = rec(peer(3), 1);
+        b.merge_payload(a, &origin.add("c", "web", ip("10.0.0.1")).unwrap().unwrap(), keys()).unwrap();
+        b.merge_payload(a, &origin.add("d", "db", ip("10.0.0.2")).unwrap().unwrap(), keys()).unwrap();
+        b.merge_payload(a, &origin.remove(5, "d", None, None).unwrap(), keys()).unwrap();
+        let before = state(&b);
+        let web = before.iter().find(|e| e.name == "web").unwrap().clone();
+        let db = before.iter().find(|e| e.name == "db").unwrap().clone();
+        let mut altered = web.clone().sign(&key_of(a));
+        altered.entry.addr = ip("10.6.6.6");
+        let forgeries = [
+            // A new name in a's name, signed by the forger.
+            Entry { id: "evil".into(), name: "evil".into(), addr: ip("10.6.6.6"), ..web.clone() }.sign(&key_of(forger)),
+            // A tombstone of a's live name.
+            Entry { version: web.version + 1, deleted_ms: Some(9), ..web.clone() }.sign(&key_of(forger)),
+            // A version bump of a's live name, and of its tombstone (resurrecting it).
+            Entry { version: u64::MAX, ..web.clone() }.sign(&key_of(forger)),
+            Entry { version: db.version + 1, deleted_ms: None, ..db.clone() }.sign(&key_of(forger)),
+            // a's genuine signature over other fields.
+            altered,
+            // No signature at all.
+            SignedEntry { entry: Entry { version: web.version + 5, ..web.clone() }, sig: Signature([0; 64]) },
+        ];
+        for (n, f) in forgeries.iter().enumerate() {
+            assert_eq!(b.merge_payload(forger, &encode(vec![f.clone()]), keys()).unwrap(), None, "{f:?}");
+            assert_eq!(state(&b), before, "{f:?}");
+            assert_eq!(b.refusals().forged, n as u64 + 1);
+        }
+        assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
+        assert!(b.lookup("evil").is_empty() && b.view().lookup("evil").is_empty());
+        assert!(b.poll_output().is_none(), "nothing to send");
+        assert_eq!(b.refusals().unverified, 0);
+        assert_eq!(
+            b.refusals().by_sender.get(&forger),
+            Some(&SenderRefusals { forged: forgeries.len() as u64, unverified: 0 })
+        );
+        // In a payload with honest entries, those merge and only they are passed on.
+        let mut honest = rec(forger, 1);
+        honest.add("f", "ftp", ip("10.0.0.3")).unwrap();
+        let mut mixed = decoded(&honest.encode_full());
+        mixed.splice(0..0, forgeries.iter().cloned());
+        let delta = b.merge_payload(forger, &encode(mixed), keys()).unwrap().unwrap();
+        assert_eq!(decoded(&delta), decoded(&honest.encode_full()));
+        assert_eq!(b.lookup("ftp"), vec![ip("10.0.0.3")]);
+        assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
+        assert_eq!(b.refusals().forged, 2 * forgeries.len() as u64);
+    }
+
+    #[test]
+    fn replayed_old_entries_change_nothing_and_cost_no_verification() {
+        let a = peer(1);
+        let mut origin = rec(a, 1);
+        let mut b = rec(peer(3), 1);
+        let add = origin.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
+        let del = origin.remove(5, "c", None, None).unwrap();
+        let readd = origin.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
+        for p in [&add, &del, &readd] {
+            b.merge_payload(a, p, keys()).unwrap();
+        }
+        let before = state(&b);
+        // Genuine but old: the add and the tombstone the re-add outranks.
+        for p in [&add, &del, &readd] {
+            assert_eq!(b.merge_payload(peer(2), p, keys()).unwrap(), None);
+            assert_eq!(state(&b), before);
+        }
+        assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
+        // Known entries with a bad signature are not even looked at.
+        let mut junk = decoded(&readd);
+        junk[0].sig = Signature([7; 64]);
+        assert_eq!(b.merge_payload(peer(2), &encode(junk), keys()).unwrap(), None);
+        assert_eq!(*b.refusals(), Refusals::default(), "nothing was verified");
+        // A store that never saw the re-add takes the tombstone, not the replayed add.
+        let mut c = rec(peer(4), 1);
+        c.merge_payload(peer(2), &del, keys()).unwrap();
+        assert_eq!(c.merge_payload(peer(2), &add, keys()).unwrap(), None);
+        assert!(c.lookup("web").is_empty());
+    }
+
+    #[test]
+    fn entries_in_our_name_we_did_not_sign_never_replace_ours() {
+        let (me, forger) = (peer(1), peer(2));
+        let mut r = rec(me, 1);
+        r.add("c", "web", ip("10.0.0.1")).unwrap();
+        r.take_dirty();
+        let before = state(&r);
+        let web = before[0].clone();
+        for f in [
+            Entry { version: u64::MAX, deleted_ms: Some(1), ..web.clone() },
+            Entry { version: web.version + 1, addr: ip("10.6.6.6"), ..web.clone() },
+            Entry { id: "evil".into(), name: "evil".into(), ..web.clone() },
+            Entry { id: "evil".into(), version: u64::MAX, deleted_ms: Some(1), ..web.clone() },
+        ] {
+            let p = encode(vec![f.clone().sign(&key_of(forger))]);
+            assert_eq!(r.merge_payload(forger, &p, keys()).unwrap(), None, "{f:?}");
+            assert_eq!(state(&r), before, "{f:?}");
+            assert!(r.poll_output().is_none(), "no re-assertion for a forgery: {f:?}");
+            assert!(!r.is_dirty());
+        }
+        assert_eq!(r.refusals().by_sender.get(&forger).map(|c| c.forged), Some(4));
+        // Our versions were not pushed to the top: changes still outrank the past.
+        let del = r.remove(9, "c", None, None).unwrap();
+        let readd = r.add("c", "web", ip("10.0.0.1")).unwrap().unwrap();
+        let (d, a) = (&decoded(&del)[0].entry, &decoded(&readd)[0].entry);
+        assert!(d.version < 1_000 && a.version > d.version, "{d:?} {a:?}");
+        let mut other = rec(peer(3), 1);
+        other.merge_payload(me, &del, keys()).unwrap();
+        other.merge_payload(me, &readd, keys()).unwrap();
+        assert_eq!(other.lookup("web"), vec![ip("10.0.0.1")]);
+    }
+
+    #[test]
+    fn entries_of_an_origin_without_a_bound_key_wait_for_it() {
+        let stranger = PeerName::from_u64(500);
+        let mut s = rec(stranger, 1);
+        let full = {
+            s.add("c", "web", ip("10.0.0.1")).unwrap();
+            s.encode_full()
+        };
+        let mut r = rec(peer(1), 1);
+        assert_eq!(r.merge_payload(peer(2), &full, keys()).unwrap(), None, "not passed on");
+        assert!(r.entries().is_empty() && r.lookup("web").is_empty());
+        assert_eq!(r.refusals().unverified, 1);
+        assert_eq!(r.refusals().forged, 0);
+        assert_eq!(r.refusals().by_sender[&peer(2)], SenderRefusals { forged: 0, unverified: 1 });
+        let mut bound = keys().clone();
+        bound.admit(&weft_proto::identity::Claim::self_signed(&key_of(stranger), stranger)).unwrap();
+        assert!(r.merge_payload(peer(2), &full, &bound).unwrap().is_some());
+        assert_eq!(r.lookup("web"), vec![ip("10.0.0.1")]);
+    }
+
+    #[test]
+    fn forged_entries_of_a_gone_origin_are_not_held_for_its_return() {
+        let x = peer(5);
+        let mut xr = rec(x, 1);
+        let mut y = rec(peer(1), 1);
+        y.merge_payload(x, &xr.add("c", "web", ip("10.0.0.1")).unwrap().unwrap(), keys()).unwrap();
+        y.sync_origins(1_000, |p| p != x);
+        let forged = Entry {
+            origin: x,
+            id: "evil".into(),
+            name: "evil".into(),
+            addr: ip("10.6.6.6"),
+            version: 1,
+            deleted_ms: None,
+        };
+        let p = encode(vec![forged.sign(&key_of(peer(2)))]);
+        assert_eq!(y.merge_payload(peer(2), &p, keys()).unwrap(), None);
+        assert_eq!(y.counts().quarantined, 1);
+        assert_eq!(y.refusals().forged, 1);
+        y.sync_origins(2_000, |_| true);
+        assert_eq!(y.lookup("web"), vec![ip("10.0.0.1")]);
+        assert!(y.lookup("evil").is_empty());
+    }
+
+    #[test]
+    fn refusals_are_counted_per_sender_up_to_a_bound() {
+        let mut r = Refusals::default();
+        let bad = Refused::BadSignature { name: peer(1), what: SIGNED_WHAT };
+        let unknown = Refused::UnknownKey { name: peer(1) };
+        assert_eq!(r.count(peer(2), &bad), 1);
+        assert_eq!(r.count(peer(2), &bad), 2);
+        assert_eq!(r.count(peer(2), &unknown), 1);
+        for n in 0..MAX_SENDERS as u64 + 10 {
+            r.count(PeerName::from_u64(1_000 + n), &bad);
+        }
+        assert_eq!(r.by_sender.len(), MAX_SENDERS);
+        assert_eq!(r.forged, 2 + MAX_SENDERS as u64 + 10, "the totals count all");
+        assert_eq!(r.unverified, 1);
+        assert_eq!(r.count(peer(2), &bad), 3, "known senders still counted");
+    }
+
+    /// The largest store there can be fits one payload (and the control
+    /// channel's message limit, the same 16 MiB).
+    #[test]
+    fn a_full_store_of_the_longest_entries_fits_a_payload() {
+        let name = [&"a".repeat(63)[..], &"b".repeat(63), &"c".repeat(63), &"d".repeat(61)].join(".");
+        assert_eq!(validate_name(&name).unwrap().len(), MAX_NAME_LEN);
+        let entries: Vec<SignedEntry> = (0..MAX_ENTRIES)
+            .map(|i| SignedEntry {
+                entry: Entry {
+                    origin: PeerName::from_u64(u64::MAX),
+                    id: format!("{i:0>width$}", width = MAX_ID_LEN),
+                    name: name.clone(),
+                    addr: ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"),
+                    version: u64::MAX,
+                    deleted_ms: Some(u64::MAX),
+                },
+                sig: Signature([0xff; 64]),
+            })
+            .collect();
+        let p = encode(entries);
+        assert!(p.len() <= MAX_PAYLOAD, "{} bytes", p.len());
+        assert_eq!(Records::decode(&p).unwrap().len(), MAX_ENTRIES);
+    }
+
+    /// Merge verification throughput: `cargo test --release -p weft-dns --lib
+    /// -- --ignored --nocapture verification_rate`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn verification_rate() {
+        const N: usize = 20_000;
+        let mut origin = rec(peer(2), 1);
+        let t = std::time::Instant::now();
+        for i in 0..N {
+            origin.add(&format!("{i:064x}"), &format!("name-{i}"), IpAddr::from([10, 32, (i >> 8) as u8, i as u8])).unwrap();
+        }
+        let sign = t.elapsed();
+        let full = origin.encode_full();
+        let mut r = rec(peer(1), 1);
+        let t = std::time::Instant::now();
+        assert!(r.merge_payload(peer(2), &full, keys()).unwrap().is_some());
+        let fresh = t.elapsed();
+        let t = std::time::Instant::now();
+        assert!(r.merge_payload(peer(2), &full, keys()).unwrap().is_none());
+        let known = t.elapsed();
+        let signed = decoded(&full);
+        let t = std::time::Instant::now();
+        for e in &signed {
+            let m = signed_bytes(&e.entry);
+            keys().verify(e.entry.origin, DOMAIN_DNS, &m, &e.sig, SIGNED_WHAT).unwrap();
+        }
+        let verify = t.elapsed();
+        let rate = |d: std::time::Duration| N as f64 / d.as_secs_f64();
+        println!(
+            "{N} entries: signed {:.0}/s; verified alone {:.0}/s; merged new (verified) {:.0}/s; merged known (not verified) {:.0}/s",
+            rate(sign),
+            rate(verify),
+            rate(fresh),
+            rate(known)
+        );
+        assert_eq!(r.counts().live, N);
     }
 
     // ---- property tests ----
@@ -1612,7 +2101,7 @@ mod tests {
         let mut snaps = Vec::new();
         let mut live = BTreeSet::new();
         for (i, h) in histories.iter().enumerate() {
-            let mut r = Records::new(peer(i as u64 + 1), 1);
+            let mut r = rec(peer(i as u64 + 1), 1);
             for (t, o) in h.iter().enumerate() {
                 match o {
                     Op::Add(c, n, a) => {
@@ -1639,13 +2128,13 @@ mod tests {
     }
 
     fn observer() -> Records {
-        Records::new(peer(100), 1)
+        rec(peer(100), 1)
     }
 
     fn merged(payloads: &[&[u8]]) -> Records {
         let mut r = observer();
         for p in payloads {
-            r.merge_payload(peer(50), p).unwrap();
+            r.merge_payload(peer(50), p, keys()).unwrap();
         }
         r
     }
@@ -1679,10 +2168,10 @@ mod tests {
             let a = &s[i.index(s.len())];
             let mut r = merged(&[a]);
             let before = state(&r);
-            prop_assert_eq!(r.merge_payload(peer(50), a).unwrap(), None);
+            prop_assert_eq!(r.merge_payload(peer(50), a, keys()).unwrap(), None);
             prop_assert_eq!(state(&r), before.clone());
             let own = r.encode_full();
-            prop_assert_eq!(r.merge_payload(peer(50), &own).unwrap(), None);
+            prop_assert_eq!(r.merge_payload(peer(50), &own, keys()).unwrap(), None);
             prop_assert_eq!(state(&r), before);
         }
 
@@ -1711,20 +2200,43 @@ mod tests {
         fn deltas_carry_everything(h in histories()) {
             let (s, _) = run(&h);
             let mut a = observer();
-            let mut b = Records::new(peer(101), 1);
+            let mut b = rec(peer(101), 1);
             for p in &s {
-                if let Some(d) = a.merge_payload(peer(50), p).unwrap() {
-                    b.merge_payload(peer(100), &d).unwrap();
+                if let Some(d) = a.merge_payload(peer(50), p, keys()).unwrap() {
+                    b.merge_payload(peer(100), &d, keys()).unwrap();
                 }
             }
             prop_assert_eq!(state(&a), state(&b));
+        }
+
+        /// Any snapshot re-signed by another key changes nothing in a store
+        /// that merged the honest snapshots, and every entry that would have
+        /// changed it is counted.
+        #[test]
+        fn forgeries_change_nothing(h in histories(), i in any::<prop::sample::Index>(), j in any::<prop::sample::Index>()) {
+            let (s, _) = run(&h);
+            let honest = merged(&[&s[i.index(s.len())]]);
+            let mut r = merged(&[&s[i.index(s.len())]]);
+            let forged: Vec<SignedEntry> = decoded(&s[j.index(s.len())])
+                .into_iter()
+                .map(|e| e.entry.sign(&key_of(peer(99))))
+                .collect();
+            prop_assert_eq!(r.merge_payload(peer(99), &encode(forged.clone()), keys()).unwrap(), None);
+            prop_assert_eq!(state(&r), state(&honest));
+            let would_change = forged.iter().filter(|f| {
+                !state(&honest).iter().any(|e| e.origin == f.entry.origin && e.id == f.entry.id
+                    && e.name == f.entry.name && e.addr == f.entry.addr
+                    && (e.version, e.deleted_ms.is_some(), e.deleted_ms.unwrap_or(0))
+                        >= (f.entry.version, f.entry.deleted_ms.is_some(), f.entry.deleted_ms.unwrap_or(0)))
+            }).count() as u64;
+            prop_assert_eq!(r.refusals().forged, would_change);
         }
 
         /// Garbage never panics and never changes anything.
         #[test]
         fn garbage_is_harmless(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut r = observer();
-            if r.merge_payload(peer(50), &bytes).is_err() {
+            if r.merge_payload(peer(50), &bytes, keys()).is_err() {
                 prop_assert!(r.entries().is_empty());
             }
         }

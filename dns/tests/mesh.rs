@@ -1,7 +1,9 @@
 //! The record store riding on real `weft_proto::Router`s, wired the way the
 //! daemon does it (see the crate docs), over an in-memory network: names
 //! spread through relays, removals follow, a restarted origin re-asserts its
-//! entries, and the entries of a peer that leaves the topology go and come back.
+//! entries, and the entries of a peer that leaves the topology go and come back;
+//! a member that forges other origins' entries changes nothing and is counted
+//! by the neighbour that got them, which does not pass them on.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use weft_dns::records::{Output, Records};
-use weft_dns::CHANNEL;
+use weft_dns::{encode_entries, Entry, CHANNEL};
 use weft_proto::identity::Claim;
 use weft_proto::router::Session;
 use weft_proto::{ConnId, Hello, PeerName, Router, RouterConfig, SigningKey};
@@ -60,7 +62,7 @@ impl Net {
         let mut cfg = RouterConfig::new(name, format!("n{i}"), life * 1000 + i as u64, i as u64, key(i));
         cfg.initial_version = start_us;
         let mut router = Router::new(cfg, self.t0);
-        router.register_channel(CHANNEL, Box::new(Records::new(name, start_us)));
+        router.register_channel(CHANNEL, Box::new(Records::new(name, start_us, key(i))));
         Node { router, name }
     }
 
@@ -263,4 +265,41 @@ fn names_of_a_peer_that_leaves_go_and_come_back() {
     net.connect(2, 1);
     assert_eq!(net.lookup(0, "api").len(), 1, "back with the peer");
     assert_eq!(net.lookup(1, "api").len(), 1);
+}
+
+#[test]
+fn forged_entries_stop_at_the_first_honest_peer() {
+    // 0 - 1 - 2, and 3, a member with the password and its own key, next to 1.
+    let mut net = Net::new(4);
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.connect(3, 1);
+    net.add(0, "c1", "web", "10.32.0.1");
+    let held = net.records(2).entries();
+    let web = held.iter().find(|e| e.name == "web").unwrap().clone();
+    // Node 3 writes entries in node 0's name, signed with its own key: a new
+    // name, a tombstone of the live one, and the live one at the top version.
+    let forged = vec![
+        Entry { id: "evil".into(), name: "evil".into(), addr: "10.6.6.6".parse().unwrap(), ..web.clone() },
+        Entry { version: web.version + 1, deleted_ms: Some(1), ..web.clone() },
+        Entry { version: u64::MAX, addr: "10.6.6.6".parse().unwrap(), ..web.clone() },
+    ];
+    let payload = encode_entries(forged.into_iter().map(|e| e.sign(&key(3))).collect());
+    net.nodes[3].router.broadcast(CHANNEL, payload);
+    net.pump();
+    for i in 0..3 {
+        assert_eq!(net.lookup(i, "web"), ips(&["10.32.0.1"]), "node {i}");
+        assert!(net.lookup(i, "evil").is_empty(), "node {i}");
+    }
+    assert_eq!(net.records(2).entries(), held, "node 2 holds what it held");
+    let forger = net.nodes[3].name;
+    let r1 = net.records(1).refusals().clone();
+    assert_eq!(r1.forged, 3);
+    assert_eq!(r1.by_sender.get(&forger).map(|c| c.forged), Some(3), "counted against the sender");
+    for i in [0, 2] {
+        assert_eq!(net.records(i).refusals().forged, 0, "node {i}: never relayed to it");
+    }
+    // The honest mesh goes on as before.
+    net.add(2, "c2", "db", "10.32.0.2");
+    assert_eq!(net.lookup(0, "db"), ips(&["10.32.0.2"]));
 }

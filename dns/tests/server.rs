@@ -37,7 +37,7 @@ impl Fixture {
 
 /// A server on 127.0.0.1 (ephemeral port) serving `names`.
 async fn start(names: &[(&str, &str)], tweak: impl FnOnce(&mut DnsConfig)) -> Fixture {
-    let mut records = Records::new(PeerName::from_u64(1), 1);
+    let mut records = Records::new(PeerName::from_u64(1), 1, signing_key());
     for (i, (n, a)) in names.iter().enumerate() {
         records
             .add(&format!("c{i}"), n, a.parse().unwrap())
@@ -547,7 +547,7 @@ async fn bind_errors_name_the_address_and_shutdown_frees_the_port() {
     cfg.upstreams = Some(Vec::new());
     let e = serve(
         cfg.clone(),
-        Records::new(PeerName::from_u64(1), 1).view(),
+        Records::new(PeerName::from_u64(1), 1, signing_key()).view(),
         Arc::new(DnsStats::default()),
     )
     .await
@@ -562,7 +562,7 @@ async fn bind_errors_name_the_address_and_shutdown_frees_the_port() {
     // Freed: the same address binds now.
     let g = serve(
         cfg,
-        Records::new(PeerName::from_u64(1), 1).view(),
+        Records::new(PeerName::from_u64(1), 1, signing_key()).view(),
         Arc::new(DnsStats::default()),
     )
     .await
@@ -573,7 +573,7 @@ async fn bind_errors_name_the_address_and_shutdown_frees_the_port() {
     cfg.domain = "bad_domain".into();
     let e = serve(
         cfg,
-        Records::new(PeerName::from_u64(1), 1).view(),
+        Records::new(PeerName::from_u64(1), 1, signing_key()).view(),
         Arc::new(DnsStats::default()),
     )
     .await
@@ -682,5 +682,13 @@ impl FakeUpstream {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+/// A signing key for the store (its entries are never gossiped here).
+fn signing_key() -> weft_proto::SigningKey {
+    match weft_proto::SigningKey::from_seed(&[1; 32]) {
+        Ok(k) => k,
+        Err(e) => panic!("{e}"),
     }
 }

@@ -159,6 +159,12 @@ impl Collector for WeftCollector {
             (vec![("kind", "tombstone".to_string())], e.tombstones.load(Relaxed)),
         ])?;
         family(&mut enc, "weft_dns_save_errors", "DNS state saves that failed", MetricType::Counter, one(&e.save_errors_total))?;
+        family(&mut enc, "weft_dns_unverified_entries",
+            "DNS gossip entries dropped before merging: bad_signature (not signed by their origin's bound key: forged or altered), unknown_key (no key bound to the origin yet)",
+            MetricType::Counter, vec![
+            (vec![("reason", "bad_signature".to_string())], e.forged_total.load(Relaxed)),
+            (vec![("reason", "unknown_key".to_string())], e.unknown_key_total.load(Relaxed)),
+        ])?;
         family(&mut enc, "weft_macs", "MAC addresses the switch knows, by where they live", MetricType::Gauge, vec![
             (vec![("owner", "local".to_string())], s.macs_local.load(Relaxed)),
             (vec![("owner", "peers".to_string())], s.macs_remote.load(Relaxed)),

@@ -63,7 +63,8 @@ pub fn run(opts: Options) -> Result<()> {
     // start time in µs.
     let initial_version = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
     let dns_path = opts.state_dir.join(dns::STATE_FILE);
-    let records = dns::load(id.name, initial_version, &dns_path)?;
+    // DNS entries are signed with the identity key, the one our name is bound to mesh-wide.
+    let records = dns::load(id.name, initial_version, id.signing.clone(), &dns_path)?;
     let psk = network_key(opts.password.as_deref(), &opts.mesh)?;
     let nickname = opts.nickname.clone().unwrap_or_else(hostname);
     let keys = Handshaker::new(psk, id.private_key);

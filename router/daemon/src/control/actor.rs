@@ -327,6 +327,9 @@ impl Actor {
         s.dns_entries.own.store(c.own as u64, Relaxed);
         s.dns_entries.tombstones.store(c.tombstones as u64, Relaxed);
         s.dns_entries.save_errors_total.store(self.dns.save_errors(&mut self.core), Relaxed);
+        let (forged, unknown_key) = self.dns.unverified_totals(&mut self.core);
+        s.dns_entries.forged_total.store(forged, Relaxed);
+        s.dns_entries.unknown_key_total.store(unknown_key, Relaxed);
     }
 
     /// After a round: the services' outputs, the core's transmits and events.

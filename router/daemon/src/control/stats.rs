@@ -29,6 +29,10 @@ pub struct DnsGauges {
     pub tombstones: AtomicU64,
     /// DNS state saves that failed.
     pub save_errors_total: AtomicU64,
+    /// DNS entries from peers dropped for a bad origin signature (forged or altered).
+    pub forged_total: AtomicU64,
+    /// DNS entries from peers not merged because no key is bound to their origin yet.
+    pub unknown_key_total: AtomicU64,
 }
 
 /// Control-plane counters and gauges.

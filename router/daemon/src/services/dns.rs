@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
-use weft_dns::{Counts, DnsStats, Output, Records, Registration};
-use weft_proto::{PeerName, Router};
+use weft_dns::{Counts, DnsStats, Output, Records, Refusals, Registration};
+use weft_proto::{PeerName, Router, SigningKey};
 
 use super::persist::{Deferred, Durable, Gated, Pending, Released, SaveDone, SaveError, SaveGate, Writer};
 
@@ -60,9 +60,17 @@ fn now_ms() -> u64 {
 }
 
 /// Loads our saved names and re-adds them to a fresh store: their new
-/// versions outrank what the mesh holds from our previous life.
-pub fn load(me: PeerName, initial_version: u64, path: &Path) -> Result<Records> {
-    let mut r = Records::new(me, initial_version);
+/// versions outrank what the mesh holds from our previous life. `signing` is
+/// this host's identity key, which signs its DNS entries.
+///
+/// Signatures and the state file: only our own registrations are saved (ID,
+/// name, address; no versions, no signatures, no entries of other peers), and
+/// [`Records::add`] signs each again with the current key at a new version. So
+/// nothing loaded from disk is trusted as signed, there is nothing to
+/// re-verify, and files written before entries were signed load unchanged.
+/// Peers' entries come back only through gossip, verified on merge.
+pub fn load(me: PeerName, initial_version: u64, signing: SigningKey, path: &Path) -> Result<Records> {
+    let mut r = Records::new(me, initial_version, signing);
     match std::fs::read(path) {
         Ok(b) => {
             let regs: Vec<Registration> = serde_json::from_slice(&b).with_context(|| {
@@ -284,6 +292,13 @@ impl DnsService {
         gated(core).inner().counts()
     }
 
+    /// Entries from peers dropped unverified, for metrics: (bad signature, no key bound to
+    /// the origin yet). Per sender in [`DnsService::status`].
+    pub fn unverified_totals(&self, core: &mut Router) -> (u64, u64) {
+        let r: &Refusals = gated(core).inner().refusals();
+        (r.forged, r.unverified)
+    }
+
     /// The DNS part of the status document.
     pub fn status(&self, core: &mut Router) -> Value {
         let zone = self.zone().to_string();
@@ -297,10 +312,20 @@ impl DnsService {
             .filter(|e| e.is_live())
             .map(|e| json!({"name": format!("{}.{zone}", e.name), "address": e.addr.to_string(), "id": e.id, "origin": e.origin.to_string()}))
             .collect();
+        let refused = r.refusals();
+        let by_sender: serde_json::Map<String, Value> = refused
+            .by_sender
+            .iter()
+            .map(|(p, c)| (p.to_string(), json!({"bad_signature": c.forged, "unknown_key": c.unverified})))
+            .collect();
+        let unverified = json!({
+            "bad_signature": refused.forged, "unknown_key": refused.unverified, "by_sender": by_sender,
+        });
         json!({
             "enabled": o.enabled, "domain": o.domain, "ttl": o.ttl, "listening": listening,
             "upstreams": o.upstreams.as_ref().map(|u| u.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
             "counts": r.counts(), "queries": self.stats.snapshot(), "entries": entries,
+            "unverified_entries": unverified,
             "state_file": g.gate().path().display().to_string(),
             "save_errors": g.gate().errors(), "save_error": g.gate().failure(), "held": g.held(),
             "dropped_messages": self.dropped + g.dropped_deltas(),
