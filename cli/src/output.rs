@@ -261,6 +261,16 @@ fn dns(out: &mut impl Write, v: &Value, entries: bool) -> Result<()> {
         "  Entries: {} live ({} from this host), {} names, {} tombstones; queries: {} answered here, {} forwarded, {} upstream failures",
         c["live"], c["own"], c["names"], c["tombstones"], q["local"], q["forwarded"], q["upstream_failures"]
     )?;
+    let u = &v["unverified_entries"];
+    let (forged, unknown) = (u["bad_signature"].as_u64().unwrap_or(0), u["unknown_key"].as_u64().unwrap_or(0));
+    if forged + unknown > 0 {
+        writeln!(out, "  Entries from peers dropped unverified: {forged} with a bad signature (forged), {unknown} of origins with no key yet")?;
+        if let Some(by) = u["by_sender"].as_object() {
+            for (peer, c) in by {
+                writeln!(out, "    from {peer}: {} forged, {} no key yet", c["bad_signature"], c["unknown_key"])?;
+            }
+        }
+    }
     if entries {
         for e in v["entries"].as_array().map(Vec::as_slice).unwrap_or_default() {
             writeln!(out, "  {:<32} {:<16} {}  {}", s(&e["name"]), s(&e["address"]), s(&e["origin"]), s(&e["id"]))?;

@@ -428,10 +428,6 @@ pub fn encode_entries(entries: Vec<SignedEntry>) -> Vec<u8> {
     postcard::to_stdvec(&Msg::Entries(entries)).unwrap_or_default()
 }
 
-fn encode(entries: Vec<SignedEntry>) -> Vec<u8> {
-    encode_entries(entries)
-}
-
 /// What the server answers from: live names and reverse mappings.
 #[derive(Debug, Default)]
 pub struct Zone {
@@ -636,7 +632,7 @@ impl Records {
         self.put(key.clone(), val, &mut t);
         self.publish(t);
         self.dirty = true;
-        Ok(Some(encode(vec![Entry::signed(&key, &val)])))
+        Ok(Some(encode_entries(vec![Entry::signed(&key, &val)])))
     }
 
     /// Removes our entries of container `id`: all of them, or those with this
@@ -683,7 +679,7 @@ impl Records {
         }
         self.publish(t);
         self.dirty = true;
-        Some(encode(delta))
+        Some(encode_entries(delta))
     }
 
     /// Removes all our entries of container `id` (it is gone).
@@ -768,9 +764,9 @@ impl Records {
         if !reasserted.is_empty() {
             tracing::debug!(peer = %from, n = reasserted.len(), "re-asserting our own DNS entries");
             self.out
-                .push_back(Output::Unicast(from, encode(reasserted)));
+                .push_back(Output::Unicast(from, encode_entries(reasserted)));
         }
-        Ok((!delta.is_empty()).then(|| encode(delta)))
+        Ok((!delta.is_empty()).then(|| encode_entries(delta)))
     }
 
     /// Whether `val` is `key.origin`'s signed entry, by the key `keys` binds to
@@ -978,7 +974,7 @@ impl Records {
             // show them to it, so it tombstones what it no longer has. (Held
             // aside, they were not in the full state it got from us.)
             if !released.is_empty() {
-                self.out.push_back(Output::Unicast(p, encode(released)));
+                self.out.push_back(Output::Unicast(p, encode_entries(released)));
             }
         }
         self.publish(t);
@@ -1193,7 +1189,7 @@ impl GossipChannel for Records {
     /// Every entry of present origins, tombstones included (not the entries of
     /// gone peers held aside), with their signatures.
     fn encode_full(&self) -> Vec<u8> {
-        encode(
+        encode_entries(
             self.entries
                 .iter()
                 .map(|(k, v)| Entry::signed(k, v))
@@ -1247,7 +1243,7 @@ mod tests {
 
     /// A payload of `entries`, each signed by its origin's key.
     fn signed(entries: Vec<Entry>) -> Vec<u8> {
-        encode(
+        encode_entries(
             entries
                 .into_iter()
                 .map(|e| {
@@ -1859,7 +1855,7 @@ mod tests {
             SignedEntry { entry: Entry { version: web.version + 5, ..web.clone() }, sig: Signature([0; 64]) },
         ];
         for (n, f) in forgeries.iter().enumerate() {
-            assert_eq!(b.merge_payload(forger, &encode(vec![f.clone()]), keys()).unwrap(), None, "{f:?}");
+            assert_eq!(b.merge_payload(forger, &encode_entries(vec![f.clone()]), keys()).unwrap(), None, "{f:?}");
             assert_eq!(state(&b), before, "{f:?}");
             assert_eq!(b.refusals().forged, n as u64 + 1);
         }
@@ -1876,7 +1872,7 @@ mod tests {
         honest.add("f", "ftp", ip("10.0.0.3")).unwrap();
         let mut mixed = decoded(&honest.encode_full());
         mixed.splice(0..0, forgeries.iter().cloned());
-        let delta = b.merge_payload(forger, &encode(mixed), keys()).unwrap().unwrap();
+        let delta = b.merge_payload(forger, &encode_entries(mixed), keys()).unwrap().unwrap();
         assert_eq!(decoded(&delta), decoded(&honest.encode_full()));
         assert_eq!(b.lookup("ftp"), vec![ip("10.0.0.3")]);
         assert_eq!(b.lookup("web"), vec![ip("10.0.0.1")]);
@@ -1904,7 +1900,7 @@ mod tests {
         // Known entries with a bad signature are not even looked at.
         let mut junk = decoded(&readd);
         junk[0].sig = Signature([7; 64]);
-        assert_eq!(b.merge_payload(peer(2), &encode(junk), keys()).unwrap(), None);
+        assert_eq!(b.merge_payload(peer(2), &encode_entries(junk), keys()).unwrap(), None);
         assert_eq!(*b.refusals(), Refusals::default(), "nothing was verified");
         // A store that never saw the re-add takes the tombstone, not the replayed add.
         let mut c = rec(peer(4), 1);
@@ -1927,7 +1923,7 @@ mod tests {
             Entry { id: "evil".into(), name: "evil".into(), ..web.clone() },
             Entry { id: "evil".into(), version: u64::MAX, deleted_ms: Some(1), ..web.clone() },
         ] {
-            let p = encode(vec![f.clone().sign(&key_of(forger))]);
+            let p = encode_entries(vec![f.clone().sign(&key_of(forger))]);
             assert_eq!(r.merge_payload(forger, &p, keys()).unwrap(), None, "{f:?}");
             assert_eq!(state(&r), before, "{f:?}");
             assert!(r.poll_output().is_none(), "no re-assertion for a forgery: {f:?}");
@@ -1980,7 +1976,7 @@ mod tests {
             version: 1,
             deleted_ms: None,
         };
-        let p = encode(vec![forged.sign(&key_of(peer(2)))]);
+        let p = encode_entries(vec![forged.sign(&key_of(peer(2)))]);
         assert_eq!(y.merge_payload(peer(2), &p, keys()).unwrap(), None);
         assert_eq!(y.counts().quarantined, 1);
         assert_eq!(y.refusals().forged, 1);
@@ -2025,7 +2021,7 @@ mod tests {
                 sig: Signature([0xff; 64]),
             })
             .collect();
-        let p = encode(entries);
+        let p = encode_entries(entries);
         assert!(p.len() <= MAX_PAYLOAD, "{} bytes", p.len());
         assert_eq!(Records::decode(&p).unwrap().len(), MAX_ENTRIES);
     }
@@ -2034,6 +2030,7 @@ mod tests {
     /// -- --ignored --nocapture verification_rate`.
     #[test]
     #[ignore = "a measurement, not a check"]
+    #[allow(clippy::print_stdout)] // the figures are what it is for
     fn verification_rate() {
         const N: usize = 20_000;
         let mut origin = rec(peer(2), 1);
@@ -2221,7 +2218,7 @@ mod tests {
                 .into_iter()
                 .map(|e| e.entry.sign(&key_of(peer(99))))
                 .collect();
-            prop_assert_eq!(r.merge_payload(peer(99), &encode(forged.clone()), keys()).unwrap(), None);
+            prop_assert_eq!(r.merge_payload(peer(99), &encode_entries(forged.clone()), keys()).unwrap(), None);
             prop_assert_eq!(state(&r), state(&honest));
             let would_change = forged.iter().filter(|f| {
                 !state(&honest).iter().any(|e| e.origin == f.entry.origin && e.id == f.entry.id
