@@ -332,3 +332,49 @@ impl DnsService {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use weft_proto::identity::Claim;
+    use weft_proto::{GossipChannel, Keys, Trust};
+
+    fn key(n: u8) -> SigningKey {
+        SigningKey::from_seed(&[n; 32]).unwrap()
+    }
+
+    /// A file saved before entries were signed (the format has not changed: our own
+    /// registrations only) loads, and its names go out signed with the key given now.
+    #[test]
+    fn saved_names_load_and_are_signed_with_the_current_key() {
+        let dir = std::env::temp_dir().join(format!("weft-dns-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(STATE_FILE);
+        std::fs::write(
+            &path,
+            br#"[{"id":"c1","name":"web","addr":"10.32.0.1"},{"id":"weft:extern","name":"db.prod","addr":"fd00::5"}]"#,
+        )
+        .unwrap();
+        let me = PeerName::from_u64(1);
+        let mut keys = Keys::new(Trust::FirstUse);
+        keys.admit(&Claim::self_signed(&key(3), me)).unwrap();
+
+        let r = load(me, 1_000, key(3), &path).unwrap();
+        assert_eq!(r.own().len(), 2);
+        let mut peer = Records::new(PeerName::from_u64(2), 1, key(4));
+        assert!(peer.merge_payload(me, &r.encode_full(), &keys).unwrap().is_some());
+        assert_eq!(peer.lookup("web"), vec!["10.32.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(peer.lookup("db.prod"), vec!["fd00::5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(peer.refusals().forged, 0);
+
+        // Loaded under a key that is not the one bound to our name: nobody takes them.
+        let wrong = load(me, 1_000, key(5), &path).unwrap();
+        let mut peer = Records::new(PeerName::from_u64(2), 1, key(4));
+        assert_eq!(peer.merge_payload(me, &wrong.encode_full(), &keys).unwrap(), None);
+        assert!(peer.lookup("web").is_empty());
+        assert_eq!(peer.refusals().forged, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
