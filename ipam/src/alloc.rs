@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use weft_proto::{GossipChannel, Keys, PeerName};
+use weft_proto::identity::Refused;
+use weft_proto::{GossipChannel, Keys, PeerName, SigningKey};
 
 use crate::addr::{ip, Cidr};
 use crate::paxos::{Claims, ClaimsMap, Paxos};
@@ -82,11 +83,21 @@ pub struct Config {
     pub proposal_timeout: Duration,
     /// How often our free counts in the ring are refreshed.
     pub free_interval: Duration,
+    /// The router's identity key (bound to `me`): it signs our consensus
+    /// claims and the ring entries we write.
+    pub signing: SigningKey,
 }
 
 impl Config {
     /// Defaults for `range`, checked.
-    pub fn new(me: PeerName, range: Cidr, default_subnet: Option<Cidr>, init: Init, seed: u64) -> Result<Config, String> {
+    pub fn new(
+        me: PeerName,
+        range: Cidr,
+        default_subnet: Option<Cidr>,
+        init: Init,
+        seed: u64,
+        signing: SigningKey,
+    ) -> Result<Config, String> {
         if range.prefix < 1 || range.prefix > 30 {
             return Err(format!("--ipalloc-range {range}: the prefix length must be between 1 and 30"));
         }
@@ -108,6 +119,7 @@ impl Config {
             donation_timeout: Duration::from_secs(3),
             proposal_timeout: Duration::from_secs(3),
             free_interval: Duration::from_secs(5),
+            signing,
         })
     }
 }
@@ -298,6 +310,23 @@ pub struct Stats {
     /// Hand-over acknowledgements ignored: no hand-over of ours pending with
     /// that number, or from another peer than the one we handed over to.
     pub stray_handover_acks: u64,
+    /// Gossip entries dropped because they did not verify against their
+    /// origin's bound key, by reason ([`Refused::label`] and the ring's own
+    /// reasons, [`FORGED_REASONS`]).
+    pub forged: BTreeMap<&'static str, u64>,
+    /// The same, by the neighbour that sent them (its name).
+    pub forged_from: BTreeMap<String, u64>,
+}
+
+/// Every reason a gossip entry is refused as forged, for metrics.
+pub const FORGED_REASONS: [&str; 7] =
+    ["unknown_key", "bad_signature", "bad_grant", "takeover_of_reachable", "impostor", "revoked", "other"];
+
+fn forged_label(e: &Refused) -> &'static str {
+    match e.label() {
+        l @ ("unknown_key" | "bad_signature" | "impostor" | "revoked") => l,
+        _ => "other",
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -379,8 +408,8 @@ impl Ipam {
             _ => Ring::empty(cfg.range),
         };
         let paxos = match &cfg.init {
-            Init::Consensus(n) => Some(Paxos::new(cfg.me, n / 2 + 1)),
-            Init::Observer => Some(Paxos::observer(cfg.me)),
+            Init::Consensus(n) => Some(Paxos::new(cfg.me, n / 2 + 1, cfg.range, cfg.signing.clone())),
+            Init::Observer => Some(Paxos::observer(cfg.me, cfg.range)),
             Init::Seeds(_) => None,
         };
         let rng = StdRng::seed_from_u64(cfg.seed);
@@ -1203,6 +1232,13 @@ impl Ipam {
         }
     }
 
+    /// Counts a gossip entry from `from` dropped as forged.
+    fn count_forged(&mut self, from: PeerName, reason: &'static str, msg: String) {
+        *self.stats.forged.entry(reason).or_default() += 1;
+        *self.stats.forged_from.entry(from.to_string()).or_default() += 1;
+        self.last_error = Some(msg);
+    }
+
     fn decode(payload: &[u8]) -> Result<Msg, String> {
         postcard::from_bytes(payload).map_err(|e| format!("malformed IPAM message: {e}"))
     }
@@ -1220,7 +1256,7 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<Option<Vec<u8>>, String> {
         if payload.is_empty() {
             return Ok(None);
         }
@@ -1249,9 +1285,14 @@ impl GossipChannel for Ipam {
                 }
                 let Some(p) = self.paxos.as_mut() else { return Ok(None) };
                 let own_before = p.own().cloned();
-                if !p.merge(&claims) {
+                let merged = p.merge(&claims, keys);
+                for (voter, e) in &merged.refused {
+                    self.count_forged(from, forged_label(e), format!("consensus claim of {voter} from {from} dropped: {e}"));
+                }
+                if !merged.changed {
                     return Ok(None);
                 }
+                let Some(p) = self.paxos.as_ref() else { return Ok(None) };
                 let delta = encode(&Msg::Paxos { range, claims: p.claims().clone() });
                 let own_changed = p.own() != own_before.as_ref();
                 self.after_paxos();
@@ -1338,7 +1379,8 @@ mod tests {
     fn nothing_to_say_is_an_empty_payload_and_merges_as_nothing() {
         let now = Instant::now();
         let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
-        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1).expect("config");
+        let key = SigningKey::from_seed(&[1; 32]).expect("key");
+        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1, key).expect("config");
         let mut ipam = Ipam::new(cfg, now);
         assert!(ipam.encode_full().is_empty());
         assert_eq!(ipam.merge(PeerName::from_u64(2), &[], &weft_proto::Keys::new(weft_proto::Trust::FirstUse)), Ok(None));
@@ -1346,5 +1388,53 @@ mod tests {
         assert_eq!(ipam.poll_output(), None);
         ipam.prime(now);
         assert!(!ipam.encode_full().is_empty(), "claims to gossip once consensus starts");
+    }
+
+    /// Claims forged for voters that do not exist, or in another voter's name,
+    /// arriving as gossip: nothing merges, no delta is passed on, nothing is
+    /// queued, and each is counted by reason and against the neighbour that
+    /// sent it.
+    #[test]
+    fn forged_consensus_gossip_is_dropped_counted_and_not_relayed() {
+        use crate::paxos::{ProposalId, SignedClaims};
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, honest, rogue) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(me, 1), (honest, 2), (rogue, 3)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let cfg = Config::new(me, range, None, Init::Consensus(3), 1, key(1)).expect("config");
+        let mut ipam = Ipam::new(cfg, now);
+        let evil = ProposalId { round: 9, proposer: rogue };
+        let c = Claims { promise: evil, accepted: Some((evil, vec![rogue])) };
+        let mut claims = ClaimsMap::new();
+        claims.insert(honest, SignedClaims::sign(&key(3), range, honest, c.clone()));
+        claims.insert(PeerName::from_u64(99), SignedClaims::sign(&key(3), range, PeerName::from_u64(99), c));
+        let payload = encode(&Msg::Paxos { range, claims });
+        // A fresh voter that hears claims adds its own (empty) ones and gossips
+        // them; nothing of the forged claims goes with them.
+        let delta = ipam.merge(rogue, &payload, &keys).expect("merge");
+        let mut sent: Vec<Vec<u8>> = delta.into_iter().collect();
+        while let Some(o) = ipam.poll_output() {
+            match o {
+                Output::Broadcast(p) | Output::Unicast(_, p) => sent.push(p),
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+        for p in &sent {
+            match Ipam::decode(p).expect("decode") {
+                Msg::Paxos { claims, .. } => assert_eq!(claims.keys().copied().collect::<Vec<_>>(), vec![me]),
+                _ => panic!("not claims"),
+            }
+        }
+        assert_eq!(ipam.paxos.as_ref().map(|p| p.known()), Some(1));
+        assert!(!ipam.ready());
+        assert_eq!(ipam.stats().forged.get("bad_signature"), Some(&1));
+        assert_eq!(ipam.stats().forged.get("unknown_key"), Some(&1));
+        assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&2));
+        assert!(ipam.status().last_error.is_some_and(|e| e.contains("from")));
     }
 }

@@ -49,6 +49,9 @@ pub fn run(opts: Options) -> Result<()> {
         opts.ipam.default_subnet,
         ipam::parse_init(&opts.ipam.init, opts.peers.len())?,
         rand::random(),
+        // PLACEHOLDER until `Identity` has the router's signing key (`id.signing`): a fresh key
+        // per start, so peers that pinned the previous one refuse what this start signs.
+        weft_proto::SigningKey::from_seed(&rand::random()).map_err(|e| anyhow!("making the IPAM signing key: {e}"))?,
     )
     .map_err(|e| anyhow!(e))?;
     let ipam_path = opts.state_dir.join(ipam::STATE_FILE);
