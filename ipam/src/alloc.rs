@@ -45,12 +45,12 @@ use weft_proto::{GossipChannel, Keys, PeerName, SigningKey};
 
 use crate::addr::{ip, Cidr};
 use crate::paxos::{Claims, ClaimsMap, Paxos};
-use crate::ring::{Names, Ring};
+use crate::ring::{Names, Ring, RingError};
 
 /// Longest container ID accepted.
 pub const MAX_ID_LEN: usize = 256;
 /// Format of [`State`].
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// How the ring is started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,8 +319,8 @@ pub struct Stats {
 }
 
 /// Every reason a gossip entry is refused as forged, for metrics.
-pub const FORGED_REASONS: [&str; 7] =
-    ["unknown_key", "bad_signature", "bad_grant", "takeover_of_reachable", "impostor", "revoked", "other"];
+pub const FORGED_REASONS: [&str; 8] =
+    ["unknown_key", "bad_signature", "bad_grant", "takeover_of_reachable", "forked", "impostor", "revoked", "other"];
 
 fn forged_label(e: &Refused) -> &'static str {
     match e.label() {
@@ -442,6 +442,11 @@ impl Ipam {
     /// configuration or breaks the rules (two containers on one address, an
     /// address outside our space), saying what is wrong.
     pub fn restore(cfg: Config, state: State, now: Instant) -> Result<Ipam, String> {
+        if state.format == 1 {
+            return Err("state format 1 was written by a weft whose ring entries are not signed, which peers now refuse: \
+                every peer of the mesh must start afresh (`weft reset --force`, or remove ipam.json once no container uses a weft address)"
+                .into());
+        }
         if state.format != STATE_FORMAT {
             return Err(format!("state format {} is not the supported {STATE_FORMAT}", state.format));
         }
@@ -694,7 +699,7 @@ impl Ipam {
         if peer == self.cfg.me {
             return Err("cannot remove ourselves; use `weft reset` to leave and hand our space to another peer".into());
         }
-        let moved = self.ring.transfer(peer, self.cfg.me);
+        let moved = self.ring.take_over(&self.cfg.signing, self.cfg.me, peer)?;
         if moved == 0 {
             return Err(format!("peer {peer} owns no addresses"));
         }
@@ -736,7 +741,7 @@ impl Ipam {
             .max_by_key(|p| (shares.get(p).map_or(0, |s| s.0), std::cmp::Reverse(**p)))
             .copied()
             .ok_or_else(|| format!("no reachable peer to hand our {owned} addresses to; connect to one first"))?;
-        let moved = self.ring.transfer(self.cfg.me, to);
+        let moved = self.ring.hand_over(&self.cfg.signing, self.cfg.me, to)?;
         let reqs: Vec<u64> = self.pending.iter().map(|p| p.req).collect();
         for r in reqs {
             self.cancel(r, "this peer is leaving");
@@ -769,8 +774,8 @@ impl Ipam {
 
     /// A leaving peer hands its space to us: merge its ring like any other,
     /// then acknowledge. A refused ring gets no acknowledgement.
-    fn take_handover(&mut self, from: PeerName, seq: u64, ring: &Ring) -> Result<(), String> {
-        self.merge_ring(from, ring)?;
+    fn take_handover(&mut self, from: PeerName, seq: u64, ring: &Ring, keys: &Keys) -> Result<(), String> {
+        self.merge_ring(from, ring, keys)?;
         // The acknowledgement tells `from` our ring is on disk; it leaves in
         // this round's outputs, which the shell sends only after saving a
         // dirty state. When the merge changed nothing (the gossiped copy came
@@ -898,7 +903,7 @@ impl Ipam {
             .collect();
         let mut changed = false;
         for (t, f) in counts {
-            changed |= self.ring.set_free(me, t, f);
+            changed |= self.ring.set_free(&self.cfg.signing, me, t, f);
         }
         if changed {
             self.dirty = true;
@@ -1199,7 +1204,7 @@ impl Ipam {
         // Half of the largest free run (its upper half), at least one address.
         let give = ((e - s) / 2).max(1);
         let start = e - give;
-        if let Err(why) = self.ring.give(self.cfg.me, from, start, e) {
+        if let Err(why) = self.ring.give(&self.cfg.signing, self.cfg.me, from, start, e) {
             return refuse(self, why);
         }
         self.stats.donated += 1;
@@ -1210,9 +1215,9 @@ impl Ipam {
     }
 
     /// Merges a ring from a peer. Returns whether ours changed.
-    fn merge_ring(&mut self, from: PeerName, ring: &Ring) -> Result<bool, String> {
+    fn merge_ring(&mut self, from: PeerName, ring: &Ring, keys: &Keys) -> Result<bool, String> {
         let was_empty = self.ring.is_empty();
-        match self.ring.merge(ring, self.cfg.me) {
+        match self.ring.merge(ring, self.cfg.me, keys, &self.reachable) {
             Ok(changed) => {
                 if changed {
                     self.dirty = true;
@@ -1226,7 +1231,11 @@ impl Ipam {
             Err(e) => {
                 self.stats.refused_rings += 1;
                 let msg = format!("ring from {from} refused: {e}");
-                self.last_error = Some(msg.clone());
+                match e {
+                    RingError::Forged { reason, .. } => self.count_forged(from, reason, msg.clone()),
+                    RingError::Forked { .. } => self.count_forged(from, "forked", msg.clone()),
+                    _ => self.last_error = Some(msg.clone()),
+                }
                 Err(msg)
             }
         }
@@ -1234,6 +1243,7 @@ impl Ipam {
 
     /// Counts a gossip entry from `from` dropped as forged.
     fn count_forged(&mut self, from: PeerName, reason: &'static str, msg: String) {
+        let reason = FORGED_REASONS.iter().copied().find(|r| *r == reason).unwrap_or("other");
         *self.stats.forged.entry(reason).or_default() += 1;
         *self.stats.forged_from.entry(from.to_string()).or_default() += 1;
         self.last_error = Some(msg);
@@ -1262,7 +1272,7 @@ impl GossipChannel for Ipam {
         }
         match Ipam::decode(payload)? {
             Msg::Ring(r) => {
-                if self.merge_ring(from, &r)? {
+                if self.merge_ring(from, &r, keys)? {
                     Ok(Some(encode(&Msg::Ring(self.ring.clone()))))
                 } else {
                     Ok(None)
@@ -1311,14 +1321,14 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<(), String> {
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<(), String> {
         match Ipam::decode(payload)? {
             Msg::Request { seq, range } => {
                 self.donate(from, seq, range);
                 Ok(())
             }
             Msg::Donated { seq, ring } => {
-                let r = self.merge_ring(from, &ring);
+                let r = self.merge_ring(from, &ring, keys);
                 if let Some(d) = self.donations.values_mut().find(|d| d.asking.is_some_and(|(_, s, _)| s == seq)) {
                     d.asking = None;
                     d.tried.clear();
@@ -1338,8 +1348,8 @@ impl GossipChannel for Ipam {
                 self.process();
                 Ok(())
             }
-            Msg::Ring(r) => self.merge_ring(from, &r).map(|_| ()),
-            Msg::Handover { seq, ring } => self.take_handover(from, seq, &ring),
+            Msg::Ring(r) => self.merge_ring(from, &r, keys).map(|_| ()),
+            Msg::Handover { seq, ring } => self.take_handover(from, seq, &ring, keys),
             Msg::HandoverAck { seq } => {
                 self.handover_acked(from, seq);
                 Ok(())
