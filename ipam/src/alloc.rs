@@ -49,6 +49,9 @@ use crate::ring::{Names, Ring, RingError};
 
 /// Longest container ID accepted.
 pub const MAX_ID_LEN: usize = 256;
+/// Most single addresses given to one peer by claims and not used yet (by its
+/// own count) before a donor refuses it more.
+pub const MAX_UNUSED_CLAIMS: usize = 4;
 /// Format of [`State`].
 pub const STATE_FORMAT: u32 = 2;
 
@@ -1114,6 +1117,9 @@ impl Ipam {
         let d = self.donations.entry(key).or_default();
         d.asking = Some((donor, seq, deadline));
         d.blocked = None;
+        // Fresh free counts: the donor gives only to a peer whose own count
+        // says it has no free address there.
+        self.refresh_free();
         // Our ring first: the donor may not have it (or all of it) yet.
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Ring(self.ring.clone()))));
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Request { seq, range: key })));
@@ -1189,6 +1195,26 @@ impl Ipam {
             return refuse(self, format!("{range} is outside the range {}", self.cfg.range));
         }
         let (lo, hi) = range.usable();
+        // A peer asks only when it has no free address where it asks (it sends
+        // its ring, with fresh free counts it signed, ahead of the request). So
+        // a flood of requests from one peer takes one donation, and the next
+        // only once its own count says it used what it got.
+        if range.prefix == 32 {
+            let unused = self.ring.pieces().filter(|p| p.entry.peer == from && p.end - p.start == 1 && p.entry.free > 0).count();
+            if unused >= MAX_UNUSED_CLAIMS {
+                return refuse(self, format!("{from} holds {unused} claimed addresses it has not used yet, by its own count"));
+            }
+        } else {
+            let unused: u64 = self
+                .ring
+                .pieces()
+                .filter(|p| p.entry.peer == from && p.start >= lo && p.end <= hi)
+                .map(|p| u64::from(p.entry.free))
+                .sum();
+            if unused > 0 {
+                return refuse(self, format!("{from} still has {unused} free addresses in {range}, by its own count"));
+            }
+        }
         let Some((s, e)) = self.free_runs(lo, hi).max_by_key(|(s, e)| (e - s, std::cmp::Reverse(*s))) else {
             let why = if range.prefix == 32 {
                 match (self.ring.owner(range.addr), self.allocs.get(&range.addr)) {
@@ -1446,5 +1472,56 @@ mod tests {
         assert_eq!(ipam.stats().forged.get("unknown_key"), Some(&1));
         assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&2));
         assert!(ipam.status().last_error.is_some_and(|e| e.contains("from")));
+    }
+
+    /// A flood of donation requests from one (authenticated) peer takes one
+    /// donation: the next ones are refused while the ring it signed says it
+    /// has free addresses there. Answers go to the requester only.
+    #[test]
+    fn a_flood_of_requests_takes_one_donation() {
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (donor, greedy) = (PeerName::from_u64(1), PeerName::from_u64(2));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(donor, 1), (greedy, 2)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let init = Init::Seeds(vec![donor, greedy]);
+        let mut d = Ipam::new(Config::new(donor, range, None, init, 1, key(1)).expect("config"), now);
+        let owned = |ipam: &Ipam, p: PeerName| -> u64 { ipam.ring().owned(p).iter().map(|(s, e)| e - s).sum() };
+        // The greedy peer's own share is full by its own (signed) count.
+        let mut g_ring = d.ring().clone();
+        for p in g_ring.clone().pieces().filter(|p| p.entry.peer == greedy) {
+            g_ring.set_free(&key(2), greedy, p.entry.token, 0);
+        }
+        d.handle_unicast(greedy, &encode(&Msg::Ring(g_ring)), &keys).expect("ring");
+        while d.poll_output().is_some() {}
+        let before = owned(&d, donor);
+        for seq in 1..=50 {
+            d.handle_unicast(greedy, &encode(&Msg::Request { seq, range }), &keys).expect("request");
+        }
+        let (mut donated, mut refused) = (0, 0);
+        while let Some(o) = d.poll_output() {
+            match o {
+                Output::Unicast(to, p) => {
+                    assert_eq!(to, greedy, "an answer went to another peer than the requester");
+                    match Ipam::decode(&p).expect("decode") {
+                        Msg::Donated { .. } => donated += 1,
+                        Msg::Refused { reason, .. } => {
+                            assert!(reason.contains("free addresses"), "{reason}");
+                            refused += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Output::Broadcast(_) => {}
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+        assert_eq!((donated, refused), (1, 49));
+        let given = before - owned(&d, donor);
+        assert!(given > 0 && given <= before / 2 + 1, "gave {given} of {before}");
     }
 }
