@@ -4,6 +4,9 @@
 //!
 //! `cargo run --release -p weft-ipam --example verify_cost`
 
+// A measuring program: its figures are its output.
+#![allow(clippy::print_stdout)]
+
 use std::collections::BTreeSet;
 use std::time::Instant;
 
@@ -33,7 +36,7 @@ fn main() -> Result<(), String> {
     println!("Ed25519: {sign_rate:.0} signs/s, {verify_rate:.0} verifies/s (one core)");
 
     // A /12 over 100 seeds; every peer gives 8 pieces of its share to the next peer.
-    let range: Cidr = "10.32.0.0/12".parse().map_err(|e| format!("{e}"))?;
+    let range: Cidr = "10.32.0.0/12".parse::<Cidr>().map_err(|e| e.to_string())?;
     let seed = Ring::from_seeds(range, &names);
     let mut ring = seed.clone();
     for (i, me) in names.iter().enumerate() {
