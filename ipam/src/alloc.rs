@@ -1524,4 +1524,34 @@ mod tests {
         let given = before - owned(&d, donor);
         assert!(given > 0 && given <= before / 2 + 1, "gave {given} of {before}");
     }
+
+    /// A ring in which a peer gave itself another peer's piece, gossiped:
+    /// refused whole (no delta to pass on, our ring unchanged), counted by
+    /// reason and against the neighbour that sent it.
+    #[test]
+    fn a_forged_ring_is_refused_counted_and_not_relayed() {
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, victim, rogue) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(me, 1), (victim, 2), (rogue, 3)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let init = Init::Seeds(vec![me, victim, rogue]);
+        let mut ipam = Ipam::new(Config::new(me, range, None, init, 1, key(1)).expect("config"), now);
+        while ipam.poll_output().is_some() {}
+        // The rogue signs, as the victim's donor, a grant of the victim's piece to itself.
+        let mut forged = ipam.ring().clone();
+        let (s, e) = forged.owned(victim)[0];
+        forged.give(&key(3), victim, rogue, s, e).expect("the ring API signs what it is told");
+        let before = ipam.ring().clone();
+        let r = ipam.merge(rogue, &encode(&Msg::Ring(forged)), &keys);
+        assert!(r.as_ref().is_err_and(|e| e.contains("does not verify")), "{r:?}");
+        assert_eq!(ipam.ring(), &before);
+        assert_eq!(ipam.poll_output(), None, "nothing passed on");
+        assert_eq!(ipam.stats().forged.get("bad_signature"), Some(&1));
+        assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&1));
+    }
 }
