@@ -313,6 +313,9 @@ pub struct Stats {
     /// Hand-over acknowledgements ignored: no hand-over of ours pending with
     /// that number, or from another peer than the one we handed over to.
     pub stray_handover_acks: u64,
+    /// Donation answers ignored: not from the peer we asked, or for no
+    /// request of ours under way.
+    pub stray_answers: u64,
     /// Gossip entries dropped because they did not verify against their
     /// origin's bound key, by reason ([`Refused::label`] and the ring's own
     /// reasons, [`FORGED_REASONS`]).
@@ -1355,21 +1358,28 @@ impl GossipChannel for Ipam {
             }
             Msg::Donated { seq, ring } => {
                 let r = self.merge_ring(from, &ring, keys);
-                if let Some(d) = self.donations.values_mut().find(|d| d.asking.is_some_and(|(_, s, _)| s == seq)) {
-                    d.asking = None;
-                    d.tried.clear();
+                // `from` is authenticated: only the donor we asked ends the wait.
+                match self.donations.values_mut().find(|d| d.asking.is_some_and(|(p, s, _)| p == from && s == seq)) {
+                    Some(d) => {
+                        d.asking = None;
+                        d.tried.clear();
+                        self.stats.received += 1;
+                    }
+                    None => self.stats.stray_answers += 1,
                 }
-                self.stats.received += 1;
                 self.process();
                 r.map(|_| ())
             }
             Msg::Refused { seq, reason } => {
-                self.stats.refusals += 1;
-                if let Some(d) = self.donations.values_mut().find(|d| d.asking.is_some_and(|(_, s, _)| s == seq)) {
-                    if let Some((donor, _, _)) = d.asking.take() {
-                        d.tried.insert(donor);
+                match self.donations.values_mut().find(|d| d.asking.is_some_and(|(p, s, _)| p == from && s == seq)) {
+                    Some(d) => {
+                        self.stats.refusals += 1;
+                        if let Some((donor, _, _)) = d.asking.take() {
+                            d.tried.insert(donor);
+                        }
+                        d.last_refusal = Some(reason);
                     }
-                    d.last_refusal = Some(reason);
+                    None => self.stats.stray_answers += 1,
                 }
                 self.process();
                 Ok(())
@@ -1553,5 +1563,38 @@ mod tests {
         assert_eq!(ipam.poll_output(), None, "nothing passed on");
         assert_eq!(ipam.stats().forged.get("bad_signature"), Some(&1));
         assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&1));
+    }
+
+    /// Only the donor asked ends the wait: a refusal (or a donation) for our
+    /// request's number from another peer changes nothing of it.
+    #[test]
+    fn answers_count_only_from_the_donor_asked() {
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, donor, other) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let init = Init::Seeds(vec![me, donor, other]);
+        let mut ipam = Ipam::new(Config::new(me, range, None, init, 1, key(1)).expect("config"), now);
+        ipam.set_reachable(now, BTreeSet::from([donor, other]));
+        let (s, _) = ipam.ring().owned(donor)[0];
+        ipam.allocate(now, 7, "c", Want::Addr(s as u32 + 5, range), None);
+        let mut seq = None;
+        while let Some(o) = ipam.poll_output() {
+            if let Output::Unicast(to, p) = o {
+                if let Ok(Msg::Request { seq: q, .. }) = Ipam::decode(&p) {
+                    assert_eq!(to, donor);
+                    seq = Some(q);
+                }
+            }
+        }
+        let seq = seq.expect("a request to the donor");
+        let keys = Keys::new(weft_proto::Trust::FirstUse);
+        let refusal = encode(&Msg::Refused { seq, reason: "forged".into() });
+        ipam.handle_unicast(other, &refusal, &keys).expect("ignored");
+        assert_eq!(ipam.stats().stray_answers, 1);
+        assert_eq!(ipam.status().pending, 1, "still waiting for the donor");
+        assert!(!std::iter::from_fn(|| ipam.poll_output()).any(|o| matches!(o, Output::Done { .. })));
+        ipam.handle_unicast(donor, &refusal, &keys).expect("refusal");
+        assert!(std::iter::from_fn(|| ipam.poll_output()).any(|o| matches!(o, Output::Done { req: 7, result: Err(_) })));
     }
 }
