@@ -70,6 +70,11 @@
 //! malicious former owner, is visible (signed; the grantee refuses it as lost
 //! space, every other peer accepts it), and is left for a later step: closing
 //! it needs the creation ordered against the creator's grants.
+//!
+//! Known gap: rule 5 judges "gone" by this receiver's routes, so during a
+//! partition a password holder can take over the space of a peer on the other
+//! side, and its side accepts; the victim refuses it when the partition heals
+//! (lost space), and the takeover stays attributable (signed by the taker).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
