@@ -40,16 +40,20 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use weft_proto::{GossipChannel, Keys, PeerName};
+use weft_proto::identity::Refused;
+use weft_proto::{GossipChannel, Keys, PeerName, SigningKey};
 
 use crate::addr::{ip, Cidr};
 use crate::paxos::{Claims, ClaimsMap, Paxos};
-use crate::ring::{Names, Ring};
+use crate::ring::{Names, Ring, RingError};
 
 /// Longest container ID accepted.
 pub const MAX_ID_LEN: usize = 256;
+/// Most single addresses given to one peer by claims and not used yet (by its
+/// own count) before a donor refuses it more.
+pub const MAX_UNUSED_CLAIMS: usize = 4;
 /// Format of [`State`].
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// How the ring is started.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,11 +86,21 @@ pub struct Config {
     pub proposal_timeout: Duration,
     /// How often our free counts in the ring are refreshed.
     pub free_interval: Duration,
+    /// The router's identity key (bound to `me`): it signs our consensus
+    /// claims and the ring entries we write.
+    pub signing: SigningKey,
 }
 
 impl Config {
     /// Defaults for `range`, checked.
-    pub fn new(me: PeerName, range: Cidr, default_subnet: Option<Cidr>, init: Init, seed: u64) -> Result<Config, String> {
+    pub fn new(
+        me: PeerName,
+        range: Cidr,
+        default_subnet: Option<Cidr>,
+        init: Init,
+        seed: u64,
+        signing: SigningKey,
+    ) -> Result<Config, String> {
         if range.prefix < 1 || range.prefix > 30 {
             return Err(format!("--ipalloc-range {range}: the prefix length must be between 1 and 30"));
         }
@@ -108,6 +122,7 @@ impl Config {
             donation_timeout: Duration::from_secs(3),
             proposal_timeout: Duration::from_secs(3),
             free_interval: Duration::from_secs(5),
+            signing,
         })
     }
 }
@@ -298,6 +313,26 @@ pub struct Stats {
     /// Hand-over acknowledgements ignored: no hand-over of ours pending with
     /// that number, or from another peer than the one we handed over to.
     pub stray_handover_acks: u64,
+    /// Donation answers ignored: not from the peer we asked, or for no
+    /// request of ours under way.
+    pub stray_answers: u64,
+    /// Gossip entries dropped because they did not verify against their
+    /// origin's bound key, by reason ([`Refused::label`] and the ring's own
+    /// reasons, [`FORGED_REASONS`]).
+    pub forged: BTreeMap<&'static str, u64>,
+    /// The same, by the neighbour that sent them (its name).
+    pub forged_from: BTreeMap<String, u64>,
+}
+
+/// Every reason a gossip entry is refused as forged, for metrics.
+pub const FORGED_REASONS: [&str; 8] =
+    ["unknown_key", "bad_signature", "bad_grant", "takeover_of_reachable", "forked", "impostor", "revoked", "other"];
+
+fn forged_label(e: &Refused) -> &'static str {
+    match e.label() {
+        l @ ("unknown_key" | "bad_signature" | "impostor" | "revoked") => l,
+        _ => "other",
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -379,8 +414,8 @@ impl Ipam {
             _ => Ring::empty(cfg.range),
         };
         let paxos = match &cfg.init {
-            Init::Consensus(n) => Some(Paxos::new(cfg.me, n / 2 + 1)),
-            Init::Observer => Some(Paxos::observer(cfg.me)),
+            Init::Consensus(n) => Some(Paxos::new(cfg.me, n / 2 + 1, cfg.range, cfg.signing.clone())),
+            Init::Observer => Some(Paxos::observer(cfg.me, cfg.range)),
             Init::Seeds(_) => None,
         };
         let rng = StdRng::seed_from_u64(cfg.seed);
@@ -413,6 +448,11 @@ impl Ipam {
     /// configuration or breaks the rules (two containers on one address, an
     /// address outside our space), saying what is wrong.
     pub fn restore(cfg: Config, state: State, now: Instant) -> Result<Ipam, String> {
+        if state.format == 1 {
+            return Err("state format 1 was written by a weft whose ring entries are not signed, which peers now refuse: \
+                every peer of the mesh must start afresh (`weft reset --force`, or remove ipam.json once no container uses a weft address)"
+                .into());
+        }
         if state.format != STATE_FORMAT {
             return Err(format!("state format {} is not the supported {STATE_FORMAT}", state.format));
         }
@@ -665,7 +705,7 @@ impl Ipam {
         if peer == self.cfg.me {
             return Err("cannot remove ourselves; use `weft reset` to leave and hand our space to another peer".into());
         }
-        let moved = self.ring.transfer(peer, self.cfg.me);
+        let moved = self.ring.take_over(&self.cfg.signing, self.cfg.me, peer)?;
         if moved == 0 {
             return Err(format!("peer {peer} owns no addresses"));
         }
@@ -707,7 +747,7 @@ impl Ipam {
             .max_by_key(|p| (shares.get(p).map_or(0, |s| s.0), std::cmp::Reverse(**p)))
             .copied()
             .ok_or_else(|| format!("no reachable peer to hand our {owned} addresses to; connect to one first"))?;
-        let moved = self.ring.transfer(self.cfg.me, to);
+        let moved = self.ring.hand_over(&self.cfg.signing, self.cfg.me, to)?;
         let reqs: Vec<u64> = self.pending.iter().map(|p| p.req).collect();
         for r in reqs {
             self.cancel(r, "this peer is leaving");
@@ -740,8 +780,8 @@ impl Ipam {
 
     /// A leaving peer hands its space to us: merge its ring like any other,
     /// then acknowledge. A refused ring gets no acknowledgement.
-    fn take_handover(&mut self, from: PeerName, seq: u64, ring: &Ring) -> Result<(), String> {
-        self.merge_ring(from, ring)?;
+    fn take_handover(&mut self, from: PeerName, seq: u64, ring: &Ring, keys: &Keys) -> Result<(), String> {
+        self.merge_ring(from, ring, keys)?;
         // The acknowledgement tells `from` our ring is on disk; it leaves in
         // this round's outputs, which the shell sends only after saving a
         // dirty state. When the merge changed nothing (the gossiped copy came
@@ -869,7 +909,7 @@ impl Ipam {
             .collect();
         let mut changed = false;
         for (t, f) in counts {
-            changed |= self.ring.set_free(me, t, f);
+            changed |= self.ring.set_free(&self.cfg.signing, me, t, f);
         }
         if changed {
             self.dirty = true;
@@ -1080,6 +1120,9 @@ impl Ipam {
         let d = self.donations.entry(key).or_default();
         d.asking = Some((donor, seq, deadline));
         d.blocked = None;
+        // Fresh free counts: the donor gives only to a peer whose own count
+        // says it has no free address there.
+        self.refresh_free();
         // Our ring first: the donor may not have it (or all of it) yet.
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Ring(self.ring.clone()))));
         self.out.push_back(Output::Unicast(donor, encode(&Msg::Request { seq, range: key })));
@@ -1155,6 +1198,26 @@ impl Ipam {
             return refuse(self, format!("{range} is outside the range {}", self.cfg.range));
         }
         let (lo, hi) = range.usable();
+        // A peer asks only when it has no free address where it asks (it sends
+        // its ring, with fresh free counts it signed, ahead of the request). So
+        // a flood of requests from one peer takes one donation, and the next
+        // only once its own count says it used what it got.
+        if range.prefix == 32 {
+            let unused = self.ring.pieces().filter(|p| p.entry.peer == from && p.end - p.start == 1 && p.entry.free > 0).count();
+            if unused >= MAX_UNUSED_CLAIMS {
+                return refuse(self, format!("{from} holds {unused} claimed addresses it has not used yet, by its own count"));
+            }
+        } else {
+            let unused: u64 = self
+                .ring
+                .pieces()
+                .filter(|p| p.entry.peer == from && p.start >= lo && p.end <= hi)
+                .map(|p| u64::from(p.entry.free))
+                .sum();
+            if unused > 0 {
+                return refuse(self, format!("{from} still has {unused} free addresses in {range}, by its own count"));
+            }
+        }
         let Some((s, e)) = self.free_runs(lo, hi).max_by_key(|(s, e)| (e - s, std::cmp::Reverse(*s))) else {
             let why = if range.prefix == 32 {
                 match (self.ring.owner(range.addr), self.allocs.get(&range.addr)) {
@@ -1170,7 +1233,7 @@ impl Ipam {
         // Half of the largest free run (its upper half), at least one address.
         let give = ((e - s) / 2).max(1);
         let start = e - give;
-        if let Err(why) = self.ring.give(self.cfg.me, from, start, e) {
+        if let Err(why) = self.ring.give(&self.cfg.signing, self.cfg.me, from, start, e) {
             return refuse(self, why);
         }
         self.stats.donated += 1;
@@ -1181,9 +1244,9 @@ impl Ipam {
     }
 
     /// Merges a ring from a peer. Returns whether ours changed.
-    fn merge_ring(&mut self, from: PeerName, ring: &Ring) -> Result<bool, String> {
+    fn merge_ring(&mut self, from: PeerName, ring: &Ring, keys: &Keys) -> Result<bool, String> {
         let was_empty = self.ring.is_empty();
-        match self.ring.merge(ring, self.cfg.me) {
+        match self.ring.merge(ring, self.cfg.me, keys, &self.reachable) {
             Ok(changed) => {
                 if changed {
                     self.dirty = true;
@@ -1197,10 +1260,22 @@ impl Ipam {
             Err(e) => {
                 self.stats.refused_rings += 1;
                 let msg = format!("ring from {from} refused: {e}");
-                self.last_error = Some(msg.clone());
+                match e {
+                    RingError::Forged { reason, .. } => self.count_forged(from, reason, msg.clone()),
+                    RingError::Forked { .. } => self.count_forged(from, "forked", msg.clone()),
+                    _ => self.last_error = Some(msg.clone()),
+                }
                 Err(msg)
             }
         }
+    }
+
+    /// Counts a gossip entry from `from` dropped as forged.
+    fn count_forged(&mut self, from: PeerName, reason: &'static str, msg: String) {
+        let reason = FORGED_REASONS.iter().copied().find(|r| *r == reason).unwrap_or("other");
+        *self.stats.forged.entry(reason).or_default() += 1;
+        *self.stats.forged_from.entry(from.to_string()).or_default() += 1;
+        self.last_error = Some(msg);
     }
 
     fn decode(payload: &[u8]) -> Result<Msg, String> {
@@ -1220,13 +1295,13 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn merge(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<Option<Vec<u8>>, String> {
+    fn merge(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<Option<Vec<u8>>, String> {
         if payload.is_empty() {
             return Ok(None);
         }
         match Ipam::decode(payload)? {
             Msg::Ring(r) => {
-                if self.merge_ring(from, &r)? {
+                if self.merge_ring(from, &r, keys)? {
                     Ok(Some(encode(&Msg::Ring(self.ring.clone()))))
                 } else {
                     Ok(None)
@@ -1249,9 +1324,14 @@ impl GossipChannel for Ipam {
                 }
                 let Some(p) = self.paxos.as_mut() else { return Ok(None) };
                 let own_before = p.own().cloned();
-                if !p.merge(&claims) {
+                let merged = p.merge(&claims, keys);
+                for (voter, e) in &merged.refused {
+                    self.count_forged(from, forged_label(e), format!("consensus claim of {voter} from {from} dropped: {e}"));
+                }
+                if !merged.changed {
                     return Ok(None);
                 }
+                let Some(p) = self.paxos.as_ref() else { return Ok(None) };
                 let delta = encode(&Msg::Paxos { range, claims: p.claims().clone() });
                 let own_changed = p.own() != own_before.as_ref();
                 self.after_paxos();
@@ -1270,35 +1350,42 @@ impl GossipChannel for Ipam {
         }
     }
 
-    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], _keys: &Keys) -> Result<(), String> {
+    fn handle_unicast(&mut self, from: PeerName, payload: &[u8], keys: &Keys) -> Result<(), String> {
         match Ipam::decode(payload)? {
             Msg::Request { seq, range } => {
                 self.donate(from, seq, range);
                 Ok(())
             }
             Msg::Donated { seq, ring } => {
-                let r = self.merge_ring(from, &ring);
-                if let Some(d) = self.donations.values_mut().find(|d| d.asking.is_some_and(|(_, s, _)| s == seq)) {
-                    d.asking = None;
-                    d.tried.clear();
+                let r = self.merge_ring(from, &ring, keys);
+                // `from` is authenticated: only the donor we asked ends the wait.
+                match self.donations.values_mut().find(|d| d.asking.is_some_and(|(p, s, _)| p == from && s == seq)) {
+                    Some(d) => {
+                        d.asking = None;
+                        d.tried.clear();
+                        self.stats.received += 1;
+                    }
+                    None => self.stats.stray_answers += 1,
                 }
-                self.stats.received += 1;
                 self.process();
                 r.map(|_| ())
             }
             Msg::Refused { seq, reason } => {
-                self.stats.refusals += 1;
-                if let Some(d) = self.donations.values_mut().find(|d| d.asking.is_some_and(|(_, s, _)| s == seq)) {
-                    if let Some((donor, _, _)) = d.asking.take() {
-                        d.tried.insert(donor);
+                match self.donations.values_mut().find(|d| d.asking.is_some_and(|(p, s, _)| p == from && s == seq)) {
+                    Some(d) => {
+                        self.stats.refusals += 1;
+                        if let Some((donor, _, _)) = d.asking.take() {
+                            d.tried.insert(donor);
+                        }
+                        d.last_refusal = Some(reason);
                     }
-                    d.last_refusal = Some(reason);
+                    None => self.stats.stray_answers += 1,
                 }
                 self.process();
                 Ok(())
             }
-            Msg::Ring(r) => self.merge_ring(from, &r).map(|_| ()),
-            Msg::Handover { seq, ring } => self.take_handover(from, seq, &ring),
+            Msg::Ring(r) => self.merge_ring(from, &r, keys).map(|_| ()),
+            Msg::Handover { seq, ring } => self.take_handover(from, seq, &ring, keys),
             Msg::HandoverAck { seq } => {
                 self.handover_acked(from, seq);
                 Ok(())
@@ -1338,7 +1425,8 @@ mod tests {
     fn nothing_to_say_is_an_empty_payload_and_merges_as_nothing() {
         let now = Instant::now();
         let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
-        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1).expect("config");
+        let key = SigningKey::from_seed(&[1; 32]).expect("key");
+        let cfg = Config::new(PeerName::from_u64(1), range, None, Init::Consensus(2), 1, key).expect("config");
         let mut ipam = Ipam::new(cfg, now);
         assert!(ipam.encode_full().is_empty());
         assert_eq!(ipam.merge(PeerName::from_u64(2), &[], &weft_proto::Keys::new(weft_proto::Trust::FirstUse)), Ok(None));
@@ -1346,5 +1434,167 @@ mod tests {
         assert_eq!(ipam.poll_output(), None);
         ipam.prime(now);
         assert!(!ipam.encode_full().is_empty(), "claims to gossip once consensus starts");
+    }
+
+    /// Claims forged for voters that do not exist, or in another voter's name,
+    /// arriving as gossip: nothing merges, no delta is passed on, nothing is
+    /// queued, and each is counted by reason and against the neighbour that
+    /// sent it.
+    #[test]
+    fn forged_consensus_gossip_is_dropped_counted_and_not_relayed() {
+        use crate::paxos::{ProposalId, SignedClaims};
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, honest, rogue) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(me, 1), (honest, 2), (rogue, 3)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let cfg = Config::new(me, range, None, Init::Consensus(3), 1, key(1)).expect("config");
+        let mut ipam = Ipam::new(cfg, now);
+        let evil = ProposalId { round: 9, proposer: rogue };
+        let c = Claims { promise: evil, accepted: Some((evil, vec![rogue])) };
+        let mut claims = ClaimsMap::new();
+        claims.insert(honest, SignedClaims::sign(&key(3), range, honest, c.clone()));
+        claims.insert(PeerName::from_u64(99), SignedClaims::sign(&key(3), range, PeerName::from_u64(99), c));
+        let payload = encode(&Msg::Paxos { range, claims });
+        // A fresh voter that hears claims adds its own (empty) ones and gossips
+        // them; nothing of the forged claims goes with them.
+        let delta = ipam.merge(rogue, &payload, &keys).expect("merge");
+        let mut sent: Vec<Vec<u8>> = delta.into_iter().collect();
+        while let Some(o) = ipam.poll_output() {
+            match o {
+                Output::Broadcast(p) | Output::Unicast(_, p) => sent.push(p),
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+        for p in &sent {
+            match Ipam::decode(p).expect("decode") {
+                Msg::Paxos { claims, .. } => assert_eq!(claims.keys().copied().collect::<Vec<_>>(), vec![me]),
+                _ => panic!("not claims"),
+            }
+        }
+        assert_eq!(ipam.paxos.as_ref().map(|p| p.known()), Some(1));
+        assert!(!ipam.ready());
+        assert_eq!(ipam.stats().forged.get("bad_signature"), Some(&1));
+        assert_eq!(ipam.stats().forged.get("unknown_key"), Some(&1));
+        assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&2));
+        assert!(ipam.status().last_error.is_some_and(|e| e.contains("from")));
+    }
+
+    /// A flood of donation requests from one (authenticated) peer takes one
+    /// donation: the next ones are refused while the ring it signed says it
+    /// has free addresses there. Answers go to the requester only.
+    #[test]
+    fn a_flood_of_requests_takes_one_donation() {
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (donor, greedy) = (PeerName::from_u64(1), PeerName::from_u64(2));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(donor, 1), (greedy, 2)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let init = Init::Seeds(vec![donor, greedy]);
+        let mut d = Ipam::new(Config::new(donor, range, None, init, 1, key(1)).expect("config"), now);
+        let owned = |ipam: &Ipam, p: PeerName| -> u64 { ipam.ring().owned(p).iter().map(|(s, e)| e - s).sum() };
+        // The greedy peer's own share is full by its own (signed) count.
+        let mut g_ring = d.ring().clone();
+        for p in g_ring.clone().pieces().filter(|p| p.entry.peer == greedy) {
+            g_ring.set_free(&key(2), greedy, p.entry.token, 0);
+        }
+        d.handle_unicast(greedy, &encode(&Msg::Ring(g_ring)), &keys).expect("ring");
+        while d.poll_output().is_some() {}
+        let before = owned(&d, donor);
+        for seq in 1..=50 {
+            d.handle_unicast(greedy, &encode(&Msg::Request { seq, range }), &keys).expect("request");
+        }
+        let (mut donated, mut refused) = (0, 0);
+        while let Some(o) = d.poll_output() {
+            match o {
+                Output::Unicast(to, p) => {
+                    assert_eq!(to, greedy, "an answer went to another peer than the requester");
+                    match Ipam::decode(&p).expect("decode") {
+                        Msg::Donated { .. } => donated += 1,
+                        Msg::Refused { reason, .. } => {
+                            assert!(reason.contains("free addresses"), "{reason}");
+                            refused += 1;
+                        }
+                        _ => {}
+                    }
+                }
+                Output::Broadcast(_) => {}
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+        assert_eq!((donated, refused), (1, 49));
+        let given = before - owned(&d, donor);
+        assert!(given > 0 && given <= before / 2 + 1, "gave {given} of {before}");
+    }
+
+    /// A ring in which a peer gave itself another peer's piece, gossiped:
+    /// refused whole (no delta to pass on, our ring unchanged), counted by
+    /// reason and against the neighbour that sent it.
+    #[test]
+    fn a_forged_ring_is_refused_counted_and_not_relayed() {
+        use weft_proto::identity::Claim;
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, victim, rogue) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let mut keys = Keys::new(weft_proto::Trust::FirstUse);
+        for (n, k) in [(me, 1), (victim, 2), (rogue, 3)] {
+            keys.admit(&Claim::self_signed(&key(k), n)).expect("admit");
+        }
+        let init = Init::Seeds(vec![me, victim, rogue]);
+        let mut ipam = Ipam::new(Config::new(me, range, None, init, 1, key(1)).expect("config"), now);
+        while ipam.poll_output().is_some() {}
+        // The rogue signs, as the victim's donor, a grant of the victim's piece to itself.
+        let mut forged = ipam.ring().clone();
+        let (s, e) = forged.owned(victim)[0];
+        forged.give(&key(3), victim, rogue, s, e).expect("the ring API signs what it is told");
+        let before = ipam.ring().clone();
+        let r = ipam.merge(rogue, &encode(&Msg::Ring(forged)), &keys);
+        assert!(r.as_ref().is_err_and(|e| e.contains("does not verify")), "{r:?}");
+        assert_eq!(ipam.ring(), &before);
+        assert_eq!(ipam.poll_output(), None, "nothing passed on");
+        assert_eq!(ipam.stats().forged.get("bad_signature"), Some(&1));
+        assert_eq!(ipam.stats().forged_from.get(&rogue.to_string()), Some(&1));
+    }
+
+    /// Only the donor asked ends the wait: a refusal (or a donation) for our
+    /// request's number from another peer changes nothing of it.
+    #[test]
+    fn answers_count_only_from_the_donor_asked() {
+        let now = Instant::now();
+        let range: Cidr = "10.32.0.0/24".parse().expect("cidr");
+        let key = |i: u8| SigningKey::from_seed(&[i; 32]).expect("key");
+        let (me, donor, other) = (PeerName::from_u64(1), PeerName::from_u64(2), PeerName::from_u64(3));
+        let init = Init::Seeds(vec![me, donor, other]);
+        let mut ipam = Ipam::new(Config::new(me, range, None, init, 1, key(1)).expect("config"), now);
+        ipam.set_reachable(now, BTreeSet::from([donor, other]));
+        let (s, _) = ipam.ring().owned(donor)[0];
+        ipam.allocate(now, 7, "c", Want::Addr(s as u32 + 5, range), None);
+        let mut seq = None;
+        while let Some(o) = ipam.poll_output() {
+            if let Output::Unicast(to, p) = o {
+                if let Ok(Msg::Request { seq: q, .. }) = Ipam::decode(&p) {
+                    assert_eq!(to, donor);
+                    seq = Some(q);
+                }
+            }
+        }
+        let seq = seq.expect("a request to the donor");
+        let keys = Keys::new(weft_proto::Trust::FirstUse);
+        let refusal = encode(&Msg::Refused { seq, reason: "forged".into() });
+        ipam.handle_unicast(other, &refusal, &keys).expect("ignored");
+        assert_eq!(ipam.stats().stray_answers, 1);
+        assert_eq!(ipam.status().pending, 1, "still waiting for the donor");
+        assert!(!std::iter::from_fn(|| ipam.poll_output()).any(|o| matches!(o, Output::Done { .. })));
+        ipam.handle_unicast(donor, &refusal, &keys).expect("refusal");
+        assert!(std::iter::from_fn(|| ipam.poll_output()).any(|o| matches!(o, Output::Done { req: 7, result: Err(_) })));
     }
 }

@@ -15,7 +15,7 @@ pub mod paxos;
 pub mod ring;
 
 pub use addr::Cidr;
-pub use alloc::{Allocation, Config, Failure, FailureKind, Init, Ipam, NetnsRef, Output, PendingHandover, State, Status, Want};
+pub use alloc::{Allocation, Config, FORGED_REASONS, Failure, FailureKind, Init, Ipam, NetnsRef, Output, PendingHandover, State, Status, Want};
 pub use ring::{Ring, RingError};
 
 /// The gossip channel's name.

@@ -18,11 +18,7 @@ use std::time::{Duration, Instant};
 use weft_ipam::{Cidr, Config, Init, Ipam, Output, State, Want};
 use weft_proto::identity::Claim;
 use weft_proto::router::Session;
-use weft_proto::{ConnId, ControlMsg, Event, GossipChannel, Hello, PeerName, Router, RouterConfig, SigningKey};
-
-fn key(i: usize) -> SigningKey {
-    SigningKey::from_seed(&[i as u8 + 1; 32]).unwrap_or_else(|e| panic!("{e}"))
-}
+use weft_proto::{ConnId, ControlMsg, Event, GossipChannel, Hello, Keys, PeerName, Router, RouterConfig, SigningKey, Trust};
 
 /// The first byte of an IPAM message is its variant's position in the wire
 /// enum (postcard): see `handover_messages_keep_their_wire_numbers` in
@@ -36,6 +32,19 @@ fn cidr(s: &str) -> Cidr {
 
 fn name(i: usize) -> PeerName {
     PeerName::from_u64(i as u64 + 1)
+}
+
+fn key(i: usize) -> SigningKey {
+    SigningKey::from_seed(&[i as u8 + 1; 32]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every host's key bound to its name, as each router binds them.
+fn keys(n: usize) -> Keys {
+    let mut keys = Keys::new(Trust::FirstUse);
+    for i in 0..n {
+        keys.admit(&Claim::self_signed(&key(i), name(i))).unwrap_or_else(|e| panic!("{e}"));
+    }
+    keys
 }
 
 fn addr(i: usize) -> SocketAddr {
@@ -91,13 +100,15 @@ impl Net {
     fn new(inits: Vec<Init>) -> Net {
         let now = Instant::now();
         let range = cidr("10.32.0.0/24");
+        let n = inits.len();
         let hosts = inits
             .into_iter()
             .enumerate()
             .map(|(i, init)| {
                 let me = name(i);
-                let cfg = Config::new(me, range, None, init, i as u64).unwrap_or_else(|e| panic!("{e}"));
+                let cfg = Config::new(me, range, None, init, i as u64, key(i)).unwrap_or_else(|e| panic!("{e}"));
                 let mut router = Router::new(RouterConfig::new(me, format!("h{i}"), 100 + i as u64, i as u64, key(i)), now);
+                *router.keys_mut() = keys(n);
                 router.register_channel(weft_ipam::CHANNEL, Box::new(Ipam::new(cfg, now)));
                 Host { router, disk: None, handed_over: Vec::new(), done: Vec::new(), errors: Vec::new() }
             })
@@ -211,7 +222,8 @@ impl Net {
 
     /// Host `i` takes the payload directly, as from `from`.
     fn inject(&mut self, i: usize, from: PeerName, payload: &[u8]) -> Result<(), String> {
-        let r = self.hosts[i].ipam().handle_unicast(from, payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
+        let keys = keys(self.hosts.len());
+        let r = self.hosts[i].ipam().handle_unicast(from, payload, &keys);
         self.flush(i);
         self.run();
         r

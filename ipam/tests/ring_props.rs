@@ -27,9 +27,12 @@
 //! replicas gives a valid ring covering the whole range which every live peer
 //! then accepts, after which all live replicas are equal.
 
+use std::collections::BTreeSet;
+
 use proptest::prelude::*;
 use weft_ipam::{Cidr, Ring};
-use weft_proto::PeerName;
+use weft_proto::identity::Claim;
+use weft_proto::{Keys, PeerName, SigningKey, Trust};
 
 /// One step of a history. Indices and amounts are raw numbers, interpreted
 /// modulo whatever is there when the step runs (so every step is valid).
@@ -82,6 +85,10 @@ struct World {
     replicas: Vec<Ring>,
     dead: Vec<bool>,
     snapshots: Vec<Ring>,
+    /// Each peer's signing key, and every name bound to its key (the rings
+    /// are signed as the allocator signs them, and every merge checks them).
+    signing: Vec<SigningKey>,
+    keys: Keys,
     merges: usize,
     refused: usize,
 }
@@ -114,7 +121,14 @@ impl World {
             .iter()
             .map(|n| if st.empty_joiners && !seed_names.contains(n) { Ring::empty(range) } else { seeded.clone() })
             .collect();
-        World { range, names, replicas, dead: vec![false; st.peers], snapshots: Vec::new(), merges: 0, refused: 0 }
+        let signing: Vec<SigningKey> = (0..st.peers)
+            .map(|i| SigningKey::from_seed(&[i as u8 + 1; 32]).expect("key"))
+            .collect();
+        let mut keys = Keys::new(Trust::FirstUse);
+        for (n, k) in names.iter().zip(&signing) {
+            keys.admit(&Claim::self_signed(k, *n)).expect("admit");
+        }
+        World { range, names, replicas, dead: vec![false; st.peers], snapshots: Vec::new(), signing, keys, merges: 0, refused: 0 }
     }
 
     fn n(&self) -> usize {
@@ -143,9 +157,15 @@ impl World {
                 let end = start + 1 + u64::from(len) % (e - start);
                 let before = self.replicas[p].clone();
                 let owned_before = owned_total(&before, me);
-                self.replicas[p]
-                    .give(me, them, start, end)
-                    .map_err(|e| TestCaseError::fail(format!("give of our own {start}..{end} refused: {e}")))?;
+                match self.replicas[p].give(&self.signing[p], me, them, start, end) {
+                    Ok(()) => {}
+                    // Rule 7: a piece that changed hands MAX_LINKS times is not given again.
+                    Err(e) if e.contains("changed owner") => {
+                        prop_assert_eq!(&self.replicas[p], &before, "a refused give changed the ring");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("give of our own {start}..{end} refused: {e}"))),
+                }
                 let r = &self.replicas[p];
                 prop_assert_eq!(owned_total(r, me), owned_before - (end - start), "give moved the wrong amount");
                 prop_assert_eq!(r.owner(start as u32), Some(them));
@@ -176,7 +196,7 @@ impl World {
                 let (token, size) = mine[usize::from(entry) % mine.len()];
                 let f = (u64::from(free) % (size + 1)).min(u64::from(u32::MAX)) as u32;
                 let before = self.replicas[p].clone();
-                let changed = self.replicas[p].set_free(me, token, f);
+                let changed = self.replicas[p].set_free(&self.signing[p], me, token, f);
                 prop_assert_eq!(changed, self.replicas[p] != before);
                 prop_assert_eq!(owned_total(&self.replicas[p], me), owned_total(&before, me));
             }
@@ -190,7 +210,7 @@ impl World {
                 let mut target = self.replicas[a].clone();
                 let before = target.clone();
                 self.merges += 1;
-                match target.merge(&other, me) {
+                match target.merge(&other, me, &self.keys, &BTreeSet::new()) {
                     Err(e) => {
                         self.refused += 1;
                         prop_assert_eq!(&target, &before, "a refused merge ({}) changed the ring", e);
@@ -222,14 +242,16 @@ impl World {
                 // The remover has heard everything the removed peer said.
                 let last = self.replicas[b].clone();
                 self.replicas[a]
-                    .merge(&last, me)
+                    .merge(&last, me, &self.keys, &BTreeSet::new())
                     .map_err(|e| TestCaseError::fail(format!("merge of a live peer's ring refused: {e}")))?;
                 if self.replicas[a].is_empty() {
                     return Ok(());
                 }
                 let had = owned_total(&self.replicas[a], gone);
                 let mine = owned_total(&self.replicas[a], me);
-                let moved = self.replicas[a].transfer(gone, me);
+                let moved = self.replicas[a]
+                    .take_over(&self.signing[a], me, gone)
+                    .map_err(|e| TestCaseError::fail(format!("takeover refused: {e}")))?;
                 prop_assert_eq!(moved, had);
                 prop_assert_eq!(owned_total(&self.replicas[a], gone), 0);
                 prop_assert_eq!(owned_total(&self.replicas[a], me), mine + moved);
@@ -238,7 +260,7 @@ impl World {
                 // takeover (when it believed it owned anything) and stay unchanged.
                 if owned_total(&last, gone) > 0 {
                     let mut probe = last.clone();
-                    let r = probe.merge(&self.replicas[a], gone);
+                    let r = probe.merge(&self.replicas[a], gone, &self.keys, &BTreeSet::new());
                     prop_assert!(r.is_err(), "a removed peer accepted losing its space");
                     prop_assert_eq!(&probe, &last);
                 }
@@ -358,7 +380,7 @@ proptest! {
             let me = w.names[i];
             prop_assert!(runs_cover(&all.owned(me), &w.replicas[i].owned(me)), "the merged ring lost peer {}'s space", i);
             let mut r = w.replicas[i].clone();
-            r.merge(&all, me).map_err(|e| TestCaseError::fail(format!("live peer {i} refused the merged ring: {e}")))?;
+            r.merge(&all, me, &w.keys, &BTreeSet::new()).map_err(|e| TestCaseError::fail(format!("live peer {i} refused the merged ring: {e}")))?;
             prop_assert_eq!(&r, &all, "peer {}'s replica did not converge", i);
         }
     }

@@ -54,7 +54,8 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use weft_ipam::{Cidr, Config, Failure, FailureKind, Init, Ipam, Output, State, Want};
-use weft_proto::{GossipChannel, PeerName};
+use weft_proto::identity::Claim;
+use weft_proto::{GossipChannel, Keys, PeerName, SigningKey, Trust};
 
 /// Gossip fan-out (the router's default).
 const FANOUT: usize = 4;
@@ -86,6 +87,23 @@ impl Drop for SeedGuard {
             eprintln!("failed with seed={} (rerun with WEFT_IPAM_SIM_SEED={})", self.0, self.0);
         }
     }
+}
+
+/// A peer's identity key, derived from its name (the rig's stand-in for the
+/// key each router generates).
+fn key_of(name: PeerName) -> SigningKey {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&name.as_u64().to_le_bytes());
+    SigningKey::from_seed(&seed).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Every name bound to its key, as the routers bind them from their hellos.
+fn keys_of(names: &[PeerName]) -> Keys {
+    let mut keys = Keys::new(Trust::FirstUse);
+    for n in names {
+        keys.admit(&Claim::self_signed(&key_of(*n), *n)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    keys
 }
 
 fn secs(s: u64) -> Duration {
@@ -206,6 +224,8 @@ struct Net {
     /// The same, as a list to pick releases from: (peer, ID).
     held_list: Vec<(usize, String)>,
     next_check: Duration,
+    /// Every peer's key, bound to its name (as every router binds them).
+    keys: Keys,
     /// Refused gossip merges and unicasts: (receiver, sender, error).
     errors: Vec<(usize, usize, String)>,
     error_count: u64,
@@ -238,7 +258,7 @@ impl Net {
         let base = Instant::now();
         let peers: Vec<Peer> = (0..n)
             .map(|i| {
-                let mut cfg = Config::new(names[i], range, None, init(i, &names), rng.random())
+                let mut cfg = Config::new(names[i], range, None, init(i, &names), rng.random(), key_of(names[i]))
                     .unwrap_or_else(|e| panic!("seed={seed}: config: {e}"));
                 cfg.donation_timeout = secs(2);
                 cfg.proposal_timeout = secs(1);
@@ -262,6 +282,7 @@ impl Net {
             held: HashMap::new(),
             held_list: Vec::new(),
             next_check: Duration::ZERO,
+            keys: keys_of(&names),
             errors: Vec::new(),
             error_count: 0,
             failure_examples: BTreeMap::new(),
@@ -643,7 +664,7 @@ impl Net {
                 }
                 let from_name = self.peers[from].name;
                 let Some(ipam) = self.peers[to].ipam.as_mut() else { return };
-                let r = ipam.merge(from_name, &payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
+                let r = ipam.merge(from_name, &payload, &self.keys);
                 self.c.merges += 1;
                 self.after_input(to);
                 match r {
@@ -662,7 +683,7 @@ impl Net {
                 }
                 let from_name = self.peers[from].name;
                 let Some(ipam) = self.peers[to].ipam.as_mut() else { return };
-                let r = ipam.handle_unicast(from_name, &payload, &weft_proto::Keys::new(weft_proto::Trust::FirstUse));
+                let r = ipam.handle_unicast(from_name, &payload, &self.keys);
                 self.after_input(to);
                 if let Err(e) = r {
                     self.refused(to, from, e);

@@ -7,11 +7,25 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use weft_ipam::{Cidr, Config, Init, Ipam, Output, Want};
-use weft_proto::{GossipChannel, PeerName};
+use weft_proto::identity::Claim;
+use weft_proto::{GossipChannel, Keys, PeerName, SigningKey, Trust};
+
+fn key(i: u64) -> SigningKey {
+    SigningKey::from_seed(&[i as u8; 32]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Both peers' keys bound to their names, as the routers bind them.
+fn keys() -> Keys {
+    let mut keys = Keys::new(Trust::FirstUse);
+    for i in 1..=2 {
+        keys.admit(&Claim::self_signed(&key(i), PeerName::from_u64(i))).unwrap_or_else(|e| panic!("{e}"));
+    }
+    keys
+}
 
 fn peer(i: u64, now: Instant) -> Ipam {
     let range: Cidr = "10.32.0.0/24".parse().unwrap_or_else(|e| panic!("{e}"));
-    let cfg = Config::new(PeerName::from_u64(i), range, None, Init::Consensus(2), i).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = Config::new(PeerName::from_u64(i), range, None, Init::Consensus(2), i, key(i)).unwrap_or_else(|e| panic!("{e}"));
     Ipam::new(cfg, now)
 }
 
@@ -19,6 +33,7 @@ fn peer(i: u64, now: Instant) -> Ipam {
 fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
     let mut done: [Vec<_>; 2] = [Vec::new(), Vec::new()];
     let mut q: VecDeque<(usize, usize, bool, Vec<u8>)> = VecDeque::new();
+    let keys = keys();
     for _ in 0..10_000 {
         for i in 0..2 {
             while let Some(o) = ps[i].poll_output() {
@@ -33,10 +48,10 @@ fn run(ps: &mut [Ipam; 2]) -> [Vec<(u64, Result<String, String>)>; 2] {
         let Some((from, to, unicast, p)) = q.pop_front() else { return done };
         let name = PeerName::from_u64(from as u64 + 1);
         if unicast {
-            ps[to].handle_unicast(name, &p, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_or_else(|e| panic!("{e}"));
+            ps[to].handle_unicast(name, &p, &keys).unwrap_or_else(|e| panic!("{e}"));
         } else {
             // The delta would go to the other neighbours: there are none.
-            let _delta = ps[to].merge(name, &p, &weft_proto::Keys::new(weft_proto::Trust::FirstUse)).unwrap_or_else(|e| panic!("{e}"));
+            let _delta = ps[to].merge(name, &p, &keys).unwrap_or_else(|e| panic!("{e}"));
         }
     }
     panic!("messages never stopped");

@@ -131,6 +131,8 @@ impl Collector for WeftCollector {
         ])?;
         family(&mut enc, "weft_ipam_refused_rings", "Rings from peers refused (different seeds or range, conflicts)", MetricType::Counter, one(&i.refused_rings_total))?;
         family(&mut enc, "weft_ipam_save_errors", "IPAM state saves that failed", MetricType::Counter, one(&i.save_errors_total))?;
+        let forged = by_reason(&weft_ipam::FORGED_REASONS, &i.forged_total);
+        family(&mut enc, "weft_ipam_forged", "IPAM gossip entries dropped because they did not verify against their origin's key, by reason (per sender: `weft status ipam`, stats.forged_from)", MetricType::Counter, forged)?;
         family(&mut enc, "weft_ipam_dropped_messages", "IPAM gossip and donations dropped because their save failed", MetricType::Counter, one(&i.dropped_total))?;
         let d = c.dns.snapshot();
         let qt = |t: &'static str, v: u64| (vec![("type", t.to_string())], v);

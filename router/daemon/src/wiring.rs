@@ -55,6 +55,7 @@ pub fn run(opts: Options) -> Result<()> {
         opts.ipam.default_subnet,
         ipam::parse_init(&opts.ipam.init, opts.peers.len())?,
         rand::random(),
+        id.signing.clone(),
     )
     .map_err(|e| anyhow!(e))?;
     let ipam_path = opts.state_dir.join(ipam::STATE_FILE);

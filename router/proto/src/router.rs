@@ -603,6 +603,12 @@ impl Router {
         self.channels.get_mut(name)?.as_any_mut().downcast_mut::<T>()
     }
 
+    /// The keys bound to names, which channels verify their entries against: for binding
+    /// keys the shell knows (pinned ones from disk) and for test rigs.
+    pub fn keys_mut(&mut self) -> &mut Keys {
+        &mut self.keys
+    }
+
     /// Announces a local change of a channel: `delta` goes to a bounded set of neighbours.
     pub fn broadcast(&mut self, channel: &str, delta: Vec<u8>) {
         self.spread(channel, delta, None);

@@ -255,6 +255,9 @@ pub struct IpamGauges {
     pub save_errors_total: AtomicU64,
     /// Messages for peers dropped because their save failed.
     pub dropped_total: AtomicU64,
+    /// Gossip entries dropped because they did not verify against their origin's key, by
+    /// reason (in the order of [`weft_ipam::FORGED_REASONS`]).
+    pub forged_total: [AtomicU64; weft_ipam::FORGED_REASONS.len()],
 }
 
 /// See the module docs.
@@ -652,6 +655,9 @@ impl IpamService {
             (&to.dropped_total, self.dropped + g.dropped_deltas()),
         ] {
             gauge.store(v, Relaxed);
+        }
+        for (gauge, reason) in to.forged_total.iter().zip(weft_ipam::FORGED_REASONS) {
+            gauge.store(s.forged.get(reason).copied().unwrap_or(0), Relaxed);
         }
     }
 }
