@@ -603,8 +603,11 @@ impl Router {
         self.channels.get_mut(name)?.as_any_mut().downcast_mut::<T>()
     }
 
-    /// The keys bound to names, which channels verify their entries against: for binding
-    /// keys the shell knows (pinned ones from disk) and for test rigs.
+    /// The keys bound to names, writable: for test rigs that drive channels without
+    /// connections. It bypasses every check of [`Router::handle_connection_up`] and the identity
+    /// channel; the daemon never calls it (it binds names from hellos, gossip and
+    /// [`Router::load_identity_state`]).
+    #[doc(hidden)]
     pub fn keys_mut(&mut self) -> &mut Keys {
         &mut self.keys
     }
