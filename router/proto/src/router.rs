@@ -532,12 +532,13 @@ impl Router {
         let mut delta = IdentityState::default();
         let mut refused = Vec::new();
         for r in st.revocations {
+            let known = self.keys.revocations().any(|k| k.key == r.key);
             match self.keys.revoke(&r) {
                 Ok(cut) => {
                     if let Some(name) = cut {
                         self.cut_off(now, name, "its key was revoked by the mesh CA");
-                        delta.revocations.push(r);
-                    } else if !self.keys.revocations().any(|k| *k == r) {
+                    }
+                    if !known {
                         delta.revocations.push(r);
                     }
                 }
@@ -1415,6 +1416,47 @@ mod tests {
         let (_, ev2) = drain(&mut a);
         let connects: Vec<&Event> = ev.iter().chain(&ev2).filter(|e| matches!(e, Event::Connect { .. })).collect();
         assert_eq!(connects, vec![&Event::Connect { addr: addr(3) }]);
+    }
+
+    #[test]
+    fn revocations_spread_even_where_the_key_is_not_bound_and_cut_off_where_it_is() {
+        let now = Instant::now();
+        let ca = key(100);
+        let cfg = |i: u64| {
+            let mut c = RouterConfig::new(n(i), format!("p{i}"), i * 100, i, key(i));
+            c.trust = Trust::Ca(ca.public());
+            c.certificate = Some(Certificate::issue(&ca, n(i), key(i).public(), u64::MAX));
+            c
+        };
+        let mut a = Router::new(cfg(1), now);
+        let certified = |i: u64| {
+            let claim = Claim::certified(Certificate::issue(&ca, n(i), key(i).public(), u64::MAX));
+            Hello::prove(&key(i), claim, format!("p{i}"), i * 100, 6783, &BINDING)
+        };
+        a.handle_connection_up(now, ConnId(2), addr(2), None, certified(2), session()).expect("2 is certified");
+        a.handle_connection_up(now, ConnId(3), addr(3), None, certified(3), session()).expect("3 is certified");
+        // A self-signed hello is refused under a CA.
+        assert!(a.handle_connection_up(now, ConnId(4), addr(4), None, hello(4, 400), session()).is_err());
+        drain(&mut a);
+        // Peer 2 passes on the CA's revocation of 3's key: 3 is cut off, and it goes on.
+        let rev = IdentityState { revocations: vec![Revocation::issue(&ca, n(3), key(3).public())], ..Default::default() };
+        let payload = postcard::to_stdvec(&rev).expect("enc");
+        a.handle_message(now, ConnId(2), ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload: payload.clone() }).expect("revocation");
+        let (_, ev) = drain(&mut a);
+        assert!(ev.iter().any(|e| matches!(e, Event::Disconnect { conn: ConnId(3), .. })), "{ev:?}");
+        assert!(a.handle_connection_up(now, ConnId(5), addr(3), None, certified(3), session()).is_err(), "3 comes back");
+        // A revocation of a key bound nowhere here is kept and passed on all the same; a forged
+        // one is refused.
+        let mut b = Router::new(cfg(1), now);
+        b.handle_connection_up(now, ConnId(2), addr(2), None, certified(2), session()).expect("up");
+        b.handle_connection_up(now, ConnId(6), addr(6), None, certified(6), session()).expect("up");
+        drain(&mut b);
+        b.handle_message(now, ConnId(2), ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload }).expect("revocation");
+        let (tx, _) = drain(&mut b);
+        assert!(tx.iter().any(|t| t.conn == ConnId(6) && matches!(&t.msg, ControlMsg::Gossip { channel, .. } if channel == IDENTITY_CHANNEL)), "{tx:?}");
+        let forged = IdentityState { revocations: vec![Revocation::issue(&key(2), n(6), key(6).public())], ..Default::default() };
+        b.handle_message(now, ConnId(2), ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload: postcard::to_stdvec(&forged).expect("enc") }).expect("handled");
+        assert_eq!(b.keys().get(n(6)), Some(key(6).public()), "a forged revocation cut a peer off");
     }
 
     /// A grow-only set of numbers, as a stand-in for IPAM or DNS.

@@ -596,7 +596,7 @@ mod tests {
     #[test]
     fn unconfirmed_connections_carry_no_traffic() {
         let mut t = topo(1);
-        t.merge_keys(vec![info(2, 1, &[])]).expect("merge").delta;
+        t.merge_keys(vec![info(2, 1, &[])]).expect("merge");
         t.set_my_connections(info(1, 2, &[2]).connections);
         assert_eq!(t.routes().next_hop(n(2)), None);
     }
@@ -605,7 +605,7 @@ mod tests {
     fn gc_drops_unreachable_peers() {
         let mut t = line(1);
         // 2 drops its link to 3: 3 and 4 become unreachable from 1.
-        t.merge_keys(vec![info(2, 2, &[1])]).expect("merge").delta;
+        t.merge_keys(vec![info(2, 2, &[1])]).expect("merge");
         let mut gone = t.gc();
         gone.sort();
         assert_eq!(gone, vec![n(3), n(4)]);
