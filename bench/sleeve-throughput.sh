@@ -269,7 +269,7 @@ case_weft() {  # <case-name> <password or empty> [weft binary]
   local m; for i in 1 2; do
     local h=${hs[$((i - 1))]}
     m=$(metrics "$h")
-    echo "$(printf '%-22s' '')   metrics h$i: $(echo "$m" | awk '/^weft_(frames|datagrams)_total|^weft_drops_total/ && $NF != 0 {sub(/_total/,""); printf "%s=%s ", $1, $2}')"
+    echo "$(printf '%-22s' '')   metrics h$i: $(echo "$m" | awk '/^weft_(frames|datagrams)_total|^weft_drops_total|^weft_sleeve_rekeys_total/ && $NF != 0 {sub(/_total/,""); printf "%s=%s ", $1, $2}')"
   done
   if [ "$REVERSE" = 1 ]; then
     local before; before=$(nsx "$H1" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}')
