@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use rand::RngCore;
 use serde_json::json;
 use weft_proto::identity::{to_text, Certificate, Revocation, CERT_PREFIX, REVOCATION_PREFIX};
@@ -32,15 +32,8 @@ pub(crate) enum CaCmd {
     /// Certify that a router's name uses a key (see `weft identity show` on that host); prints
     /// the certificate, which goes into identity.cert in that router's state directory.
     Sign {
-        /// The CA directory.
-        #[arg(long, default_value = "weft-ca")]
-        dir: PathBuf,
-        /// The router's name.
-        #[arg(long)]
-        name: String,
-        /// The router's identity key (64 hex digits).
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        who: Subject,
         /// Days the certificate is valid.
         #[arg(long, default_value_t = 365)]
         days: u64,
@@ -51,16 +44,33 @@ pub(crate) enum CaCmd {
     /// Revoke a router's key: the local router applies it and passes it to every peer, which
     /// all cut that router off.
     Revoke {
-        /// The CA directory.
-        #[arg(long, default_value = "weft-ca")]
-        dir: PathBuf,
-        /// The router's name.
-        #[arg(long)]
-        name: String,
-        /// The key to revoke (64 hex digits).
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        who: Subject,
     },
+}
+
+/// The CA and the router a certificate or a revocation is about.
+#[derive(Args)]
+pub(crate) struct Subject {
+    /// The CA directory.
+    #[arg(long, default_value = "weft-ca")]
+    dir: PathBuf,
+    /// The router's name.
+    #[arg(long)]
+    name: String,
+    /// The router's identity key (64 hex digits).
+    #[arg(long)]
+    key: String,
+}
+
+impl Subject {
+    /// The CA's key, the name and the router's key.
+    fn load(&self) -> Result<(SigningKey, PeerName, PublicKey)> {
+        let ca = load(&self.dir)?;
+        let name: PeerName = self.name.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+        let key: PublicKey = self.key.parse().map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+        Ok((ca, name, key))
+    }
 }
 
 /// A CA public key given as hex or as a file holding it.
@@ -84,12 +94,6 @@ fn load(dir: &Path) -> Result<SigningKey> {
     SigningKey::from_seed(&seed).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-fn name_and_key(name: &str, key: &str) -> Result<(PeerName, PublicKey)> {
-    let name: PeerName = name.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-    let key: PublicKey = key.parse().map_err(|e| anyhow::anyhow!("--key: {e}"))?;
-    Ok((name, key))
-}
-
 pub(crate) fn run(cmd: CaCmd, sock: &Path, as_json: bool, out: &mut impl Write) -> Result<()> {
     match cmd {
         CaCmd::Init { dir } => {
@@ -111,12 +115,11 @@ pub(crate) fn run(cmd: CaCmd, sock: &Path, as_json: bool, out: &mut impl Write) 
             }
             Ok(())
         }
-        CaCmd::Sign { dir, name, key, days, out: file } => {
+        CaCmd::Sign { who, days, out: file } => {
             if days == 0 || days > MAX_DAYS {
                 bail!("--days {days} is out of range (1..={MAX_DAYS})");
             }
-            let ca = load(&dir)?;
-            let (name, key) = name_and_key(&name, &key)?;
+            let (ca, name, key) = who.load()?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH).context("the clock is before 1970")?.as_secs();
             let cert = Certificate::issue(&ca, name, key, now + days * 86_400);
             let text = to_text(CERT_PREFIX, &cert);
@@ -132,9 +135,8 @@ pub(crate) fn run(cmd: CaCmd, sock: &Path, as_json: bool, out: &mut impl Write) 
             }
             Ok(())
         }
-        CaCmd::Revoke { dir, name, key } => {
-            let ca = load(&dir)?;
-            let (name, key) = name_and_key(&name, &key)?;
+        CaCmd::Revoke { who } => {
+            let (ca, name, key) = who.load()?;
             let r = Revocation::issue(&ca, name, key);
             let v = client::call(sock, "POST", "/v1/identity/revoke", Some(&json!({ "revocation": to_text(REVOCATION_PREFIX, &r) })))?;
             if as_json {

@@ -72,22 +72,8 @@ pub fn run(opts: Options) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     info!(range = %ipam_cfg.range, default_subnet = %ipam_cfg.default_subnet, init = %opts.ipam.init,
         ready = allocator.ready(), allocations = allocator.allocations().count(), file = %ipam_path.display(), "IPAM loaded");
-    let signing = id.signing.clone();
-    let start = Start {
-        opts,
-        id_name: id.name,
-        uid,
-        nickname,
-        keys,
-        signing,
-        trust,
-        certificate,
-        rekey,
-        allocator,
-        records,
-        initial_version,
-        ipam_cfg,
-    };
+    let who = Who { signing: id.signing.clone(), trust, certificate, rekey };
+    let start = Start { opts, id_name: id.name, uid, nickname, keys, who, allocator, records, initial_version, ipam_cfg };
     rt.block_on(start.run(ipam_path, dns_path))
 }
 
@@ -121,6 +107,15 @@ fn trust(opts: &Options, id: &identity::Identity) -> Result<(Trust, Option<Certi
     Ok((Trust::Ca(ca), Some(cert)))
 }
 
+/// Who this router is: its identity key, how names are bound in its mesh, its certificate, and a
+/// re-key hand-over to announce.
+struct Who {
+    signing: weft_proto::SigningKey,
+    trust: Trust,
+    certificate: Option<Certificate>,
+    rekey: Option<weft_proto::identity::Rekey>,
+}
+
 /// What `run` loaded before the runtime started.
 struct Start {
     opts: Options,
@@ -128,10 +123,7 @@ struct Start {
     uid: u64,
     nickname: String,
     keys: Handshaker,
-    signing: weft_proto::SigningKey,
-    trust: Trust,
-    certificate: Option<Certificate>,
-    rekey: Option<weft_proto::identity::Rekey>,
+    who: Who,
     allocator: weft_ipam::Ipam,
     records: weft_dns::Records,
     initial_version: u64,
@@ -140,21 +132,8 @@ struct Start {
 
 impl Start {
     async fn run(self, ipam_path: std::path::PathBuf, dns_path: std::path::PathBuf) -> Result<()> {
-        let Start {
-            opts,
-            id_name,
-            uid,
-            nickname,
-            keys,
-            signing,
-            trust,
-            certificate,
-            rekey,
-            allocator,
-            records,
-            initial_version,
-            ipam_cfg,
-        } = self;
+        let Start { opts, id_name, uid, nickname, keys, who, allocator, records, initial_version, ipam_cfg } = self;
+        let Who { signing, trust, certificate, rekey } = who;
         let encrypted = keys.encrypted();
         // The ports first: if another router runs here, say so before touching any device.
         let udp = std::net::UdpSocket::bind(opts.listen)
