@@ -53,10 +53,7 @@ impl PublicKey {
 impl fmt::Display for PublicKey {
     /// Written as 64 hex digits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        f.write_str(&hex(&self.0))
     }
 }
 
@@ -70,15 +67,29 @@ impl std::str::FromStr for PublicKey {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("{s:?} is not a public key (64 hex digits)"));
-        }
-        let mut k = [0u8; 32];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-        }
-        Ok(PublicKey(k))
+        unhex(s, 64)
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(PublicKey)
+            .ok_or_else(|| format!("{s:?} is not a public key (64 hex digits)"))
     }
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The bytes of a hex string of at most `max_digits` digits; `None` unless it is all pairs of
+/// hex digits.
+fn unhex(s: &str, max_digits: usize) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 /// An Ed25519 signature.
@@ -208,24 +219,17 @@ impl Certificate {
 /// A value in the one-line text form files and the API use: `PREFIX:` then the hex of its
 /// postcard encoding.
 pub fn to_text<T: Serialize>(prefix: &str, v: &T) -> String {
-    let mut out = format!("{prefix}:");
-    for b in signed_bytes(v) {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("{prefix}:{}", hex(&signed_bytes(v)))
 }
 
 /// Reads [`to_text`]'s form back.
 pub fn from_text<T: serde::de::DeserializeOwned>(prefix: &str, text: &str) -> Result<T, String> {
     let text = text.trim();
-    let hex = text
+    let digits = text
         .strip_prefix(prefix)
         .and_then(|t| t.strip_prefix(':'))
         .ok_or_else(|| format!("not a {prefix} (it must start with \"{prefix}:\")"))?;
-    if hex.len() % 2 != 0 || hex.len() > 8192 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("the {prefix} is damaged (bad hex)"));
-    }
-    let bytes: Vec<u8> = (0..hex.len()).step_by(2).filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok()).collect();
+    let bytes = unhex(digits, 8192).ok_or_else(|| format!("the {prefix} is damaged (bad hex)"))?;
     postcard::from_bytes(&bytes).map_err(|e| format!("the {prefix} is damaged: {e}"))
 }
 
@@ -550,9 +554,9 @@ impl Keys {
         self.claims.remove(&name)
     }
 
-    /// Applies a revocation signed by the mesh CA. Returns the name whose binding it ended,
-    /// if any; `Ok(None)` when it was known or names no bound key.
-    pub fn revoke(&mut self, r: &Revocation) -> Result<Option<PeerName>, Refused> {
+    /// Applies a revocation signed by the mesh CA. Returns `None` when it was already known,
+    /// else `Some` of the name whose binding it ended (`Some(None)`: it names no bound key).
+    pub fn revoke(&mut self, r: &Revocation) -> Result<Option<Option<PeerName>>, Refused> {
         let Trust::Ca(ca) = self.trust else { return Err(Refused::WrongCa { name: r.name }) };
         if !r.check(&ca) {
             return Err(Refused::BadSignature { name: r.name, what: "revocation" });
@@ -567,9 +571,9 @@ impl Keys {
         match self.claims.get(&r.name) {
             Some(c) if c.key == r.key => {
                 self.claims.remove(&r.name);
-                Ok(Some(r.name))
+                Ok(Some(Some(r.name)))
             }
-            _ => Ok(None),
+            _ => Ok(Some(None)),
         }
     }
 
@@ -662,7 +666,8 @@ mod tests {
         keys.admit(&good).expect("again");
         // A revocation by another key is refused; the CA's ends the binding for good.
         assert!(keys.revoke(&Revocation::issue(&rogue_ca, name, key(1).public())).is_err());
-        assert_eq!(keys.revoke(&Revocation::issue(&ca, name, key(1).public())), Ok(Some(name)));
+        assert_eq!(keys.revoke(&Revocation::issue(&ca, name, key(1).public())), Ok(Some(Some(name))));
+        assert_eq!(keys.revoke(&Revocation::issue(&ca, name, key(1).public())), Ok(None), "known");
         assert_eq!(keys.get(name), None);
         assert!(matches!(keys.admit(&good), Err(Refused::Revoked { .. })));
     }

@@ -345,6 +345,12 @@ pub struct Stats {
     pub unverified: u64,
 }
 
+impl Stats {
+    fn refused(&mut self, e: &Refused) {
+        *self.identity_refused.entry(e.label()).or_default() += 1;
+    }
+}
+
 /// The identity channel's payload: claims, re-keys and revocations.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdentityState {
@@ -371,6 +377,7 @@ pub struct Router {
     stats: Stats,
     keys: Keys,
     rekeys: BTreeMap<PeerName, (Rekey, Claim)>,
+    claim: Claim,
 }
 
 impl Router {
@@ -390,7 +397,11 @@ impl Router {
         // Our own claim is bound first. Under a CA without a valid certificate it is refused;
         // the shell checks this before it starts (see `Router::own_claim`), and every peer
         // would refuse us anyway.
-        let _ = keys.admit(&own_claim(&cfg));
+        let claim = match &cfg.certificate {
+            Some(c) => Claim::certified(c.clone()),
+            None => Claim::self_signed(&cfg.key, cfg.name),
+        };
+        let _ = keys.admit(&claim);
         let routes = topology.routes();
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let first = jitter(&mut rng, cfg.gossip_interval);
@@ -408,6 +419,7 @@ impl Router {
             stats: Stats::default(),
             keys,
             rekeys: BTreeMap::new(),
+            claim,
         }
     }
 
@@ -453,7 +465,7 @@ impl Router {
 
     /// Our claim: our certificate if we have one, else self-signed.
     pub fn own_claim(&self) -> Claim {
-        own_claim(&self.cfg)
+        self.claim.clone()
     }
 
     /// What the identity channel holds, for the shell to persist and load at the next start.
@@ -496,7 +508,7 @@ impl Router {
     /// Applies a revocation signed by the mesh CA and passes it on. Returns the name it
     /// cut off, if it was bound.
     pub fn revoke(&mut self, now: Instant, r: Revocation) -> Result<Option<PeerName>, Refused> {
-        let cut = self.keys.revoke(&r)?;
+        let cut = self.keys.revoke(&r)?.flatten();
         if let Some(name) = cut {
             self.cut_off(now, name, "its key was revoked by the mesh CA");
         }
@@ -532,15 +544,13 @@ impl Router {
         let mut delta = IdentityState::default();
         let mut refused = Vec::new();
         for r in st.revocations {
-            let known = self.keys.revocations().any(|k| k.key == r.key);
             match self.keys.revoke(&r) {
-                Ok(cut) => {
+                Ok(None) => {}
+                Ok(Some(cut)) => {
                     if let Some(name) = cut {
                         self.cut_off(now, name, "its key was revoked by the mesh CA");
                     }
-                    if !known {
-                        delta.revocations.push(r);
-                    }
+                    delta.revocations.push(r);
                 }
                 Err(e) => refused.push(e),
             }
@@ -572,7 +582,7 @@ impl Router {
             }
         }
         for e in &refused {
-            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+            self.stats.refused(e);
         }
         if !delta.claims.is_empty() || !delta.rekeys.is_empty() || !delta.revocations.is_empty() {
             self.events.push_back(Event::IdentitiesChanged);
@@ -585,7 +595,7 @@ impl Router {
             return;
         }
         for r in &reasons {
-            *self.stats.identity_refused.entry(r.label()).or_default() += 1;
+            self.stats.refused(r);
         }
         if self.stats.forged_by.len() < MAX_FORGERS || self.stats.forged_by.contains_key(&from) {
             *self.stats.forged_by.entry(from).or_default() += reasons.len() as u64;
@@ -702,12 +712,12 @@ impl Router {
     ) -> Result<(), Refusal> {
         let outbound = target.is_some();
         if let Err(e) = hello.check(&session.binding) {
-            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+            self.stats.refused(&e);
             return Err(Refusal::Identity(e));
         }
         if hello.name == self.cfg.name && hello.claim.key != self.cfg.key.public() {
             let e = Refused::Impostor { name: hello.name, pinned: self.cfg.key.public(), offered: hello.claim.key };
-            *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+            self.stats.refused(&e);
             return Err(Refusal::Identity(e));
         }
         if hello.name == self.cfg.name {
@@ -726,7 +736,7 @@ impl Router {
             }
             Ok(Admitted::Known) => {}
             Err(e) => {
-                *self.stats.identity_refused.entry(e.label()).or_default() += 1;
+                self.stats.refused(&e);
                 if let Some(t) = target.and_then(|a| self.targets.get_mut(&a)) {
                     t.last_error = Some(e.to_string());
                 }
@@ -1157,13 +1167,6 @@ impl Router {
                 }
             }
         }
-    }
-}
-
-fn own_claim(cfg: &RouterConfig) -> Claim {
-    match &cfg.certificate {
-        Some(c) => Claim::certified(c.clone()),
-        None => Claim::self_signed(&cfg.key, cfg.name),
     }
 }
 
