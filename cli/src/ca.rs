@@ -14,7 +14,7 @@ use serde_json::json;
 use weft_proto::identity::{to_text, Certificate, Revocation, CERT_PREFIX, REVOCATION_PREFIX};
 use weft_proto::{PeerName, PublicKey, SigningKey};
 use weft_router::api::client;
-use weft_router::host::identity::write_atomic;
+use weft_router::host::identity::{read_key_file, write_atomic};
 
 const KEY_FILE: &str = "ca.key";
 const PUB_FILE: &str = "ca.pub";
@@ -85,12 +85,10 @@ pub(crate) fn parse_public(s: &str) -> Result<PublicKey> {
 
 fn load(dir: &Path) -> Result<SigningKey> {
     let path = dir.join(KEY_FILE);
-    let b = std::fs::read(&path)
-        .with_context(|| format!("reading the CA key {} (make one with `weft ca init --dir {}`)", path.display(), dir.display()))?;
-    let seed: [u8; 32] = b
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("{} is corrupt ({} bytes, want 32)", path.display(), b.len()))?;
+    if !path.exists() {
+        bail!("there is no CA key at {}: make one with `weft ca init --dir {}`", path.display(), dir.display());
+    }
+    let seed: [u8; 32] = read_key_file(&path, "restore the CA key from its backup")?;
     SigningKey::from_seed(&seed).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 

@@ -270,7 +270,8 @@ impl Actor {
         self.dns.tick(&mut self.core, now);
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         self.core.set_wall_clock(now, unix);
-        if let Err(e) = self.identities.save_if_changed(&self.core.identity_state()) {
+        let core = &self.core;
+        if let Err(e) = self.identities.save_if_changed(|| core.identity_state()) {
             warn!(error = %format!("{e:#}"), "could not save the name bindings; retrying in a second");
         }
         for id in self.conns.ids() {

@@ -26,25 +26,35 @@ pub struct Identity {
 /// The file that holds the identity key's 32-byte seed.
 pub const IDENTITY_KEY_FILE: &str = "identity.key";
 
+/// Reads a key file of exactly `N` bytes. A file of another size is corrupt: the error names
+/// it and says what to do (`remedy`).
+pub fn read_key_file<const N: usize>(path: &Path, remedy: &str) -> Result<[u8; N]> {
+    let b = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    match <[u8; N]>::try_from(b.as_slice()) {
+        Ok(k) => Ok(k),
+        Err(_) => bail!("{} is corrupt ({} bytes, want {N}); {remedy}", path.display(), b.len()),
+    }
+}
+
+/// [`read_key_file`], or on first use a key from `make`, written (mode 0600) before it is used.
+fn load_or_make<const N: usize>(path: &Path, remedy: &str, make: impl FnOnce() -> Result<[u8; N]>) -> Result<[u8; N]> {
+    if path.exists() {
+        return read_key_file(path, remedy);
+    }
+    let k = make()?;
+    write_atomic(path, &k)?;
+    Ok(k)
+}
+
 /// Loads the identity key from `dir`, making one on first use.
 pub fn load_or_create_signing(dir: &Path) -> Result<SigningKey> {
     let path = dir.join(IDENTITY_KEY_FILE);
-    let seed: [u8; 32] = if path.exists() {
-        let b = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        match <[u8; 32]>::try_from(b.as_slice()) {
-            Ok(k) => k,
-            Err(_) => bail!(
-                "{} is corrupt ({} bytes, want 32); restore it from a backup, or remove it and run `weft identity forget` for this host's name on every peer",
-                path.display(),
-                b.len()
-            ),
-        }
-    } else {
+    let remedy = "restore it from a backup, or remove it and run `weft identity forget` for this host's name on every peer";
+    let seed = load_or_make(&path, remedy, || {
         let mut seed = [0u8; 32];
         rand::rng().fill_bytes(&mut seed);
-        write_atomic(&path, &seed)?;
-        seed
-    };
+        Ok(seed)
+    })?;
     SigningKey::from_seed(&seed).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -78,24 +88,13 @@ pub fn load_or_create(dir: &Path, name_override: Option<PeerName>, keygen: Keyge
     };
     let key_file = dir.join("noise.key");
     // The file holds the private key then the public key, 32 bytes each.
-    let pair: [u8; 64] = if key_file.exists() {
-        let b = fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
-        match <[u8; 64]>::try_from(b.as_slice()) {
-            Ok(k) => k,
-            Err(_) => bail!(
-                "{} is corrupt ({} bytes, want 64); remove it to make a new key pair",
-                key_file.display(),
-                b.len()
-            ),
-        }
-    } else {
+    let pair: [u8; 64] = load_or_make(&key_file, "remove it to make a new key pair", || {
         let (private, public) = keygen().context("generating a static key pair")?;
         let mut k = [0u8; 64];
         k[..32].copy_from_slice(&private);
         k[32..].copy_from_slice(&public);
-        write_atomic(&key_file, &k)?;
-        k
-    };
+        Ok(k)
+    })?;
     let mut private_key = [0u8; 32];
     let mut public_key = [0u8; 32];
     private_key.copy_from_slice(&pair[..32]);

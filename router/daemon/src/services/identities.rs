@@ -45,13 +45,14 @@ impl IdentityStore {
         self.dirty = true;
     }
 
-    /// Writes `state` if it changed since the last write. The file is small (a claim is about
-    /// 110 bytes), so it is written in place of a queue: the next call retries a failure.
-    pub fn save_if_changed(&mut self, state: &IdentityState) -> Result<()> {
+    /// Writes the state `state` gives if it changed since the last write (only then is it
+    /// asked for). The file is small (a claim is about 110 bytes), so it is written in place of
+    /// a queue: the next call retries a failure.
+    pub fn save_if_changed(&mut self, state: impl FnOnce() -> IdentityState) -> Result<()> {
         if !self.dirty {
             return Ok(());
         }
-        let bytes = postcard::to_stdvec(state).context("encoding the identities")?;
+        let bytes = postcard::to_stdvec(&state()).context("encoding the identities")?;
         write_atomic(&self.path, &bytes)?;
         self.dirty = false;
         Ok(())
@@ -72,10 +73,10 @@ mod tests {
         assert!(store.load().expect("nothing yet").is_none());
         let key = SigningKey::from_seed(&[3; 32]).expect("key");
         let st = IdentityState { claims: vec![Claim::self_signed(&key, PeerName::from_u64(9))], ..Default::default() };
-        store.save_if_changed(&st).expect("clean: nothing written");
+        store.save_if_changed(|| unreachable!("clean: nothing asked for")).expect("clean: nothing written");
         assert!(store.load().expect("still nothing").is_none());
         store.changed();
-        store.save_if_changed(&st).expect("save");
+        store.save_if_changed(|| st.clone()).expect("save");
         assert_eq!(store.load().expect("load"), Some(st));
         std::fs::write(dir.join(STATE_FILE), [0xff; 7]).expect("write");
         let err = store.load().expect_err("corrupt");
