@@ -150,7 +150,7 @@ fn forged_gossip_is_dropped_counted_and_changes_nothing() {
     // 3. Unicasts in host 1's name: donation requests and anything else for the IPAM channel.
     let mut msgs = vec![
         ControlMsg::Gossip { channel: "topology".into(), payload: Topology::encode(&[forged]) },
-        ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload: postcard_bytes(&claim) },
+        ControlMsg::Gossip { channel: IDENTITY_CHANNEL.into(), payload: signed_bytes(&claim) },
     ];
     for i in 0..200u32 {
         let payload = i.to_be_bytes().to_vec();
@@ -178,10 +178,6 @@ fn forged_gossip_is_dropped_counted_and_changes_nothing() {
     // Discovery never dials the address the forged entry named.
     assert!(st["targets"].as_array().expect("targets").iter().all(|t| t["address"] != "192.168.77.99:6783"), "{}", st["targets"]);
     assert!(ping_until(&lab, &a, &b_ip, &[], Duration::from_secs(5)), "the honest mesh stopped passing traffic");
-}
-
-fn postcard_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    signed_bytes(v)
 }
 
 /// `weft identity show` on host `i` (before its router starts): its name and key.

@@ -342,6 +342,22 @@ fn sleeve_key(raw: &[u8; 32], info: &[u8]) -> [u8; 32] {
     }
 }
 
+/// A responder on a loopback port that takes one connection and runs [`handshake`] on it with
+/// `psk` and a fresh key: its address and the handshake's outcome.
+#[cfg(test)]
+pub(super) async fn test_responder(
+    psk: Option<[u8; 32]>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Result<Secured, HandshakeError>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let k = generate_keypair().expect("key pair").0;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.expect("accept");
+        handshake(&mut s, false, psk.as_ref(), &k).await
+    });
+    (addr, server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,13 +472,7 @@ mod tests {
     /// without waiting for bytes it never sends.
     #[tokio::test]
     async fn a_version_1_peer_gets_the_version_error() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let k = key();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.expect("accept");
-            handshake(&mut s, false, Some(&[1; 32]), &k).await
-        });
+        let (addr, server) = test_responder(Some([1; 32])).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(b"weft\x00\x01\x00\x01\x01\x00").await.expect("write");
         let mut ours = [0u8; PREAMBLE_HEAD];
@@ -478,13 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overlong_handshake_message_is_refused_before_it_is_read() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let k = key();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.expect("accept");
-            handshake(&mut s, false, Some(&[1; 32]), &k).await
-        });
+        let (addr, server) = test_responder(Some([1; 32])).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(&our_preamble(true)).await.expect("write");
         c.write_all(&(MAX_HANDSHAKE_MESSAGE as u16 + 1).to_be_bytes()).await.expect("write");

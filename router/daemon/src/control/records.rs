@@ -279,12 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_preamble_is_refused() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.expect("accept");
-            handshake(&mut s, false, None, &[0; 32]).await
-        });
+        let (addr, server) = super::super::handshake::test_responder(None).await;
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
         assert!(matches!(server.await.expect("join"), Err(HandshakeError::BadPreamble)));
