@@ -295,6 +295,16 @@ struct RouterArgs {
     /// Do not connect to peers learned from other peers.
     #[arg(long)]
     no_discovery: bool,
+    /// Never use the kernel VXLAN fastpath: all frames between hosts go through the sleeve.
+    #[arg(long)]
+    no_fastpath: bool,
+    /// UDP port of the kernel VXLAN fastpath.
+    #[arg(long, default_value_t = weft_proto::fastpath::DEFAULT_PORT)]
+    fastpath_port: u16,
+    /// With a password: underlay subnets (CIDR,...) towards which container traffic may take the
+    /// fastpath, UNENCRYPTED on the underlay. Peers outside them always get the encrypted sleeve.
+    #[arg(long, value_delimiter = ',')]
+    trusted_subnets: Vec<String>,
     /// Do not ask the kernel for TAP segmentation offload.
     #[arg(long)]
     no_offload: bool,
@@ -626,6 +636,13 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
         peers: args.peers,
         max_datagram: args.max_datagram,
         offload: !args.no_offload,
+        fastpath: !args.no_fastpath,
+        fastpath_port: args.fastpath_port,
+        trusted_subnets: args
+            .trusted_subnets
+            .iter()
+            .map(|t| t.parse().map_err(|e| anyhow::anyhow!("--trusted-subnets: {e}")))
+            .collect::<Result<Vec<_>>>()?,
         ipam: weft_router::services::ipam::IpamOptions {
             range: args.ipalloc_range.parse().map_err(|e| anyhow::anyhow!("--ipalloc-range: {e}"))?,
             default_subnet: match &args.ipalloc_default_subnet {
@@ -709,6 +726,19 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
     if a.no_offload {
         cmd.arg("--no-offload");
     }
+    if a.no_fastpath {
+        cmd.arg("--no-fastpath");
+    }
+    cmd.args(["--fastpath-port", &a.fastpath_port.to_string()]);
+    if !a.trusted_subnets.is_empty() {
+        cmd.args(["--trusted-subnets", &a.trusted_subnets.join(",")]);
+    }
+    if let Some(c) = &a.ca {
+        cmd.args(["--ca", c]);
+    }
+    if let Some(c) = &a.cert {
+        cmd.arg("--cert").arg(c);
+    }
     cmd.args(["--ipalloc-range", &a.ipalloc_range, "--ipalloc-init", &a.ipalloc_init]);
     cmd.args(["--ipalloc-gc-grace", &a.ipalloc_gc_grace.to_string()]);
     if let Some(s) = &a.ipalloc_default_subnet {
@@ -757,7 +787,7 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
             };
             if as_json {
                 writeln!(out, "{}", json!({"pid": pid, "name": v["name"], "log": log_path, "encryption": v["encryption"],
-                    "warning": weak}))?;
+                    "warning": weak, "fastpath": v["fastpath"]}))?;
             } else {
                 writeln!(out, "weft router started: pid {pid}, peer {} ({}), log {}", v["name"].as_str().unwrap_or("?"),
                     v["nickname"].as_str().unwrap_or("?"), log_path.display())?;
@@ -766,6 +796,19 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
                 }
                 if let Some(why) = weak {
                     writeln!(out, "WARNING: {why}")?;
+                }
+                let fp = &v["fastpath"];
+                if fp["enabled"] == true {
+                    let subnets: Vec<&str> = fp["trusted_subnets"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect()).unwrap_or_default();
+                    if v["encryption"] == "enabled" && !subnets.is_empty() {
+                        writeln!(out, "WARNING: fastpath on towards peers in {}: their container traffic crosses the underlay UNENCRYPTED (VXLAN, UDP {})", subnets.join(", "), fp["port"])?;
+                    } else if v["encryption"] == "enabled" {
+                        writeln!(out, "fastpath: not used (encrypted mesh and no --trusted-subnets): all traffic goes through the encrypted sleeve")?;
+                    } else {
+                        writeln!(out, "fastpath: on (kernel VXLAN, UDP {}) towards every peer where it works", fp["port"])?;
+                    }
+                } else {
+                    writeln!(out, "fastpath: off: {}", fp["why_not"].as_str().unwrap_or("?"))?;
                 }
             }
             return Ok(());

@@ -47,6 +47,19 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             "      Sleeve: UDP {}, offload {}, max datagram {}, bridge {} (mtu {})",
             sl["port"], sl["offload"], sl["max_datagram"], s(&v["bridge"]), v["mtu"]
         )?;
+        let fp = &v["fastpath"];
+        if fp["enabled"] == true {
+            let on = conns.iter().filter(|c| c["path"] == "fastpath").count();
+            let plain: Vec<&str> = fp["unencrypted_peers"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+            let plain = if v["encryption"] == "enabled" && !plain.is_empty() {
+                format!("; UNENCRYPTED on the underlay to {}", plain.join(", "))
+            } else {
+                String::new()
+            };
+            writeln!(out, "    Fastpath: VXLAN {} on UDP {}, {on} connection(s) on it, {} fallback(s){plain}", s(&fp["device"]), fp["port"], fp["fallbacks"])?;
+        } else if !fp.is_null() {
+            writeln!(out, "    Fastpath: off: {}", s(&fp["why_not"]))?;
+        }
         let drops: u64 = v["stats"]["drops"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
         writeln!(
             out,
@@ -63,11 +76,11 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         for c in conns {
             writeln!(
                 out,
-                "  {} {:<21} {:<11} {:<11} {:<6} {} ({})  {}",
+                "  {} {:<21} {:<11} {:<11} {:<8} {} ({})  {}",
                 if c["outbound"] == true { "->" } else { "<-" },
                 s(&c["address"]),
                 s(&c["state"]),
-                if c["encrypted"] == true { "encrypted" } else { "PLAINTEXT" },
+                if c["encrypted"] == true && c["path"] != "fastpath" { "encrypted" } else { "PLAINTEXT" },
                 s(&c["path"]),
                 s(&c["peer_name"]),
                 s(&c["peer_nickname"]),

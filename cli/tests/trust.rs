@@ -43,7 +43,7 @@ fn rogue(ns: &str, to: SocketAddr, name: PeerName, key: SigningKey, msgs: Vec<Co
             let mut r = RecordReader::new(rd, sec.transport);
             let claim = Claim::self_signed(&key, name);
             let hello = Hello::prove(&key, claim, "rogue".into(), 1, 6783, &sec.binding);
-            w.send(&SessionHello { hello, udp_port: 6783, sleeve_index: 1 }).await.expect("hello");
+            w.send(&SessionHello { hello, udp_port: 6783, sleeve_index: 1, fastpath: weft_proto::fastpath::Offer::No("a rogue".into()) }).await.expect("hello");
             let theirs = r.recv::<SessionHello>().await;
             assert!(theirs.is_ok(), "the router's hello: {:?}", theirs.err());
             for m in &msgs {

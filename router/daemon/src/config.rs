@@ -46,6 +46,12 @@ pub struct Options {
     pub max_datagram: usize,
     /// Ask the kernel for TAP segmentation offload.
     pub offload: bool,
+    /// Use the kernel VXLAN fastpath where it works and the policy allows it.
+    pub fastpath: bool,
+    /// Its UDP port.
+    pub fastpath_port: u16,
+    /// With a password, the underlay subnets the fastpath (plaintext) may be used towards.
+    pub trusted_subnets: Vec<weft_proto::fastpath::Subnet>,
     /// Address allocation.
     pub ipam: IpamOptions,
     /// Container DNS.

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::control::stats::{ControlStats, CONN_STATES, HANDSHAKE_LABELS, READ_LABELS, REFUSAL_LABELS};
+use crate::control::stats::{ControlStats, CONN_STATES, PATHS, HANDSHAKE_LABELS, READ_LABELS, REFUSAL_LABELS};
 use crate::frame::stats::{labelled, DROP_LABELS};
 use crate::frame::FramePath;
 
@@ -110,6 +110,36 @@ impl Collector for WeftCollector {
             }
         }
         family(&mut enc, "weft_connections", "Control connections by state and encryption", MetricType::Gauge, conns)?;
+        let by_path = PATHS.iter().zip(&c.paths).map(|(p, n)| (vec![("path", p.to_string())], n.load(Relaxed).max(0) as u64)).collect();
+        family(&mut enc, "weft_connection_paths", "Established connections by the path carrying their frames", MetricType::Gauge, by_path)?;
+        let f = &c.fastpath;
+        let pd = |p: &'static str, d: &'static str, v: u64| (vec![("path", p.to_string()), ("direction", d.to_string())], v);
+        family(&mut enc, "weft_path_packets", "Frames between hosts by path (fastpath: the VXLAN device's packets, heartbeats included)", MetricType::Counter, vec![
+            pd("sleeve", "out", s.frames_out.load(Relaxed)),
+            pd("sleeve", "in", s.frames_in.load(Relaxed)),
+            pd("fastpath", "out", f.tx_packets.load(Relaxed)),
+            pd("fastpath", "in", f.rx_packets.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_path_bytes", "Bytes of frames between hosts by path", MetricType::Counter, vec![
+            pd("sleeve", "out", s.bytes_out.load(Relaxed)),
+            pd("sleeve", "in", s.bytes_in.load(Relaxed)),
+            pd("fastpath", "out", f.tx_bytes.load(Relaxed)),
+            pd("fastpath", "in", f.rx_bytes.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_fastpath_fallbacks", "Times a connection left the fastpath for the sleeve", MetricType::Counter, vec![
+            (vec![], f.fallbacks.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_fastpath_activations", "Times a connection went (back) onto the fastpath", MetricType::Counter, vec![
+            (vec![], f.activations.load(Relaxed)),
+        ])?;
+        family(&mut enc, "weft_fastpath_entries", "Remote MACs with kernel forwarding entries on the fastpath", MetricType::Gauge, vec![
+            (vec![], f.entries.load(Relaxed)),
+        ])?;
+        let hb = by_reason(&weft_proto::fastpath::HeartbeatError::LABELS, &f.heartbeats_refused);
+        family(&mut enc, "weft_fastpath_heartbeats_refused", "Fastpath heartbeats refused (bad tag, replayed, unknown peer, ...)", MetricType::Counter, hb)?;
+        family(&mut enc, "weft_fastpath_tx_dropped", "Frames the VXLAN device dropped on transmit", MetricType::Counter, vec![
+            (vec![], f.tx_dropped.load(Relaxed)),
+        ])?;
         family(&mut enc, "weft_peers", "Peers known, including this one", MetricType::Gauge, vec![
             (vec![], c.peers.load(Relaxed)),
         ])?;

@@ -17,6 +17,7 @@ use crate::api::state::ApiState;
 use crate::api::server::{serve_api, serve_metrics};
 use crate::config::Options;
 use crate::control::actor::{forward_signals, Actor};
+use crate::control::fastpath::{Fastpath, Settings};
 use crate::control::conn::{accept_loop, dial_on_request, resolve, Dialer, Introduction};
 use crate::control::handshake::{generate_keypair, Handshaker};
 use crate::control::stats::ControlStats;
@@ -160,6 +161,17 @@ impl Start {
 
         // The frame path.
         let frames = Arc::new(FramePath::start(id_name, tap, tap_mac, udp, opts.max_datagram, Limits::default())?);
+        let stats = Arc::new(ControlStats::default());
+
+        // The kernel fastpath beside it: the VXLAN device on the bridge (or why there is none).
+        let settings = Settings {
+            enabled: opts.fastpath,
+            port: opts.fastpath_port,
+            trusted: opts.trusted_subnets.clone(),
+            encrypted,
+        };
+        let fastpath = Fastpath::start(id_name, settings, netdev.clone(), &opts.bridge, &tap_name, stats.fastpath.clone()).await;
+        frames.set_learn_hook(fastpath.learn_hook());
 
         // The control path's core, with its services.
         let now = Instant::now();
@@ -192,7 +204,6 @@ impl Start {
         let (inputs_tx, inputs_rx) = mpsc::channel(INPUT_QUEUE);
         let (saves_tx, saves_rx) = mpsc::channel(16);
         let writer = Writer::spawn(saves_tx)?;
-        let stats = Arc::new(ControlStats::default());
         let dns_server = if opts.dns.enabled {
             let reverse = (IpAddr::V4(ipam_cfg.range.addr.into()), ipam_cfg.range.prefix);
             dns_server::spawn(opts.dns.clone(), reverse, opts.bridge.clone(), netdev.clone(), records.view(), stats.dns.clone())
@@ -212,7 +223,7 @@ impl Start {
 
         // Connections.
         let me = Introduction { key: signing, claim, nickname: nickname.clone(), uid, listen_port };
-        let dialer = Arc::new(Dialer::new(keys, me, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()));
+        let dialer = Arc::new(Dialer::new(keys, me, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()).with_fastpath(fastpath.clone()));
         let dials = dial_on_request(dialer.clone());
         tokio::spawn(accept_loop(dialer, listener));
 
@@ -244,7 +255,7 @@ impl Start {
             offload, gso_segments = frames.gso_segments(), port = listen_port, "router started"
         );
         let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now };
-        let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx, identities);
+        let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx, identities, fastpath.clone());
         let result = actor.run(inputs_rx, saves_rx).await;
 
         // Down: answers under way go out, then the threads stop.
@@ -253,6 +264,8 @@ impl Start {
             warn!("API requests still under way after {API_DRAIN:?}; stopping anyway");
         }
         let _ = tokio::task::spawn_blocking(move || frames.stop()).await;
+        // What weft created goes with it: the VXLAN device and its entries.
+        fastpath.stop().await;
         let _ = std::fs::remove_file(&opts.api_socket);
         result
     }

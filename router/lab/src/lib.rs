@@ -6,18 +6,19 @@
 //! [`Lab::start_router`] runs `weft router` in a host namespace as a child process (its log goes to
 //! `/tmp/weft-lab-<id>/h<i>/router.log`), [`Lab::add_container`] makes a "container" namespace and
 //! has that host's router attach it, [`Lab::block`] cuts the underlay between two hosts with an
-//! nftables rule on the switch. Dropping the [`Lab`] stops the routers and deletes everything it
-//! made; [`cleanup_stale`] removes what a crashed run left behind. [`demo`] is `weft lab demo`.
+//! nftables rule on the switch ([`Lab::block_udp`] only their UDP datagrams to one port). Dropping
+//! the [`Lab`] stops the routers and deletes everything it made; [`cleanup_stale`] removes what a
+//! crashed run left behind. [`demo`] is `weft lab demo`.
 //!
 //! [`probe`] has what the demo checks with, done by weft itself from inside a namespace (on a
 //! thread that enters it): an ICMP echo ([`probe::icmp_echo`]) and a DNS A query
 //! ([`probe::dns_query_a`]), so the lab needs no `ping` or `dig`.
 //!
 //! What it needs: root, and `ip` (Debian package iproute2) and `nsenter` (util-linux) in PATH;
-//! [`Lab::new`] checks for them and names the package to install. [`Lab::block`] also needs `nft`
-//! (nftables) and checks for it. Tests that run real tools in the lab's namespaces with
-//! [`Lab::exec`] (`ping`, `dig`, `iperf3`, ...) need those too; [`require_lab`] skips them with a
-//! message when something is missing.
+//! [`Lab::new`] checks for them and names the package to install. [`Lab::block`] and
+//! [`Lab::block_udp`] also need `nft` (nftables) and check for it. Tests that run real tools in
+//! the lab's namespaces with [`Lab::exec`] (`ping`, `dig`, `iperf3`, ...) need those too;
+//! [`require_lab`] skips them with a message when something is missing.
 //!
 //! Names: every lab has an id `wl<pid>x<n>` (creator PID, per-process counter); its namespaces are
 //! `<id>-sw`, `<id>-h<i>` and `<id>-<container>`. Commands run in a namespace with
@@ -25,8 +26,9 @@
 //! namespaces created later).
 //!
 //! Left out: only network namespaces are used (containers share the machine's mount, PID and user
-//! namespaces and its filesystem); no impairment beyond a full block (the kernel here has no
-//! netem); IPv4 underlay only; one flat L2 underlay (no routed/NATed hosts). Everything needs root.
+//! namespaces and its filesystem); no impairment beyond a full block or a dropped UDP port (the
+//! kernel here has no netem); IPv4 underlay only; one flat L2 underlay (no routed/NATed hosts).
+//! Everything needs root.
 //! Traffic only flows between the lab's own namespaces: [`Lab::exec`] refuses other namespaces.
 //!
 //! A test:
@@ -67,7 +69,8 @@ use std::time::{Duration, Instant};
 pub mod probe;
 
 const NETNS_DIR: &str = "/run/netns";
-/// The tools every lab needs in PATH (see [`debian_package`]); `nft` only for [`Lab::block`].
+/// The tools every lab needs in PATH (see [`debian_package`]); `nft` only for [`Lab::block`] and
+/// [`Lab::block_udp`].
 const LAB_TOOLS: [&str; 2] = ["ip", "nsenter"];
 /// Limit for `ip`, `nft` and `weft` client commands.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -164,6 +167,8 @@ pub struct Lab {
     /// Every namespace this lab made, in creation order.
     namespaces: Vec<String>,
     blocked: BTreeSet<(usize, usize)>,
+    /// Host pairs (lower index first) and UDP destination ports blocked with [`Lab::block_udp`].
+    blocked_udp: BTreeSet<(usize, usize, u16)>,
     nft_ready: bool,
 }
 
@@ -195,6 +200,7 @@ impl Lab {
             hosts: Vec::new(),
             namespaces: Vec::new(),
             blocked: BTreeSet::new(),
+            blocked_udp: BTreeSet::new(),
             nft_ready: false,
         };
         if let Err(e) = lab.build() {
@@ -623,6 +629,38 @@ impl Lab {
         Ok(())
     }
 
+    /// Drops only the UDP datagrams with destination port `port` between hosts `a` and `b`,
+    /// both ways (set `blocked_udp` of the same nftables table as [`Lab::block`]); everything else
+    /// between them still flows, e.g. to cut one UDP data path while the TCP control connection
+    /// and the other UDP ports stay up. Independent of [`Lab::block`]; blocking twice is a no-op.
+    /// Needs `nft` (Debian package nftables) in PATH.
+    pub fn block_udp(&mut self, a: usize, b: usize, port: u16) -> Result<()> {
+        let (lo, hi) = self.pair(a, b)?;
+        if self.blocked_udp.contains(&(lo, hi, port)) {
+            return Ok(());
+        }
+        need_tool("nft", "Lab::block_udp")?;
+        self.ensure_nft()?;
+        self.nft(&format!(
+            "add element bridge weft_lab blocked_udp {{ \"s{a}\" . \"s{b}\" . {port}, \"s{b}\" . \"s{a}\" . {port} }}"
+        ))?;
+        self.blocked_udp.insert((lo, hi, port));
+        Ok(())
+    }
+
+    /// Undoes [`Lab::block_udp`]; a no-op if that pair and port are not blocked.
+    pub fn unblock_udp(&mut self, a: usize, b: usize, port: u16) -> Result<()> {
+        let (lo, hi) = self.pair(a, b)?;
+        if !self.blocked_udp.contains(&(lo, hi, port)) {
+            return Ok(());
+        }
+        self.nft(&format!(
+            "delete element bridge weft_lab blocked_udp {{ \"s{a}\" . \"s{b}\" . {port}, \"s{b}\" . \"s{a}\" . {port} }}"
+        ))?;
+        self.blocked_udp.remove(&(lo, hi, port));
+        Ok(())
+    }
+
     fn pair(&self, a: usize, b: usize) -> Result<(usize, usize)> {
         self.checked_host(a)?;
         self.checked_host(b)?;
@@ -632,13 +670,20 @@ impl Lab {
         Ok((a.min(b), a.max(b)))
     }
 
+    /// Makes the `weft_lab` table once: set `blocked` (switch port pairs, [`Lab::block`]) and set
+    /// `blocked_udp` (port pairs and a UDP destination port, [`Lab::block_udp`]), each with a drop
+    /// rule in the bridge's forward hook. (`udp dport` implies a `meta l4proto udp` check; of a
+    /// fragmented datagram only the first fragment carries the port and is dropped, which is
+    /// enough to lose the datagram.)
     fn ensure_nft(&mut self) -> Result<()> {
         if !self.nft_ready {
             self.nft(
                 "add table bridge weft_lab; \
                  add set bridge weft_lab blocked { type ifname . ifname; }; \
+                 add set bridge weft_lab blocked_udp { type ifname . ifname . inet_service; }; \
                  add chain bridge weft_lab forward { type filter hook forward priority 0; policy accept; }; \
-                 add rule bridge weft_lab forward iifname . oifname @blocked drop",
+                 add rule bridge weft_lab forward iifname . oifname @blocked drop; \
+                 add rule bridge weft_lab forward iifname . oifname . udp dport @blocked_udp drop",
             )?;
             self.nft_ready = true;
         }

@@ -1,7 +1,7 @@
 //! The lab's own tests. They need root, `ip` and `nsenter` (and `nft` for blocking) and skip
-//! otherwise; they reach other namespaces with the lab's own [`probe`]s, not `ping` or `dig`. The
-//! router ones use a fake `weft` shell script, so they check the lab's plumbing (arguments, logs,
-//! PIDs, JSON, cleanup), not weft itself.
+//! otherwise; they reach other namespaces with the lab's own [`probe`]s (and plain UDP sockets made
+//! in them), not `ping` or `dig`. The router ones use a fake `weft` shell script, so they check the
+//! lab's plumbing (arguments, logs, PIDs, JSON, cleanup), not weft itself.
 #![allow(clippy::unwrap_used)]
 
 use super::*;
@@ -69,6 +69,86 @@ fn block_and_unblock() {
     assert!(ping(&lab, &h0, ip1), "still blocked after unblock");
     assert!(lab.block(2, 2).is_err());
     assert!(lab.block(0, 9).is_err());
+}
+
+/// Whether a UDP datagram from host `from` reaches host `to` on `port` (three sent, one wanted
+/// within `wait`). The receiving socket is made in `to`'s namespace and stays bound to it.
+fn udp_gets_through(lab: &Lab, from: usize, to: usize, port: u16, wait: Duration) -> bool {
+    let dst = lab.host(to).underlay_ip;
+    let rx = probe::in_netns(&lab.netns_path(&lab.host(to).ns).unwrap(), || {
+        Ok(std::net::UdpSocket::bind((dst, port))?)
+    })
+    .unwrap();
+    rx.set_read_timeout(Some(wait)).unwrap();
+    probe::in_netns(&lab.netns_path(&lab.host(from).ns).unwrap(), || {
+        let tx = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        for _ in 0..3 {
+            tx.send_to(b"weft-lab", (dst, port))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let mut buf = [0u8; 16];
+    matches!(rx.recv_from(&mut buf), Ok((8, _)))
+}
+
+#[test]
+fn block_and_unblock_udp() {
+    if !require_lab("block_and_unblock_udp", &["nft"]) {
+        return;
+    }
+    let mut lab = Lab::new(LabConfig::new(3, "/nonexistent/weft")).unwrap();
+    let (h0, h1) = (lab.host(0).ns.clone(), lab.host(1).ns.clone());
+    let (ip0, ip1) = (lab.host(0).underlay_ip, lab.host(1).underlay_ip);
+    let (pass, drop_) = (Duration::from_secs(2), Duration::from_millis(500));
+    assert!(ping(&lab, &h0, ip1) && ping(&lab, &h0, lab.host(2).underlay_ip));
+    assert!(udp_gets_through(&lab, 0, 1, 6784, pass));
+    lab.block_udp(1, 0, 6784).unwrap();
+    lab.block_udp(0, 1, 6784).unwrap(); // no-op
+    assert!(
+        !udp_gets_through(&lab, 0, 1, 6784, drop_),
+        "datagram went through while blocked"
+    );
+    assert!(
+        !udp_gets_through(&lab, 1, 0, 6784, drop_),
+        "reverse direction not blocked"
+    );
+    assert!(
+        udp_gets_through(&lab, 0, 1, 6783, pass),
+        "another port was blocked"
+    );
+    assert!(
+        udp_gets_through(&lab, 0, 2, 6784, pass),
+        "unrelated pair was blocked"
+    );
+    assert!(
+        ping(&lab, &h0, ip1) && ping(&lab, &h1, ip0),
+        "ICMP was blocked"
+    );
+    // independent of the full block: undoing one leaves the other
+    lab.unblock(0, 1).unwrap(); // no-op: the pair was never fully blocked
+    assert!(
+        !udp_gets_through(&lab, 0, 1, 6784, drop_),
+        "unblock lifted the UDP block"
+    );
+    lab.block(0, 1).unwrap();
+    lab.unblock_udp(0, 1, 6784).unwrap();
+    lab.unblock_udp(0, 1, 6784).unwrap(); // no-op
+    assert!(
+        !udp_gets_through(&lab, 0, 1, 6784, drop_),
+        "unblock_udp lifted the full block"
+    );
+    lab.unblock(0, 1).unwrap();
+    assert!(
+        udp_gets_through(&lab, 0, 1, 6784, pass),
+        "still blocked after unblock_udp"
+    );
+    assert!(
+        udp_gets_through(&lab, 1, 0, 6784, pass),
+        "reverse still blocked after unblock_udp"
+    );
+    assert!(lab.block_udp(2, 2, 6784).is_err());
+    assert!(lab.block_udp(0, 9, 6784).is_err());
 }
 
 #[test]

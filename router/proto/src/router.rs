@@ -81,6 +81,11 @@ pub enum ControlMsg {
         /// Whether this answers a digest (never answered in turn).
         reply: bool,
     },
+    /// Whether the sender hears our fastpath heartbeats (the VXLAN path towards it works).
+    FastpathState {
+        /// True when heartbeats arrive, enough of them in a row.
+        receiving: bool,
+    },
 }
 
 /// A piece of replicated state that rides on gossip (IPAM, DNS, ...).
@@ -846,7 +851,7 @@ impl Router {
     pub fn handle_message(&mut self, now: Instant, conn: ConnId, msg: ControlMsg) -> Result<(), String> {
         let Some(from) = self.conns.get(&conn).map(|c| c.peer) else { return Ok(()) };
         match msg {
-            ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } => Ok(()),
+            ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } | ControlMsg::FastpathState { .. } => Ok(()),
             ControlMsg::Digest { channel, payload, reply } => {
                 if channel == IDENTITY_CHANNEL {
                     // A hash of the sender's claims, re-keys and revocations: when ours

@@ -26,7 +26,8 @@ use super::conns::{Conn, Conns};
 use super::input::{ConnUp, Input, Request};
 use super::stats::ControlStats;
 use super::status::{status, StatusInfo};
-use crate::frame::forwarder::{Paths, SleeveForwarder};
+use super::fastpath::Fastpath;
+use crate::frame::forwarder::{Forwarder, Paths, SleeveForwarder};
 use crate::frame::plane::FramePath;
 use crate::host::netns::netns_alive;
 use crate::services::dns::DnsService;
@@ -62,6 +63,8 @@ pub struct Actor {
     pub inputs: mpsc::Sender<Input>,
     /// Where the name bindings are kept.
     pub identities: IdentityStore,
+    /// The kernel fastpath.
+    pub fastpath: Arc<Fastpath>,
     conns: Conns,
     stopping: Option<&'static str>,
 }
@@ -80,6 +83,7 @@ impl Actor {
         info: StatusInfo,
         inputs: mpsc::Sender<Input>,
         identities: IdentityStore,
+        fastpath: Arc<Fastpath>,
     ) -> Self {
         Actor {
             core,
@@ -92,6 +96,7 @@ impl Actor {
             info,
             inputs,
             identities,
+            fastpath,
             conns: Conns::default(),
             stopping: None,
         }
@@ -154,7 +159,7 @@ impl Actor {
                 self.core.handle_connect_failed(now, addr, error);
             }
             Input::Message { id, msg } => {
-                if let ControlMsg::SleeveState { .. } = msg {
+                if let ControlMsg::SleeveState { .. } | ControlMsg::FastpathState { .. } = msg {
                     if let Some(c) = self.conns.get_mut(id) {
                         if c.paths.handle_report(&msg) {
                             self.path_changed(id);
@@ -182,6 +187,7 @@ impl Actor {
         let our_index = lease.index();
         let peer = hello.hello.name;
         let nick = hello.hello.nickname.clone();
+        let binding = session.binding;
         match self.core.handle_connection_up(now, id, remote, target, hello.hello, session) {
             Ok(()) => {
                 let encrypted = matches!(ciphers.0, Cipher::Aes256Gcm(_));
@@ -194,7 +200,15 @@ impl Actor {
                     Opener::new(ciphers.1),
                 );
                 info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, "connection up");
-                let paths = Paths::new(vec![Box::new(SleeveForwarder::new(link.clone(), self.info.udp_port))]);
+                let sleeve: Box<dyn Forwarder> = Box::new(SleeveForwarder::new(link.clone(), self.info.udp_port));
+                let ours = self.fastpath.offer(remote.ip());
+                let paths = match self.fastpath.forwarder(peer, remote.ip(), &ours, &hello.fastpath, &binding) {
+                    Ok(fast) => Paths::new(vec![Box::new(fast), sleeve]),
+                    Err(why) => {
+                        debug!(%peer, reason = %why, "no fastpath for this connection");
+                        Paths::new(vec![sleeve]).with_note(bounded(why))
+                    }
+                };
                 self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths });
                 let _ = reply.send(Some(link));
             }
@@ -213,6 +227,7 @@ impl Actor {
         match r {
             Request::Status(reply) => {
                 let mut v = status(&self.core, &self.conns, &self.frames, &self.stats, &self.info);
+                v["fastpath"] = self.fastpath.status(self.unencrypted_peers());
                 v["ipam"] = self.ipam.status(&mut self.core);
                 v["dns"] = self.dns.status(&mut self.core);
                 let _ = reply.send(v);
@@ -244,6 +259,20 @@ impl Actor {
                 let _ = reply.send(out);
             }
         }
+    }
+
+    /// Peers whose container traffic crosses the underlay in plaintext: every connected peer
+    /// without a password, those on the fastpath with one.
+    fn unencrypted_peers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.encrypted || c.paths.active() == Some("fastpath"))
+            .map(|(_, c)| c.peer.to_string())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     fn saved(&mut self, done: SaveDone) {
@@ -307,6 +336,17 @@ impl Actor {
             // Established exactly when a path works (see `Paths::describe`).
             let state = usize::from(c.paths.active().is_none());
             counts[state][usize::from(!c.encrypted)] += 1;
+        }
+        let mut paths = [0i64; 2];
+        for (_, c) in self.conns.iter() {
+            match c.paths.active() {
+                Some("fastpath") => paths[0] += 1,
+                Some(_) => paths[1] += 1,
+                None => {}
+            }
+        }
+        for (v, g) in paths.iter().zip(&s.paths) {
+            g.store(*v, Relaxed);
         }
         for (row, gauges) in counts.iter().zip(&s.connections) {
             for (v, g) in row.iter().zip(gauges) {
@@ -385,6 +425,20 @@ impl Actor {
         }
         self.core.handle_connection_down(Instant::now(), id, &reason);
     }
+}
+
+/// A peer's explanation, cut to a length a status line can show.
+fn bounded(mut why: String) -> String {
+    const MAX: usize = 200;
+    if why.len() > MAX {
+        let mut end = MAX;
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        why.truncate(end);
+        why.push('…');
+    }
+    why
 }
 
 /// Forwards SIGINT and SIGTERM to the actor as [`Input::Stop`]. The signal streams are made once,

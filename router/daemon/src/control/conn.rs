@@ -12,10 +12,12 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
+use weft_proto::fastpath::Offer;
 use weft_proto::identity::Claim;
 use weft_proto::router::Session;
 use weft_proto::{ConnId, ControlMsg, Hello, SigningKey};
 
+use super::fastpath::Fastpath;
 use super::admission::{Gate, Limits, Refusal, Ticket, Verdict};
 use super::handshake::{HandshakeError, Handshaker, SessionHello};
 use super::input::{ConnUp, Input};
@@ -46,6 +48,8 @@ pub struct Dialer {
     inputs: mpsc::Sender<Input>,
     next_conn: AtomicU64,
     rekey_interval: Duration,
+    /// The kernel fastpath, whose offer each hello carries.
+    fastpath: Option<Arc<Fastpath>>,
 }
 
 impl Dialer {
@@ -59,7 +63,13 @@ impl Dialer {
         inputs: mpsc::Sender<Input>,
     ) -> Self {
         let rekey_interval = rekey::interval_from_env();
-        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1), rekey_interval }
+        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1), rekey_interval, fastpath: None }
+    }
+
+    /// Offers `fastpath` on every connection.
+    pub(crate) fn with_fastpath(mut self, fastpath: Arc<Fastpath>) -> Self {
+        self.fastpath = Some(fastpath);
+        self
     }
 
     fn conn_id(&self) -> ConnId {
@@ -293,7 +303,8 @@ async fn connection(
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
     let lease = d.indices.lease();
-    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: lease.index() };
+    let fastpath = d.fastpath.as_ref().map_or_else(|| Offer::No("no fastpath".into()), |f| f.offer(remote.ip()));
+    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: lease.index(), fastpath };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     // The first message is bounded: nothing big is buffered for a peer whose hello is not in.
     let theirs: SessionHello = match in_time(deadline, permit.as_mut(), reader.recv_bounded(MAX_HELLO)).await {
@@ -457,7 +468,7 @@ mod tests {
         let key = SigningKey::from_seed(&[2; 32]).map_err(|e| e.to_string())?;
         let claim = Claim::self_signed(&key, PeerName::from_u64(2));
         let hello = Hello::prove(&key, claim, "joiner".into(), 2, 2, &sec.binding);
-        w.send(&SessionHello { hello, udp_port: 2, sleeve_index: 7 }).await.map_err(|e| format!("{e:#}"))?;
+        w.send(&SessionHello { hello, udp_port: 2, sleeve_index: 7, fastpath: Offer::No("test".into()) }).await.map_err(|e| format!("{e:#}"))?;
         r.recv::<SessionHello>().await.map_err(|e| e.to_string())
     }
 

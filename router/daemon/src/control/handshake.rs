@@ -16,10 +16,11 @@ use weft_proto::sleeve::Cipher;
 use weft_proto::Hello;
 
 /// Oldest and newest control protocol versions this build speaks. Version 2 added the nonce to
-/// the preamble and made both preambles the Noise prologue; nothing speaks 1 any more.
-pub const PROTOCOL_MIN: u16 = 2;
+/// the preamble and made both preambles the Noise prologue; version 3 added the fastpath (the
+/// hello's offer, `ControlMsg::FastpathState`). Nothing speaks 1 or 2 any more.
+pub const PROTOCOL_MIN: u16 = 3;
 /// See [`PROTOCOL_MIN`].
-pub const PROTOCOL_MAX: u16 = 2;
+pub const PROTOCOL_MAX: u16 = 3;
 /// The Noise protocol: mutual static keys (XX), the password as PSK mixed in last.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_AESGCM_SHA256";
 const MAGIC: &[u8; 4] = b"weft";
@@ -155,6 +156,8 @@ pub struct SessionHello {
     pub udp_port: u16,
     /// The index the peer must put in sleeve datagrams to us.
     pub sleeve_index: u32,
+    /// Whether the sender will carry this connection's frames on its kernel fastpath.
+    pub fastpath: weft_proto::fastpath::Offer,
 }
 
 async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, HandshakeError> {
@@ -440,7 +443,7 @@ mod tests {
     /// fail.
     #[tokio::test]
     async fn a_preamble_changed_on_the_way_fails_the_handshake() {
-        // Lowest version 2 -> 0 (still compatible), the reserved byte, an unknown flag bit, a nonce byte.
+        // Lowest version 3 -> 0 (still compatible), the reserved byte, an unknown flag bit, a nonce byte.
         fn min_version(at: usize, b: u8) -> u8 {
             if at == 5 { 0 } else { b }
         }
@@ -477,10 +480,10 @@ mod tests {
         c.write_all(b"weft\x00\x01\x00\x01\x01\x00").await.expect("write");
         let mut ours = [0u8; PREAMBLE_HEAD];
         c.read_exact(&mut ours).await.expect("read");
-        assert_eq!(&ours[4..8], &[0, 2, 0, 2], "what an old peer reads says 2..=2");
+        assert_eq!(&ours[4..8], &[0, 3, 0, 3], "what an old peer reads says 3..=3");
         let r = tokio::time::timeout(Duration::from_secs(5), server).await.expect("no stall").expect("join");
         assert!(
-            matches!(r, Err(HandshakeError::Version { their_min: 1, their_max: 1, our_min: 2, our_max: 2 })),
+            matches!(r, Err(HandshakeError::Version { their_min: 1, their_max: 1, our_min: 3, our_max: 3 })),
             "{:?}",
             r.err()
         );

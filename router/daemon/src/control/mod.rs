@@ -8,6 +8,7 @@ pub mod actor;
 pub mod admission;
 pub mod conn;
 pub mod conns;
+pub mod fastpath;
 pub mod handle;
 pub mod handshake;
 pub mod input;

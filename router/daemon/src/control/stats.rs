@@ -15,6 +15,8 @@ pub const HANDSHAKE_LABELS: [&str; 7] =
 pub const REFUSAL_LABELS: [&str; 3] = ["evicted", "source_busy", "rate_limited"];
 /// Control read error labels, in counter order.
 pub const READ_LABELS: [&str; 5] = ["closed", "oversized", "decrypt", "malformed", "io"];
+/// Data paths, in gauge order.
+pub const PATHS: [&str; 2] = ["fastpath", "sleeve"];
 /// Connection states, in gauge order.
 pub const CONN_STATES: [&str; 2] = ["established", "pending"];
 
@@ -71,6 +73,10 @@ pub struct ControlStats {
     pub dns: Arc<weft_dns::DnsStats>,
     /// DNS entries.
     pub dns_entries: DnsGauges,
+    /// Established connections by the path carrying them, by [`PATHS`].
+    pub paths: [AtomicI64; 2],
+    /// The kernel fastpath's counters.
+    pub fastpath: Arc<super::fastpath::FastpathStats>,
 }
 
 impl ControlStats {

@@ -3,10 +3,10 @@
 //! Every control connection has an ordered list of candidate forwarders, most
 //! preferred first. Each keeps probing its own path; the connection carries
 //! frames on the first one whose probes say it works both ways, and falls back
-//! down the list when it stops working. The sleeve is the only forwarder
-//! today; the kernel VXLAN fastpath goes in front of it (programming FDB
-//! entries in `activate`, removing them in `deactivate`) without changes to
-//! the router or the actor.
+//! down the list when it stops working, and back up when a better one works
+//! again. The kernel VXLAN fastpath (`control::fastpath`) goes in front of
+//! the sleeve where both ends allow it: it programs the kernel's forwarding
+//! entries in `activate` and removes them in `deactivate`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,12 +110,20 @@ pub struct Paths {
     forwarders: Vec<Box<dyn Forwarder>>,
     active: Option<usize>,
     ever_up: bool,
+    /// Why a preferred path is not among the candidates (e.g. no fastpath towards this peer).
+    note: Option<String>,
 }
 
 impl Paths {
     /// Candidates in order of preference.
     pub fn new(forwarders: Vec<Box<dyn Forwarder>>) -> Self {
-        Paths { forwarders, active: None, ever_up: false }
+        Paths { forwarders, active: None, ever_up: false, note: None }
+    }
+
+    /// Says why a preferred path is missing from the candidates; shown while a lesser one works.
+    pub fn with_note(mut self, note: String) -> Self {
+        self.note = Some(note);
+        self
     }
 
     /// Probes every path and switches to the best one that works. Returns
@@ -158,8 +166,18 @@ impl Paths {
     /// State and explanation for status: established on the active path, or
     /// pending with the best candidate's reason.
     pub fn describe(&self) -> (&'static str, String) {
-        match self.active.and_then(|i| self.forwarders.get(i)) {
-            Some(f) => ("established", format!("{}: heartbeats both ways", f.kind())),
+        match self.active.and_then(|i| self.forwarders.get(i).map(|f| (i, f))) {
+            Some((i, f)) => {
+                // Why not a better one: the first preferred candidate's reason, or the note.
+                let better = self.forwarders[..i].iter().find_map(|b| match b.health() {
+                    Health::Up => None,
+                    Health::Down(r) => Some(r),
+                });
+                match better.or_else(|| self.note.clone()) {
+                    Some(why) => ("established", format!("{}: {why}", f.kind())),
+                    None => ("established", f.kind().to_string()),
+                }
+            }
             None => {
                 let why = self.forwarders.first().map(|f| match f.health() {
                     Health::Up => String::new(),
@@ -231,7 +249,9 @@ mod tests {
         assert!(p.handle_report(&ControlMsg::SleeveState { receiving: false }));
         assert_eq!(p.active(), Some("sleeve"));
         assert_eq!(*log.lock().expect("log"), vec!["+sleeve", "-sleeve", "+fastpath", "-fastpath", "+sleeve"]);
-        assert_eq!(p.describe(), ("established", "sleeve: heartbeats both ways".to_string()));
+        assert_eq!(p.describe(), ("established", "sleeve: fastpath down".to_string()));
+        assert!(p.handle_report(&ControlMsg::SleeveState { receiving: true }));
+        assert_eq!(p.describe(), ("established", "fastpath".to_string()));
     }
 
     #[test]
@@ -240,5 +260,14 @@ mod tests {
         let mut p = Paths::new(vec![Box::new(Fake { kind: "sleeve", up: false, active: log })]);
         assert!(!p.tick().1);
         assert_eq!(p.describe(), ("pending", "waiting: sleeve down".to_string()));
+    }
+
+    #[test]
+    fn a_note_says_why_the_preferred_path_is_missing() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut p = Paths::new(vec![Box::new(Fake { kind: "sleeve", up: true, active: log })])
+            .with_note("encrypted mesh and 192.0.2.7 is not in --trusted-subnets".into());
+        assert!(p.tick().1);
+        assert_eq!(p.describe(), ("established", "sleeve: encrypted mesh and 192.0.2.7 is not in --trusted-subnets".to_string()));
     }
 }

@@ -42,6 +42,7 @@ impl FramePath {
             stats: Stats::default(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
+            learn_hook: std::sync::OnceLock::new(),
         });
         let (learn_tx, learn_rx) = std::sync::mpsc::sync_channel(LEARN_QUEUE);
         let a = sh.clone();
@@ -56,6 +57,11 @@ impl FramePath {
             }
         };
         Ok(FramePath { sh, threads: Mutex::new(vec![t1, t2]) })
+    }
+
+    /// Installs the hook told about learned and moved MACs (once; later calls are ignored).
+    pub fn set_learn_hook(&self, hook: super::shared::LearnHook) {
+        let _ = self.sh.learn_hook.set(hook);
     }
 
     /// Counters.

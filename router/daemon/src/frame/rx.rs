@@ -156,6 +156,9 @@ impl Rx<'_> {
         }
         // After the relays: the decision borrows `inbound`.
         if let Some((mac, peer)) = announce {
+            if let Some(hook) = sh.learn_hook.get() {
+                hook(mac, peer);
+            }
             match self.learned.try_send((mac, peer)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {

@@ -2,7 +2,7 @@
 //! and the stop flag. The control path reaches it through [`super::plane::FramePath`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use weft_proto::switch::{Limits, Mac};
@@ -36,7 +36,13 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// The frame path's start, the epoch of links' heartbeat times.
     pub epoch: Instant,
+    /// Told `(mac, owner)` for every MAC the UDP thread learns from a peer and every MAC the
+    /// TAP thread sees move here (owner: us); the fastpath programs its entries from it.
+    pub learn_hook: OnceLock<LearnHook>,
 }
+
+/// See [`Shared::learn_hook`].
+pub type LearnHook = Box<dyn Fn(Mac, PeerName) + Send + Sync>;
 
 impl Shared {
     /// Seals and sends one message on `link`, using `wire` as scratch space.

@@ -100,7 +100,9 @@ fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot,
     let frame = &pkt[VNET_LEN..];
     let me = sh.me;
     let meta = |dst: PeerName, flags| FrameMeta { src: me, dst, flags, ttl: INITIAL_TTL, vnet };
-    let sent = match switch.handle_local_frame(now, frame) {
+    let moves = switch.moves_to_local();
+    let egress = switch.handle_local_frame(now, frame);
+    let sent = match egress {
         Egress::Unicast { hop, dst } => batch.push(sh, snap, hop, &meta(dst, 0), frame),
         Egress::Flood(hops) => {
             let m = meta(PeerName::default(), FLAG_BROADCAST);
@@ -119,6 +121,14 @@ fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot,
             false
         }
     };
+    // The source MAC was a peer's and is here now: the fastpath must stop sending it there.
+    if switch.moves_to_local() != moves {
+        if let (Some(hook), Some(src)) = (sh.learn_hook.get(), frame.get(6..12)) {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(src);
+            hook(Mac(m), me);
+        }
+    }
     if sent {
         sh.stats.frames_out.fetch_add(1, Relaxed);
         sh.stats.bytes_out.fetch_add(frame.len() as u64, Relaxed);

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod resolv;
 pub mod routes;
 pub mod sysctl;
+pub mod vxlan;
 
 #[cfg(test)]
 mod tests;

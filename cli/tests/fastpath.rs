@@ -1,0 +1,370 @@
+//! End-to-end tests of the kernel VXLAN fastpath on real kernel parts: lab hosts in network
+//! namespaces, real `weft` routers and real VXLAN devices. They need root and skip with a
+//! message otherwise; CI runs them as root.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use weft_lab::{Container, Lab};
+
+const UP: Duration = Duration::from_secs(30);
+
+/// The connection of host `i` to the peer at underlay address `addr_prefix` (e.g. "192.168.77.2:").
+fn conn_to(lab: &Lab, i: usize, peer_host: usize) -> Value {
+    let ip = lab.host(peer_host).underlay_ip.to_string();
+    status(lab, i)["connections"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["address"].as_str().is_some_and(|s| s.starts_with(&format!("{ip}:")))).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn path(lab: &Lab, i: usize, peer_host: usize) -> String {
+    conn_to(lab, i, peer_host)["path"].as_str().unwrap_or("").to_string()
+}
+
+fn wait_path(lab: &Lab, i: usize, peer_host: usize, want: &str, timeout: Duration) -> bool {
+    wait_for(timeout, || path(lab, i, peer_host) == want)
+}
+
+/// The VXLAN device's transmit packet counter on host `i`.
+fn vxlan_tx(lab: &Lab, i: usize) -> u64 {
+    status(lab, i)["fastpath"]["device_counters"]["tx_packets"].as_u64().unwrap_or(0)
+}
+
+fn sleeve_frames_out(lab: &Lab, i: usize) -> u64 {
+    status(lab, i)["stats"]["frames_out"].as_u64().unwrap_or(0)
+}
+
+/// Starts host 0 alone and every other host with host 0, waits for full connectivity.
+fn start(lab: &mut Lab, hosts: usize) {
+    start_star(lab);
+    for i in 0..hosts {
+        lab.wait_established(i, hosts - 1, UP).expect("connected");
+    }
+}
+
+/// `count` pings from `c` to `ip`, one every `interval_ms`; returns (sent, received, dups).
+fn ping_run(lab: &Lab, c: &Container, ip: &str, count: u32, interval_ms: u32) -> (u32, u32, u32) {
+    let interval = format!("{}", f64::from(interval_ms) / 1000.0);
+    let o = lab
+        .exec(&c.ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-i", &interval, "-W", "1", ip])
+        .expect("ping");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = out.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+    let num = |after: &str| -> u32 {
+        line.split(',')
+            .find(|p| p.contains(after))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.trim_start_matches('+').parse().ok())
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"), num("duplicates"))
+}
+
+#[test]
+fn two_hosts_without_a_password_use_the_fastpath() {
+    let Some(mut lab) = lab("two_hosts_without_a_password_use_the_fastpath", 2, None, &[]) else { return };
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "not on the fastpath: {}", conn_to(&lab, 0, 1));
+    assert!(wait_path(&lab, 1, 0, "fastpath", UP), "not on the fastpath: {}", conn_to(&lab, 1, 0));
+    let c = conn_to(&lab, 0, 1);
+    assert_eq!(c["info"], "fastpath", "{c}");
+    // Unicast once the entries are in: through the kernel, not the router.
+    let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
+    let (tx0, frames0) = (vxlan_tx(&lab, 0), sleeve_frames_out(&lab, 0));
+    let (sent, got, dups) = ping_run(&lab, &a, "10.50.0.2", 50, 20);
+    assert_eq!((sent, got, dups), (50, 50, 0), "pings over the fastpath");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (tx1, frames1) = (vxlan_tx(&lab, 0), sleeve_frames_out(&lab, 0));
+    assert!(tx1 >= tx0 + 50, "the VXLAN device sent {} packets for 50 pings", tx1 - tx0);
+    assert!(frames1 <= frames0 + 5, "the sleeve carried {} frames during the pings", frames1 - frames0);
+    let st = status(&lab, 0);
+    assert_eq!(st["fastpath"]["enabled"], true, "{}", st["fastpath"]);
+    assert!(st["fastpath"]["entries"].as_u64().unwrap_or(0) >= 1, "{}", st["fastpath"]);
+    let human = String::from_utf8_lossy(&lab.weft(0, &["status"]).expect("status").stdout).to_string();
+    assert!(human.contains("Fastpath: VXLAN weft-vx on UDP 6784"), "{human}");
+}
+
+/// Drops UDP `port` arriving at host `i` (its input hook), until the guard is dropped.
+struct Drop6784 {
+    ns: String,
+}
+
+impl Drop6784 {
+    fn on(lab: &Lab, i: usize) -> Drop6784 {
+        let ns = lab.host(i).ns.clone();
+        for script in [
+            "add table inet weft_fp_test",
+            "add chain inet weft_fp_test input { type filter hook input priority -5; }",
+            "add rule inet weft_fp_test input udp dport 6784 drop",
+        ] {
+            let o = lab.exec(&ns, &["nft", script]).expect("nft");
+            assert!(o.status.success(), "nft {script}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Drop6784 { ns }
+    }
+
+    fn off(self, lab: &Lab) {
+        let o = lab.exec(&self.ns, &["nft", "delete table inet weft_fp_test"]).expect("nft");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+#[test]
+fn a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back() {
+    let Some(mut lab) = lab("a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back", 2, None, &[]) else { return };
+    if !weft_lab::require_lab("a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back", &["nft", "ping"]) {
+        return;
+    }
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
+
+    // Host 1 drops UDP 6784 (one way: host 0 still hears host 1's heartbeats) while pings flow,
+    // 10 a second for 14 s.
+    let ns = a.ns.clone();
+    let weft = std::thread::spawn(move || {
+        let o = std::process::Command::new("nsenter")
+            .args(["--net=/run/netns/".to_string() + &ns, "ping".into(), "-n".into(), "-q".into(), "-c".into(), "140".into(), "-i".into(), "0.1".into(), "-W".into(), "1".into(), "10.50.0.2".into()])
+            .output()
+            .expect("ping");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let block = Drop6784::on(&lab, 1);
+    let t0 = Instant::now();
+    assert!(wait_path(&lab, 0, 1, "sleeve", Duration::from_secs(10)), "host 0 did not fall back: {}", conn_to(&lab, 0, 1));
+    let fell_back = t0.elapsed();
+    assert!(wait_path(&lab, 1, 0, "sleeve", Duration::from_secs(10)), "host 1 did not fall back: {}", conn_to(&lab, 1, 0));
+    let c1 = conn_to(&lab, 1, 0);
+    assert!(c1["info"].as_str().is_some_and(|i| i.starts_with("sleeve: no fastpath heartbeat for") && i.contains("is UDP 6784 blocked?")), "{c1}");
+    let c0 = conn_to(&lab, 0, 1);
+    assert!(c0["info"].as_str().is_some_and(|i| i.starts_with("sleeve: ") && i.contains("6784")), "{c0}");
+    let out = weft.join().expect("ping thread");
+    let line = out.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+    let n = |w: &str| line.split(',').find(|p| p.contains(w)).and_then(|p| p.split_whitespace().next()).and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
+    let (sent, got) = (n("transmitted"), n("received"));
+    eprintln!("fell back after {fell_back:?}; pings: {sent} sent, {got} received");
+    assert!(sent >= 130, "{out}");
+    // At 10 pings a second, a fallback within 5 s loses at most 50.
+    assert!(sent - got <= 50, "{} pings lost around the fallback: {out}", sent - got);
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], Duration::from_secs(5)), "no traffic on the sleeve");
+    let st = status(&lab, 0);
+    assert!(st["fastpath"]["fallbacks"].as_u64().unwrap_or(0) >= 1, "{}", st["fastpath"]);
+
+    // The block goes: back on the fastpath within 15 s, both ends.
+    block.off(&lab);
+    let t1 = Instant::now();
+    assert!(wait_path(&lab, 0, 1, "fastpath", Duration::from_secs(15)), "host 0 did not return: {}", conn_to(&lab, 0, 1));
+    assert!(wait_path(&lab, 1, 0, "fastpath", Duration::from_secs(15) - t1.elapsed().min(Duration::from_secs(14))), "host 1 did not return: {}", conn_to(&lab, 1, 0));
+    eprintln!("back on the fastpath after {:?}", t1.elapsed());
+    let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
+    let tx0 = vxlan_tx(&lab, 0);
+    let (sent, got, dups) = ping_run(&lab, &a, "10.50.0.2", 20, 20);
+    assert_eq!((sent, got, dups), (20, 20, 0));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(vxlan_tx(&lab, 0) >= tx0 + 20, "pings did not go through the VXLAN device again");
+}
+
+/// A UDP datagram carrying `marker` from `c` to `ip`, with a capture of host `h`'s underlay around it.
+fn capture_marker(lab: &Lab, h: usize, c: &Container, ip: &str, marker: &[u8]) -> bool {
+    let cap = Capture::start(&lab.host(h).ns, "ul0");
+    send_udp(c, ip, 9999, marker, 10);
+    std::thread::sleep(Duration::from_millis(300));
+    contains(&cap.finish(), marker)
+}
+
+#[test]
+fn with_a_password_the_fastpath_is_used_only_towards_trusted_subnets() {
+    let test = "with_a_password_the_fastpath_is_used_only_towards_trusted_subnets";
+    // No trusted subnets: never the fastpath, never plaintext on the underlay.
+    {
+        let Some(mut lab) = lab(test, 2, Some("correct horse"), &[]) else { return };
+        start(&mut lab, 2);
+        let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+        let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+        assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+        std::thread::sleep(Duration::from_secs(3));
+        for (i, p) in [(0, 1), (1, 0)] {
+            let c = conn_to(&lab, i, p);
+            assert_eq!(c["path"], "sleeve", "{c}");
+            let want = format!("sleeve: encrypted mesh and {} is not in --trusted-subnets", lab.host(p).underlay_ip);
+            assert!(c["info"].as_str().is_some_and(|s| s.starts_with(&want)), "{c}");
+        }
+        assert!(!capture_marker(&lab, 0, &a, "10.50.0.2", b"MARKER-fastpath-secret"), "the marker crossed the underlay in plaintext");
+        let st = status(&lab, 0);
+        assert_eq!(st["fastpath"]["unencrypted_peers"], serde_json::json!([]), "{}", st["fastpath"]);
+        assert_eq!(st["fastpath"]["heartbeats"]["sent"], 0, "heartbeats towards an untrusted peer: {}", st["fastpath"]);
+    }
+    // The underlay trusted: the fastpath, and the status says the traffic is unencrypted.
+    let Some(mut lab) = lab(test, 2, Some("correct horse"), &["--trusted-subnets", "192.168.77.0/24"]) else { return };
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
+    assert!(capture_marker(&lab, 0, &a, "10.50.0.2", b"MARKER-fastpath-trusted"), "the trusted fastpath did not carry the datagrams");
+    let st = status(&lab, 0);
+    let name1 = status(&lab, 1)["name"].clone();
+    assert_eq!(st["fastpath"]["unencrypted_peers"], serde_json::json!([name1]), "{}", st["fastpath"]);
+    let human = String::from_utf8_lossy(&lab.weft(0, &["status"]).expect("status").stdout).to_string();
+    assert!(human.contains("UNENCRYPTED on the underlay to"), "{human}");
+    assert!(human.contains("PLAINTEXT"), "{human}");
+}
+
+/// Sends one ARP request for `target` from interface ethwe of container `c`, with source MAC
+/// `src_mac` and address `src_ip`.
+fn send_arp(c: &Container, src_mac: [u8; 6], src_ip: [u8; 4], target: [u8; 4]) {
+    use std::os::fd::AsRawFd;
+    in_netns(&c.ns, move || {
+        let proto = (libc::ETH_P_ARP as u16).to_be();
+        // SAFETY: plain socket(2), closed below via OwnedFd.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0);
+        // SAFETY: fd is ours.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let name = std::ffi::CString::new("ethwe").expect("name");
+        // SAFETY: NUL-terminated name.
+        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(idx > 0, "no ethwe in the container");
+        let mut f = vec![0xffu8; 6];
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&src_ip);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f.resize(60, 0);
+        // SAFETY: zeroed sockaddr_ll is valid.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = idx as i32;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        // SAFETY: valid buffer and address.
+        let n = unsafe {
+            libc::sendto(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0, (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        };
+        assert_eq!(n, 60, "sending the ARP request: {}", std::io::Error::last_os_error());
+    });
+}
+
+/// ARP requests for `target` among captured frames.
+fn arp_requests_for(frames: &[Vec<u8>], target: [u8; 4]) -> usize {
+    frames.iter().filter(|f| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == target).count()
+}
+
+fn mac_of(lab: &Lab, c: &Container) -> [u8; 6] {
+    let o = lab.exec(&c.ns, &["ip", "-o", "link", "show", "ethwe"]).expect("mac");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let s = out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(p, 16).unwrap_or(0);
+    }
+    m
+}
+
+#[test]
+fn three_hosts_mixed_paths_and_a_relay_deliver_everything_once() {
+    let test = "three_hosts_mixed_paths_and_a_relay_deliver_everything_once";
+    if !weft_lab::require_lab(test, &["nft", "ping"]) {
+        return;
+    }
+    // A (0) and B (1) trust each other's addresses; C (2) trusts nobody, so B-C is the sleeve;
+    // A-C is blocked on the underlay, so their traffic goes through B.
+    let Some(mut lab) = lab(test, 3, Some("correct horse"), &[]) else { return };
+    lab.configure_host(0, Some("correct horse"), &["--trusted-subnets", "192.168.77.2/32"]).expect("configure");
+    lab.configure_host(1, Some("correct horse"), &["--trusted-subnets", "192.168.77.1/32"]).expect("configure");
+    lab.block(0, 2).expect("block A-C");
+    lab.start_router(1, &[]).expect("B");
+    lab.start_router(0, &[1]).expect("A");
+    lab.start_router(2, &[1]).expect("C");
+    lab.wait_established(1, 2, UP).expect("B connected to A and C");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("a");
+    let b = lab.add_container(1, "b", "10.50.0.2/24").expect("b");
+    let c = lab.add_container(2, "c", "10.50.0.3/24").expect("c");
+    for (from, to) in [(&a, "10.50.0.2"), (&a, "10.50.0.3"), (&b, "10.50.0.3"), (&c, "10.50.0.1")] {
+        assert!(ping_until(&lab, from, to, &[], UP), "{} cannot reach {to}", from.ns);
+    }
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "A-B: {}", conn_to(&lab, 0, 1));
+    assert_eq!(path(&lab, 1, 2), "sleeve", "B-C: {}", conn_to(&lab, 1, 2));
+    assert_eq!(path(&lab, 2, 1), "sleeve", "C-B: {}", conn_to(&lab, 2, 1));
+    assert_eq!(conn_to(&lab, 0, 2), Value::Null, "A and C must not be connected directly");
+    // Everyone reaches everyone, each reply exactly once.
+    for (from, to) in [(&a, "10.50.0.2"), (&a, "10.50.0.3"), (&b, "10.50.0.1"), (&b, "10.50.0.3"), (&c, "10.50.0.1"), (&c, "10.50.0.2")] {
+        let (sent, got, dups) = ping_run(&lab, from, to, 20, 50);
+        assert_eq!((sent, got, dups), (20, 20, 0), "{} -> {to}", from.ns);
+    }
+    // One ARP broadcast from A reaches B and C exactly once each (and comes back to nobody).
+    let (cap_a, cap_b, cap_c) = (Capture::start(&a.ns, "ethwe"), Capture::start(&b.ns, "ethwe"), Capture::start(&c.ns, "ethwe"));
+    let target = [10, 50, 0, 99];
+    send_arp(&a, mac_of(&lab, &a), [10, 50, 0, 1], target);
+    std::thread::sleep(Duration::from_secs(1));
+    let (fa, fb, fc) = (cap_a.finish(), cap_b.finish(), cap_c.finish());
+    let arps = |f: &[Vec<u8>]| f.iter().filter(|f| f.len() >= 42 && f[12..14] == [0x08, 0x06]).map(|f| format!("{:02x?}", &f[..42])).collect::<Vec<_>>();
+    eprintln!("A: {:?}\nB: {:?}\nC: {:?}", arps(&fa), arps(&fb), arps(&fc));
+    assert_eq!(arp_requests_for(&fb, target), 1, "B saw the broadcast a wrong number of times");
+    assert_eq!(arp_requests_for(&fc, target), 1, "C saw the broadcast a wrong number of times");
+    assert_eq!(arp_requests_for(&fa, target), 1, "A's broadcast came back to it");
+}
+
+#[test]
+fn a_killed_router_comes_back_onto_the_fastpath_and_stop_removes_the_device() {
+    let test = "a_killed_router_comes_back_onto_the_fastpath_and_stop_removes_the_device";
+    let Some(mut lab) = lab(test, 2, None, &[]) else { return };
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    lab.kill_router(1, libc::SIGKILL).expect("kill -9");
+    lab.start_router(1, &[0]).expect("restart");
+    lab.wait_established(0, 1, UP).expect("reconnected");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic did not resume");
+    let (sent, got, dups) = ping_run(&lab, &a, "10.50.0.2", 20, 20);
+    assert_eq!((sent, got, dups), (20, 20, 0));
+    // A clean stop removes the device weft made.
+    let ns = lab.host(1).ns.clone();
+    assert!(lab.exec(&ns, &["ip", "link", "show", "weft-vx"]).expect("ip").status.success());
+    lab.kill_router(1, libc::SIGTERM).expect("stop");
+    assert!(!lab.exec(&ns, &["ip", "link", "show", "weft-vx"]).expect("ip").status.success(), "weft-vx left behind");
+}
+
+#[test]
+fn without_a_vxlan_device_the_router_runs_on_the_sleeve_and_says_why() {
+    let test = "without_a_vxlan_device_the_router_runs_on_the_sleeve_and_says_why";
+    let Some(mut lab) = lab(test, 2, None, &[]) else { return };
+    // Something else holds UDP 6784 on host 1.
+    let held = in_netns(&lab.host(1).ns.clone(), || std::net::UdpSocket::bind("0.0.0.0:6784").expect("bind 6784"));
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b on the sleeve");
+    let fp = status(&lab, 1)["fastpath"].clone();
+    assert_eq!(fp["enabled"], false, "{fp}");
+    assert!(fp["why_not"].as_str().is_some_and(|w| w.contains("this kernel cannot make a VXLAN device") && w.contains("6784")), "{fp}");
+    std::thread::sleep(Duration::from_secs(3));
+    let c0 = conn_to(&lab, 0, 1);
+    assert_eq!(c0["path"], "sleeve", "{c0}");
+    assert!(c0["info"].as_str().is_some_and(|i| i.starts_with("sleeve: the peer does not use the fastpath towards us: this kernel cannot make a VXLAN device")), "{c0}");
+    drop(held);
+    // --no-fastpath says so.
+    lab.kill_router(1, libc::SIGTERM).expect("stop");
+    lab.configure_host(1, None, &["--no-fastpath"]).expect("configure");
+    lab.start_router(1, &[0]).expect("restart");
+    lab.wait_established(1, 1, UP).expect("reconnected");
+    let c1 = conn_to(&lab, 1, 0);
+    assert_eq!(c1["info"], "sleeve: turned off here (--no-fastpath)", "{c1}");
+}

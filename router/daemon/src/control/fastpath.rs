@@ -1,0 +1,705 @@
+//! The kernel fastpath as the router runs it: the VXLAN device (or why there is none), the
+//! policy that says towards which peers it may be used, the heartbeats that probe it, the
+//! [`FastpathForwarder`] each connection puts in front of its sleeve, and the task that programs
+//! the kernel's forwarding entries.
+//!
+//! Frames never pass through here: the kernel carries them. The router decides, per connection,
+//! whether a peer's MACs get entries on the VXLAN device (`activate`) or not (`deactivate`, and
+//! the bridge sends them to the TAP, that is the sleeve). Which MACs belong to which peer comes
+//! from the frame path: the UDP thread reports what it learns from sleeve frames (broadcasts,
+//! ARP, and unicast before a peer's entries exist), the TAP thread reports MACs that moved here.
+//!
+//! Heartbeats (`weft_proto::fastpath`) are sent into the VXLAN device through a packet socket,
+//! addressed to the peer's bridge MAC, and read from the bridge device through another, so they
+//! take the container frames' path through both kernels. One thread sends and receives them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use weft_proto::fastpath::{self as proto, Heartbeat, HeartbeatError, HeartbeatKey, Offer, Probe, Subnet};
+use weft_proto::switch::Mac;
+use weft_proto::{ControlMsg, PeerName};
+
+use crate::frame::forwarder::{Forwarder, Health};
+use crate::frame::links::lock;
+use crate::host::links::bridge_mac;
+use crate::host::vxlan::{vxlan_name, Counters};
+use crate::host::NetDev;
+
+/// MACs of one peer with entries at most (the switch's limit per owner).
+const MAX_PER_PEER: usize = 8192;
+/// MACs whose owner we track at most (the switch's total).
+const MAX_OWNERS: usize = 262_144;
+/// An entry the kernel has not used for this long is removed (the switch's MAC ttl).
+const IDLE: Duration = Duration::from_secs(600);
+/// How often idle entries are looked for, and the device's counters read.
+const SWEEP: Duration = Duration::from_secs(60);
+
+/// What the operator asked for.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `--no-fastpath` turns it off.
+    pub enabled: bool,
+    /// `--fastpath-port`.
+    pub port: u16,
+    /// `--trusted-subnets`: with a password, the fastpath is used only towards these.
+    pub trusted: Vec<Subnet>,
+    /// Whether a password is set.
+    pub encrypted: bool,
+}
+
+/// Counters, read by the metrics endpoint and the status.
+#[derive(Debug, Default)]
+pub struct FastpathStats {
+    /// Connections that fell back from the fastpath to the sleeve.
+    pub fallbacks: AtomicU64,
+    /// Connections that went (back) onto the fastpath.
+    pub activations: AtomicU64,
+    /// Heartbeats sent.
+    pub heartbeats_sent: AtomicU64,
+    /// Heartbeats accepted.
+    pub heartbeats_received: AtomicU64,
+    /// Heartbeats refused, by [`HeartbeatError::LABELS`].
+    pub heartbeats_refused: [AtomicU64; 5],
+    /// Forwarding entries installed now (one per remote MAC on the fastpath).
+    pub entries: AtomicU64,
+    /// MAC reports from the frame path lost because the queue was full or the table at its bound.
+    pub learn_lost: AtomicU64,
+    /// Netlink operations that failed.
+    pub program_errors: AtomicU64,
+    /// The VXLAN device's counters, as last read.
+    pub tx_packets: AtomicU64,
+    /// See `tx_packets`.
+    pub tx_bytes: AtomicU64,
+    /// See `tx_packets`.
+    pub rx_packets: AtomicU64,
+    /// See `tx_packets`.
+    pub rx_bytes: AtomicU64,
+    /// See `tx_packets`.
+    pub tx_dropped: AtomicU64,
+}
+
+impl FastpathStats {
+    fn store(&self, c: Counters) {
+        self.tx_packets.store(c.tx_packets, Relaxed);
+        self.tx_bytes.store(c.tx_bytes, Relaxed);
+        self.rx_packets.store(c.rx_packets, Relaxed);
+        self.rx_bytes.store(c.rx_bytes, Relaxed);
+        self.tx_dropped.store(c.tx_dropped, Relaxed);
+    }
+}
+
+/// The VXLAN device weft made.
+#[derive(Debug, Clone)]
+struct Device {
+    name: String,
+    index: u32,
+}
+
+/// One connection's heartbeat state, shared by its forwarder and the heartbeat thread.
+struct Beat {
+    generation: u64,
+    key: HeartbeatKey,
+    probe: Probe,
+    next_seq: u64,
+}
+
+/// What the programming task is asked to do.
+enum Cmd {
+    /// A connection with a fastpath to `peer` at `ip:port` started probing.
+    Open { peer: PeerName, generation: u64, ip: IpAddr, port: u16 },
+    /// Its probes work both ways: give the peer's MACs entries.
+    Activate { peer: PeerName, generation: u64 },
+    /// They stopped working: remove them.
+    Deactivate { peer: PeerName, generation: u64 },
+    /// The connection is gone.
+    Close { peer: PeerName, generation: u64 },
+    /// The frame path saw `mac` at `owner` (ourselves: it moved here).
+    Learned { mac: Mac, owner: PeerName },
+}
+
+/// See the module docs. Made once at start; [`Fastpath::stop`] removes the device.
+pub struct Fastpath {
+    settings: Settings,
+    device: std::result::Result<Device, String>,
+    netdev: Arc<NetDev>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
+    generations: AtomicU64,
+    stop: Arc<AtomicBool>,
+    /// Counters.
+    pub stats: Arc<FastpathStats>,
+}
+
+impl Fastpath {
+    /// Makes the VXLAN device on `bridge` (beside the TAP `tap`) and starts the programming task
+    /// and the heartbeat thread. When the device cannot be made, the fastpath is off and says
+    /// why; the router runs on the sleeve. Call on the runtime.
+    pub async fn start(
+        me: PeerName,
+        settings: Settings,
+        netdev: Arc<NetDev>,
+        bridge: &str,
+        tap: &str,
+        stats: Arc<FastpathStats>,
+    ) -> Arc<Fastpath> {
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let beats = Arc::new(Mutex::new(HashMap::new()));
+        let device = if settings.enabled {
+            make(me, &settings, &netdev, bridge, tap, beats.clone(), stats.clone(), stop.clone()).await
+        } else {
+            Err("turned off here (--no-fastpath)".to_string())
+        };
+        match &device {
+            Ok(d) => info!(device = %d.name, port = settings.port, encrypted = settings.encrypted,
+                trusted = %settings.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "fastpath ready"),
+            Err(why) if settings.enabled => warn!(reason = %why, "no fastpath: frames between hosts go through the sleeve"),
+            Err(_) => info!("fastpath turned off (--no-fastpath)"),
+        }
+        if settings.encrypted && device.is_ok() && !settings.trusted.is_empty() {
+            warn!(subnets = %settings.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                "container traffic to peers in these trusted subnets crosses the underlay UNENCRYPTED (fastpath); other peers get the encrypted sleeve");
+        }
+        if let Ok(d) = &device {
+            let p = Programmer {
+                netdev: netdev.clone(),
+                vx: d.index,
+                name: d.name.clone(),
+                peers: HashMap::new(),
+                owners: HashMap::new(),
+                stats: stats.clone(),
+            };
+            tokio::spawn(p.run(rx));
+        }
+        Arc::new(Fastpath { settings, device, netdev, cmds, beats, generations: AtomicU64::new(1), stop, stats })
+    }
+
+    /// What we say to a new connection's peer at `peer_ip` about the fastpath towards it.
+    pub fn offer(&self, peer_ip: IpAddr) -> Offer {
+        if let Err(why) = &self.device {
+            return Offer::No(why.clone());
+        }
+        if !peer_ip.to_canonical().is_ipv4() {
+            return Offer::No("the fastpath is IPv4-only in this version".into());
+        }
+        match proto::allowed(self.settings.encrypted, &self.settings.trusted, peer_ip) {
+            Ok(()) => Offer::Yes { port: self.settings.port },
+            Err(why) => Offer::No(why),
+        }
+    }
+
+    /// The forwarder for a new connection to `peer` at `ip`, when both ends offered a fastpath;
+    /// otherwise why not (for the status). `binding` is the connection's channel binding.
+    pub fn forwarder(
+        self: &Arc<Self>,
+        peer: PeerName,
+        ip: IpAddr,
+        ours: &Offer,
+        theirs: &Offer,
+        binding: &[u8; 32],
+    ) -> std::result::Result<FastpathForwarder, String> {
+        let port = match (ours, theirs) {
+            (Offer::No(why), _) => return Err(why.clone()),
+            (_, Offer::No(why)) => return Err(format!("the peer does not use the fastpath towards us: {why}")),
+            (Offer::Yes { .. }, Offer::Yes { port }) => *port,
+        };
+        let generation = self.generations.fetch_add(1, Relaxed);
+        let now = Instant::now();
+        let beat = Arc::new(Mutex::new(Beat { generation, key: HeartbeatKey::from_binding(binding), probe: Probe::new(now, port), next_seq: 1 }));
+        lock(&self.beats).insert(peer, beat.clone());
+        let _ = self.cmds.send(Cmd::Open { peer, generation, ip, port });
+        Ok(FastpathForwarder { fp: self.clone(), peer, generation, beat, ever_active: false })
+    }
+
+    /// A hook for the frame path: `(mac, owner)` for each MAC it learns or sees move here.
+    pub fn learn_hook(self: &Arc<Self>) -> Box<dyn Fn(Mac, PeerName) + Send + Sync> {
+        let cmds = self.cmds.clone();
+        let stats = self.stats.clone();
+        let on = self.device.is_ok();
+        Box::new(move |mac, owner| {
+            if on && cmds.send(Cmd::Learned { mac, owner }).is_err() {
+                stats.learn_lost.fetch_add(1, Relaxed);
+            }
+        })
+    }
+
+    /// Whether a device exists (else why not).
+    pub fn state(&self) -> std::result::Result<&str, &str> {
+        match &self.device {
+            Ok(d) => Ok(&d.name),
+            Err(why) => Err(why),
+        }
+    }
+
+    /// The status block.
+    pub fn status(&self, unencrypted_peers: Vec<String>) -> Value {
+        let s = &self.stats;
+        let refused: serde_json::Map<String, Value> = HeartbeatError::LABELS
+            .iter()
+            .zip(&s.heartbeats_refused)
+            .map(|(l, c)| (l.to_string(), json!(c.load(Relaxed))))
+            .collect();
+        json!({
+            "enabled": self.device.is_ok(),
+            "device": self.device.as_ref().ok().map(|d| d.name.clone()),
+            "why_not": self.device.as_ref().err(),
+            "port": self.settings.port,
+            "vni": proto::VNI,
+            "trusted_subnets": self.settings.trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "unencrypted_peers": unencrypted_peers,
+            "entries": s.entries.load(Relaxed),
+            "fallbacks": s.fallbacks.load(Relaxed),
+            "activations": s.activations.load(Relaxed),
+            "heartbeats": {"sent": s.heartbeats_sent.load(Relaxed), "received": s.heartbeats_received.load(Relaxed), "refused": refused},
+            "device_counters": {"tx_packets": s.tx_packets.load(Relaxed), "tx_bytes": s.tx_bytes.load(Relaxed),
+                "rx_packets": s.rx_packets.load(Relaxed), "rx_bytes": s.rx_bytes.load(Relaxed), "tx_dropped": s.tx_dropped.load(Relaxed)},
+            "learn_lost": s.learn_lost.load(Relaxed),
+            "program_errors": s.program_errors.load(Relaxed),
+        })
+    }
+
+    /// Stops the heartbeat thread and removes the device (`weft stop`, SIGTERM).
+    pub async fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        if let Ok(d) = &self.device {
+            match self.netdev.delete_link(&d.name).await {
+                Ok(_) => debug!(device = %d.name, "fastpath device removed"),
+                Err(e) => warn!(device = %d.name, error = %format!("{e:#}"), "could not remove the fastpath device"),
+            }
+        }
+    }
+
+    fn send(&self, c: Cmd) {
+        let _ = self.cmds.send(c);
+    }
+}
+
+/// Makes the device and starts the heartbeat thread.
+#[allow(clippy::too_many_arguments)]
+async fn make(
+    me: PeerName,
+    settings: &Settings,
+    netdev: &NetDev,
+    bridge: &str,
+    tap: &str,
+    beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
+    stats: Arc<FastpathStats>,
+    stop: Arc<AtomicBool>,
+) -> std::result::Result<Device, String> {
+    let name = vxlan_name(bridge);
+    let index = netdev
+        .make_vxlan(&name, proto::VNI, settings.port, bridge, tap)
+        .await
+        .map_err(|e| format!("this kernel cannot make a VXLAN device: {e:#}"))?;
+    let bridge_index = match netdev.link_index(bridge).await {
+        Ok(Some(i)) => i,
+        _ => return Err(format!("bridge {bridge} vanished")),
+    };
+    let sockets = HeartbeatSockets::open(index, bridge_index).map_err(|e| format!("heartbeat sockets: {e:#}"));
+    let sockets = match sockets {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = netdev.delete_link(&name).await;
+            return Err(e);
+        }
+    };
+    let my_mac = bridge_mac(me);
+    let spawned = std::thread::Builder::new()
+        .name("weft-fastpath".into())
+        .spawn(move || heartbeats(me, my_mac, sockets, beats, stats, stop));
+    if let Err(e) = spawned {
+        let _ = netdev.delete_link(&name).await;
+        return Err(format!("starting the heartbeat thread: {e}"));
+    }
+    Ok(Device { name, index })
+}
+
+/// A connection's fastpath: healthy when its heartbeats get through both ways. See the module docs.
+pub struct FastpathForwarder {
+    fp: Arc<Fastpath>,
+    peer: PeerName,
+    generation: u64,
+    beat: Arc<Mutex<Beat>>,
+    ever_active: bool,
+}
+
+impl Forwarder for FastpathForwarder {
+    fn kind(&self) -> &'static str {
+        "fastpath"
+    }
+
+    fn health(&self) -> Health {
+        match lock(&self.beat).probe.health(Instant::now()) {
+            Ok(()) => Health::Up,
+            Err(why) => Health::Down(why),
+        }
+    }
+
+    fn tick(&mut self) -> Option<ControlMsg> {
+        let hearing = lock(&self.beat).probe.tick(Instant::now())?;
+        Some(ControlMsg::FastpathState { receiving: hearing })
+    }
+
+    fn handle_report(&mut self, msg: &ControlMsg) -> bool {
+        match msg {
+            ControlMsg::FastpathState { receiving } => {
+                lock(&self.beat).probe.peer_reports(*receiving);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn activate(&mut self) {
+        let s = &self.fp.stats;
+        s.activations.fetch_add(1, Relaxed);
+        if self.fp.settings.encrypted {
+            warn!(peer = %self.peer, "fastpath on: container traffic to this peer crosses the underlay UNENCRYPTED (it is in --trusted-subnets)");
+        } else if self.ever_active {
+            info!(peer = %self.peer, "back on the fastpath");
+        }
+        self.ever_active = true;
+        self.fp.send(Cmd::Activate { peer: self.peer, generation: self.generation });
+    }
+
+    fn deactivate(&mut self) {
+        self.fp.stats.fallbacks.fetch_add(1, Relaxed);
+        let why = match self.health() {
+            Health::Up => "another path took over".to_string(),
+            Health::Down(why) => why,
+        };
+        warn!(peer = %self.peer, reason = %why, "fastpath off for this peer: its frames go through the sleeve");
+        self.fp.send(Cmd::Deactivate { peer: self.peer, generation: self.generation });
+    }
+}
+
+impl Drop for FastpathForwarder {
+    fn drop(&mut self) {
+        let mut beats = lock(&self.fp.beats);
+        if beats.get(&self.peer).is_some_and(|b| lock(b).generation == self.generation) {
+            beats.remove(&self.peer);
+        }
+        drop(beats);
+        self.fp.send(Cmd::Close { peer: self.peer, generation: self.generation });
+    }
+}
+
+/// The packet sockets: one to send into the VXLAN device, one to read heartbeats the bridge
+/// hands to the host.
+struct HeartbeatSockets {
+    tx: OwnedFd,
+    rx: OwnedFd,
+    vx: u32,
+}
+
+impl HeartbeatSockets {
+    fn open(vx: u32, bridge: u32) -> Result<Self> {
+        let proto = proto::ETHERTYPE.to_be();
+        let tx = packet_socket(0).context("opening the heartbeat send socket (AF_PACKET)")?;
+        let rx = packet_socket(proto).context("opening the heartbeat receive socket (AF_PACKET)")?;
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = bridge as i32;
+        // SAFETY: binds our own socket to a valid sockaddr_ll of the right size.
+        let r = unsafe {
+            libc::bind(rx.as_raw_fd(), (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()).context("binding the heartbeat receive socket to the bridge");
+        }
+        Ok(HeartbeatSockets { tx, rx, vx })
+    }
+
+    fn send(&self, frame: &[u8], dst: [u8; 6]) -> std::io::Result<()> {
+        // SAFETY: as above.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = self.vx as i32;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&dst);
+        // SAFETY: frame is a valid buffer of its length; sa is a valid sockaddr_ll.
+        let n = unsafe {
+            libc::sendto(
+                self.tx.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        // SAFETY: buf is a valid writable buffer of its length.
+        let n = unsafe { libc::recv(self.rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
+    }
+}
+
+fn packet_socket(protocol: u16) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(protocol)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The heartbeat thread: every [`proto::INTERVAL`] a heartbeat to each peer with a fastpath
+/// connection; in between, heartbeats from them, checked and handed to their probes.
+fn heartbeats(
+    me: PeerName,
+    my_mac: [u8; 6],
+    socks: HeartbeatSockets,
+    beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
+    stats: Arc<FastpathStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 2048];
+    let mut next = Instant::now();
+    while !stop.load(Relaxed) {
+        let now = Instant::now();
+        if now >= next {
+            next = now + proto::INTERVAL;
+            let targets: Vec<(PeerName, Arc<Mutex<Beat>>)> = lock(&beats).iter().map(|(p, b)| (*p, b.clone())).collect();
+            for (peer, b) in targets {
+                let frame = {
+                    let mut b = lock(&b);
+                    let hb = Heartbeat { from: me, to: peer, seq: b.next_seq };
+                    b.next_seq += 1;
+                    hb.frame(&b.key, bridge_mac(peer), my_mac)
+                };
+                match socks.send(&frame, bridge_mac(peer)) {
+                    Ok(()) => {
+                        stats.heartbeats_sent.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => debug!(%peer, error = %e, "sending a fastpath heartbeat failed"),
+                }
+            }
+        }
+        let wait = next.saturating_duration_since(Instant::now()).as_millis().clamp(1, 500) as i32;
+        if !crate::frame::tap::wait_fd(socks.rx.as_raw_fd(), libc::POLLIN, wait) {
+            continue;
+        }
+        // Bounded per wake-up, so a flood cannot keep the sender waiting.
+        for _ in 0..256 {
+            let n = match socks.recv(&mut buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "reading fastpath heartbeats failed");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            let r = Heartbeat::parse(&buf[..n], me).and_then(|u| {
+                let b = lock(&beats).get(&u.heartbeat.from).cloned().ok_or(HeartbeatError::UnknownPeer)?;
+                let mut b = lock(&b);
+                let hb = u.verify(&b.key)?;
+                b.probe.heard(now, hb.seq)
+            });
+            match r {
+                Ok(()) => {
+                    stats.heartbeats_received.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    stats.heartbeats_refused[e as usize].fetch_add(1, Relaxed);
+                    debug!(error = %e, "refused a fastpath heartbeat");
+                }
+            }
+        }
+    }
+}
+
+/// One peer's fastpath as the programming task keeps it.
+struct PeerState {
+    generation: u64,
+    ip: IpAddr,
+    port: u16,
+    active: bool,
+    /// MACs with entries now.
+    programmed: BTreeMap<Mac, ()>,
+}
+
+/// The task that owns the forwarding entries. Everything goes through it in order, so entries
+/// never outlive the decision that made them.
+struct Programmer {
+    netdev: Arc<NetDev>,
+    vx: u32,
+    name: String,
+    peers: HashMap<PeerName, PeerState>,
+    /// The peer each remote MAC was last seen at.
+    owners: HashMap<Mac, PeerName>,
+    stats: Arc<FastpathStats>,
+}
+
+impl Programmer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut sweep = tokio::time::interval(SWEEP);
+        let mut counters = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => self.handle(c).await,
+                    None => break,
+                },
+                _ = sweep.tick() => self.sweep().await,
+                _ = counters.tick() => {
+                    if let Ok(Some(c)) = self.netdev.counters(&self.name).await {
+                        self.stats.store(c);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Open { peer, generation, ip, port } => {
+                // A newer connection to the same peer replaces the older one's state.
+                if let Some(old) = self.peers.remove(&peer) {
+                    self.unprogram_all(peer, &old).await;
+                }
+                self.peers.insert(peer, PeerState { generation, ip, port, active: false, programmed: BTreeMap::new() });
+                // The heartbeats' way to the peer.
+                self.ok(self.netdev.vxlan_fdb_add(self.vx, bridge_mac(peer), ip, port).await);
+            }
+            Cmd::Activate { peer, generation } => {
+                let Some(st) = self.peers.get_mut(&peer).filter(|s| s.generation == generation) else { return };
+                st.active = true;
+                let macs: Vec<Mac> = self.owners.iter().filter(|(_, o)| **o == peer).map(|(m, _)| *m).collect();
+                for m in macs {
+                    self.program(peer, m).await;
+                }
+            }
+            Cmd::Deactivate { peer, generation } => {
+                let Some(st) = self.peers.get_mut(&peer).filter(|s| s.generation == generation) else { return };
+                st.active = false;
+                let macs: Vec<Mac> = std::mem::take(&mut st.programmed).into_keys().collect();
+                for m in macs {
+                    self.unprogram(peer, m).await;
+                }
+            }
+            Cmd::Close { peer, generation } => {
+                if self.peers.get(&peer).is_some_and(|s| s.generation == generation) {
+                    if let Some(st) = self.peers.remove(&peer) {
+                        self.unprogram_all(peer, &st).await;
+                    }
+                }
+            }
+            Cmd::Learned { mac, owner } => self.learned(mac, owner).await,
+        }
+    }
+
+    async fn learned(&mut self, mac: Mac, owner: PeerName) {
+        let before = self.owners.get(&mac).copied();
+        if before == Some(owner) {
+            return;
+        }
+        if before.is_none() && self.owners.len() >= MAX_OWNERS {
+            self.stats.learn_lost.fetch_add(1, Relaxed);
+            return;
+        }
+        self.owners.insert(mac, owner);
+        // Moved away from a peer whose entries send it there.
+        if let Some(old) = before {
+            if self.peers.get_mut(&old).is_some_and(|s| s.programmed.remove(&mac).is_some()) {
+                self.unprogram(old, mac).await;
+            }
+        }
+        if self.peers.get(&owner).is_some_and(|s| s.active) {
+            self.program(owner, mac).await;
+        }
+    }
+
+    async fn program(&mut self, peer: PeerName, mac: Mac) {
+        let Some(st) = self.peers.get_mut(&peer) else { return };
+        if st.programmed.contains_key(&mac) {
+            return;
+        }
+        if st.programmed.len() >= MAX_PER_PEER {
+            self.stats.learn_lost.fetch_add(1, Relaxed);
+            return;
+        }
+        let (ip, port) = (st.ip, st.port);
+        st.programmed.insert(mac, ());
+        // The device's entry first: the bridge's then sends into a tunnel that knows the way.
+        let a = self.netdev.vxlan_fdb_add(self.vx, mac.0, ip, port).await;
+        let ok = a.is_ok();
+        self.ok(a);
+        if ok {
+            let b = self.netdev.bridge_fdb_add(self.vx, mac.0).await;
+            self.ok(b);
+        }
+        self.stats.entries.fetch_add(1, Relaxed);
+    }
+
+    async fn unprogram(&mut self, peer: PeerName, mac: Mac) {
+        // The bridge's entry first: from then on it sends the MAC to the TAP (or floods), never
+        // into the tunnel.
+        let b = self.netdev.bridge_fdb_del(self.vx, mac.0).await;
+        self.ok(b.map(|_| ()));
+        // The peer's bridge MAC keeps its device entry while the connection probes.
+        if mac.0 != bridge_mac(peer) || !self.peers.contains_key(&peer) {
+            let a = self.netdev.vxlan_fdb_del(self.vx, mac.0).await;
+            self.ok(a.map(|_| ()));
+        }
+        let _ = self.stats.entries.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
+    }
+
+    async fn unprogram_all(&mut self, peer: PeerName, st: &PeerState) {
+        for m in st.programmed.keys() {
+            self.unprogram(peer, *m).await;
+        }
+        let a = self.netdev.vxlan_fdb_del(self.vx, bridge_mac(peer)).await;
+        self.ok(a.map(|_| ()));
+    }
+
+    /// Removes entries the kernel has not used for [`IDLE`] (containers that went away), and
+    /// forgets owners of MACs no peer has.
+    async fn sweep(&mut self) {
+        let idle = match self.netdev.bridge_fdb_idle(self.vx).await {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %format!("{e:#}"), "listing the fastpath's entries failed");
+                return;
+            }
+        };
+        for (mac, for_) in idle {
+            if for_ < IDLE {
+                continue;
+            }
+            let mac = Mac(mac);
+            let Some(owner) = self.owners.remove(&mac) else { continue };
+            if self.peers.get_mut(&owner).is_some_and(|s| s.programmed.remove(&mac).is_some()) {
+                debug!(%mac, peer = %owner, "removing an idle fastpath entry");
+                self.unprogram(owner, mac).await;
+            }
+        }
+    }
+
+    fn ok(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.stats.program_errors.fetch_add(1, Relaxed);
+            warn!(device = %self.name, error = %format!("{e:#}"), "programming the fastpath failed");
+        }
+    }
+}
