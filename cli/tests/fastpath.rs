@@ -368,3 +368,57 @@ fn without_a_vxlan_device_the_router_runs_on_the_sleeve_and_says_why() {
     let c1 = conn_to(&lab, 1, 0);
     assert_eq!(c1["info"], "sleeve: turned off here (--no-fastpath)", "{c1}");
 }
+
+/// A VXLAN datagram (VNI 0x776674) carrying an IPv4/UDP frame to `dst_mac` with `marker` inside.
+fn vxlan_datagram(dst_mac: [u8; 6], marker: &[u8]) -> Vec<u8> {
+    let mut d = vec![0x08, 0, 0, 0, 0x77, 0x66, 0x74, 0];
+    d.extend_from_slice(&dst_mac);
+    d.extend_from_slice(&[0x02, 0xde, 0xad, 0xbe, 0xef, 0x01, 0x08, 0x00]);
+    let udp_len = 8 + marker.len();
+    let total = 20 + udp_len;
+    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 17, 0, 0, 10, 50, 0, 66, 10, 50, 0, 1];
+    let sum = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum::<u32>();
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    d.extend_from_slice(&ip);
+    d.extend_from_slice(&[0x30, 0x39, 0x27, 0x0f, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+    d.extend_from_slice(marker);
+    d
+}
+
+#[test]
+fn vxlan_from_anyone_but_a_fastpath_peer_is_dropped_and_counted() {
+    let test = "vxlan_from_anyone_but_a_fastpath_peer_is_dropped_and_counted";
+    if !weft_lab::require_lab(test, &["nft"]) {
+        return;
+    }
+    // Hosts 0 and 1 run routers; host 2 is an outsider on the same underlay.
+    let Some(mut lab) = lab(test, 3, None, &[]) else { return };
+    lab.start_router(0, &[]).expect("router 0");
+    lab.start_router(1, &[0]).expect("router 1");
+    lab.wait_established(0, 1, UP).expect("connected");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let mac = mac_of(&lab, &a);
+    let inject = |from: usize, marker: &'static [u8]| -> bool {
+        let cap = Capture::start(&a.ns, "ethwe");
+        let d = vxlan_datagram(mac, marker);
+        in_netns(&lab.host(from).ns.clone(), move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for _ in 0..20 {
+                let _ = s.send_to(&d, "192.168.77.1:6784");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        contains(&cap.finish(), marker)
+    };
+    // The outsider's frames never reach the container, and are counted.
+    assert!(!inject(2, b"MARKER-from-an-outsider"), "an outsider put frames on the bridge through UDP 6784");
+    assert!(wait_for(Duration::from_secs(5), || status(&lab, 0)["fastpath"]["source_filter"]["dropped"].as_u64().unwrap_or(0) >= 20),
+        "{}", status(&lab, 0)["fastpath"]);
+    // The same datagrams from the peer's address get through: the filter is what stopped them.
+    assert!(inject(1, b"MARKER-from-the-peer"), "the control case failed: VXLAN from the peer did not arrive");
+}

@@ -137,6 +137,9 @@ impl Collector for WeftCollector {
         ])?;
         let hb = by_reason(&weft_proto::fastpath::HeartbeatError::LABELS, &f.heartbeats_refused);
         family(&mut enc, "weft_fastpath_heartbeats_refused", "Fastpath heartbeats refused (bad tag, replayed, unknown peer, ...)", MetricType::Counter, hb)?;
+        family(&mut enc, "weft_fastpath_filtered", "Datagrams to the fastpath port dropped because they did not come from a peer with a fastpath", MetricType::Counter, vec![
+            (vec![], f.filtered.load(Relaxed)),
+        ])?;
         family(&mut enc, "weft_fastpath_tx_dropped", "Frames the VXLAN device dropped on transmit", MetricType::Counter, vec![
             (vec![], f.tx_dropped.load(Relaxed)),
         ])?;

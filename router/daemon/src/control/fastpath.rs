@@ -75,6 +75,8 @@ pub struct FastpathStats {
     pub learn_lost: AtomicU64,
     /// Netlink operations that failed.
     pub program_errors: AtomicU64,
+    /// Datagrams to the fastpath port dropped by the source filter (not from a peer).
+    pub filtered: AtomicU64,
     /// The VXLAN device's counters, as last read.
     pub tx_packets: AtomicU64,
     /// See `tx_packets`.
@@ -98,10 +100,13 @@ impl FastpathStats {
 }
 
 /// The VXLAN device weft made.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Device {
     name: String,
     index: u32,
+    /// Its source filter, or why there is none.
+    filter: Option<Arc<SourceFilter>>,
+    unfiltered: Option<String>,
 }
 
 /// One connection's heartbeat state, shared by its forwarder and the heartbeat thread.
@@ -154,16 +159,21 @@ impl Fastpath {
         let (cmds, rx) = mpsc::unbounded_channel();
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new(Mutex::new(HashMap::new()));
-        let device = if settings.enabled {
-            make(me, &settings, &netdev, bridge, tap, beats.clone(), stats.clone(), stop.clone()).await
-        } else {
+        let device = if !settings.enabled {
             Err("turned off here (--no-fastpath)".to_string())
+        } else if settings.encrypted && settings.trusted.is_empty() {
+            // No peer could use it: no device, so nothing listens on the port.
+            Err("encrypted mesh and no --trusted-subnets given".to_string())
+        } else {
+            make(me, &settings, &netdev, bridge, tap, beats.clone(), stats.clone(), stop.clone()).await
         };
         match &device {
             Ok(d) => info!(device = %d.name, port = settings.port, encrypted = settings.encrypted,
                 trusted = %settings.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "fastpath ready"),
-            Err(why) if settings.enabled => warn!(reason = %why, "no fastpath: frames between hosts go through the sleeve"),
-            Err(_) => info!("fastpath turned off (--no-fastpath)"),
+            Err(why) if settings.enabled && !settings.encrypted || !settings.trusted.is_empty() => {
+                warn!(reason = %why, "no fastpath: frames between hosts go through the sleeve")
+            }
+            Err(why) => info!(reason = %why, "no fastpath: frames between hosts go through the sleeve"),
         }
         if settings.encrypted && device.is_ok() && !settings.trusted.is_empty() {
             warn!(subnets = %settings.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
@@ -177,6 +187,7 @@ impl Fastpath {
                 peers: HashMap::new(),
                 owners: HashMap::new(),
                 stats: stats.clone(),
+                filter: d.filter.clone(),
             };
             tokio::spawn(p.run(rx));
         }
@@ -185,16 +196,16 @@ impl Fastpath {
 
     /// What we say to a new connection's peer at `peer_ip` about the fastpath towards it.
     pub fn offer(&self, peer_ip: IpAddr) -> Offer {
+        if let Err(why) = proto::allowed(self.settings.encrypted, &self.settings.trusted, peer_ip) {
+            return Offer::No(why);
+        }
         if let Err(why) = &self.device {
             return Offer::No(why.clone());
         }
         if !peer_ip.to_canonical().is_ipv4() {
             return Offer::No("the fastpath is IPv4-only in this version".into());
         }
-        match proto::allowed(self.settings.encrypted, &self.settings.trusted, peer_ip) {
-            Ok(()) => Offer::Yes { port: self.settings.port },
-            Err(why) => Offer::No(why),
-        }
+        Offer::Yes { port: self.settings.port }
     }
 
     /// The forwarder for a new connection to `peer` at `ip`, when both ends offered a fastpath;
@@ -263,6 +274,10 @@ impl Fastpath {
             "device_counters": {"tx_packets": s.tx_packets.load(Relaxed), "tx_bytes": s.tx_bytes.load(Relaxed),
                 "rx_packets": s.rx_packets.load(Relaxed), "rx_bytes": s.rx_bytes.load(Relaxed), "tx_dropped": s.tx_dropped.load(Relaxed)},
             "learn_lost": s.learn_lost.load(Relaxed),
+            "source_filter": match &self.device {
+                Ok(d) => json!({"on": d.filter.is_some(), "why_not": d.unfiltered, "dropped": s.filtered.load(Relaxed)}),
+                Err(_) => Value::Null,
+            },
             "program_errors": s.program_errors.load(Relaxed),
         })
     }
@@ -271,6 +286,9 @@ impl Fastpath {
     pub async fn stop(&self) {
         self.stop.store(true, Relaxed);
         if let Ok(d) = &self.device {
+            if let Some(f) = &d.filter {
+                f.remove().await;
+            }
             match self.netdev.delete_link(&d.name).await {
                 Ok(_) => debug!(device = %d.name, "fastpath device removed"),
                 Err(e) => warn!(device = %d.name, error = %format!("{e:#}"), "could not remove the fastpath device"),
@@ -320,7 +338,14 @@ async fn make(
         let _ = netdev.delete_link(&name).await;
         return Err(format!("starting the heartbeat thread: {e}"));
     }
-    Ok(Device { name, index })
+    let (filter, unfiltered) = match SourceFilter::make(bridge, settings.port).await {
+        Ok(f) => (Some(Arc::new(f)), None),
+        Err(why) => {
+            warn!(reason = %why, "fastpath: filter UDP {} to your peers' addresses yourself", settings.port);
+            (None, Some(why))
+        }
+    };
+    Ok(Device { name, index, filter, unfiltered })
 }
 
 /// A connection's fastpath: healthy when its heartbeats get through both ways. See the module docs.
@@ -529,6 +554,77 @@ fn heartbeats(
     }
 }
 
+/// The kernel accepts VXLAN from any source. This nftables table drops datagrams to the fastpath
+/// port from every address but the peers we have a fastpath connection with (counted), so nobody
+/// else can put frames on the bridge through it. Made with the `nft` command; without it the
+/// fastpath runs unfiltered and the status says so.
+struct SourceFilter {
+    table: String,
+}
+
+impl SourceFilter {
+    /// Makes (or remakes) the table for UDP `port`; `Err` says why there is no filter.
+    async fn make(bridge: &str, port: u16) -> std::result::Result<SourceFilter, String> {
+        let clean: String = bridge.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let table = format!("weft_fastpath_{clean}");
+        let _ = nft(&format!("delete table inet {table}")).await;
+        let script = format!(
+            "add table inet {table}\n\
+             add set inet {table} peers {{ type ipv4_addr; }}\n\
+             add chain inet {table} input {{ type filter hook input priority -10; policy accept; }}\n\
+             add rule inet {table} input udp dport {port} ip saddr != @peers counter drop\n\
+             add rule inet {table} input udp dport {port} meta nfproto ipv6 counter drop\n"
+        );
+        nft(&script).await.map_err(|e| format!("no source filter on UDP {port} (the kernel accepts VXLAN from anyone who can reach it): {e}"))?;
+        Ok(SourceFilter { table })
+    }
+
+    async fn allow(&self, ip: IpAddr, yes: bool) -> Result<()> {
+        let verb = if yes { "add" } else { "delete" };
+        nft(&format!("{verb} element inet {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
+    }
+
+    /// Datagrams dropped so far.
+    async fn dropped(&self) -> u64 {
+        let Ok(out) = nft_out(&format!("list chain inet {} input", self.table)).await else { return 0 };
+        out.lines()
+            .filter_map(|l| l.split("packets ").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    async fn remove(&self) {
+        let _ = nft(&format!("delete table inet {}", self.table)).await;
+    }
+}
+
+async fn nft(script: &str) -> std::result::Result<(), String> {
+    nft_out(script).await.map(|_| ())
+}
+
+async fn nft_out(script: &str) -> std::result::Result<String, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("running nft (Debian package nftables): {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(script.as_bytes()).await.map_err(|e| format!("writing to nft: {e}"))?;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .map_err(|_| "nft did not finish within 10 s".to_string())?
+        .map_err(|e| format!("nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// One peer's fastpath as the programming task keeps it.
 struct PeerState {
     generation: u64,
@@ -549,6 +645,7 @@ struct Programmer {
     /// The peer each remote MAC was last seen at.
     owners: HashMap<Mac, PeerName>,
     stats: Arc<FastpathStats>,
+    filter: Option<Arc<SourceFilter>>,
 }
 
 impl Programmer {
@@ -566,6 +663,9 @@ impl Programmer {
                     if let Ok(Some(c)) = self.netdev.counters(&self.name).await {
                         self.stats.store(c);
                     }
+                    if let Some(f) = &self.filter {
+                        self.stats.filtered.store(f.dropped().await, Relaxed);
+                    }
                 }
             }
         }
@@ -579,7 +679,11 @@ impl Programmer {
                     self.unprogram_all(peer, &old).await;
                 }
                 self.peers.insert(peer, PeerState { generation, ip, port, active: false, programmed: BTreeMap::new() });
-                // The heartbeats' way to the peer.
+                // Its datagrams may come in, and the heartbeats know the way to it.
+                if let Some(f) = &self.filter {
+                    let r = f.allow(ip, true).await;
+                    self.ok(r);
+                }
                 self.ok(self.netdev.vxlan_fdb_add(self.vx, bridge_mac(peer), ip, port).await);
             }
             Cmd::Activate { peer, generation } => {
@@ -671,6 +775,12 @@ impl Programmer {
         }
         let a = self.netdev.vxlan_fdb_del(self.vx, bridge_mac(peer)).await;
         self.ok(a.map(|_| ()));
+        // Another live connection may share the address (two routers behind one NAT, later).
+        if let Some(f) = &self.filter {
+            if !self.peers.values().any(|p| p.ip == st.ip) {
+                let _ = f.allow(st.ip, false).await;
+            }
+        }
     }
 
     /// Removes entries the kernel has not used for [`IDLE`] (containers that went away), and
