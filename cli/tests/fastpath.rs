@@ -173,6 +173,63 @@ fn a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back() {
     assert_eq!((sent, got, dups), (20, 20, 0));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(vxlan_tx(&lab, 0) >= tx0 + 20, "pings did not go through the VXLAN device again");
+
+    // The same with UDP 6784 dropped on the underlay between them, both ways.
+    lab.block_udp(0, 1, 6784).expect("block 6784");
+    assert!(wait_path(&lab, 0, 1, "sleeve", Duration::from_secs(8)) && wait_path(&lab, 1, 0, "sleeve", Duration::from_secs(8)), "{}", conn_to(&lab, 0, 1));
+    // Each end notices its own silence (the peer's report may have come first).
+    for (i, p) in [(0, 1), (1, 0)] {
+        let silent = wait_for(Duration::from_secs(5), || {
+            conn_to(&lab, i, p)["info"].as_str().is_some_and(|s| s.starts_with("sleeve: no fastpath heartbeat for"))
+        });
+        assert!(silent, "{}", conn_to(&lab, i, p));
+    }
+    let (sent, got, _) = ping_run(&lab, &a, "10.50.0.2", 10, 50);
+    assert_eq!((sent, got), (10, 10), "the sleeve does not carry the traffic");
+    lab.unblock_udp(0, 1, 6784).expect("unblock 6784");
+    assert!(wait_path(&lab, 0, 1, "fastpath", Duration::from_secs(15)) && wait_path(&lab, 1, 0, "fastpath", Duration::from_secs(15)), "{}", conn_to(&lab, 0, 1));
+}
+
+#[test]
+fn big_frames_on_the_fastpath_get_through_or_get_an_error() {
+    let test = "big_frames_on_the_fastpath_get_through_or_get_an_error";
+    let Some(mut lab) = lab(test, 2, None, &[]) else { return };
+    start(&mut lab, 2);
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
+    // Full-size frames of the container MTU fit the fastpath as they are.
+    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "1348", "10.50.0.2"]).expect("ping");
+    assert!(o.status.success(), "1376-byte DF ping: {}", String::from_utf8_lossy(&o.stdout));
+    // Larger than the container MTU: fragmented by the container, or refused at the source.
+    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.0.2"]).expect("ping");
+    assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
+    let o = lab.exec(&a.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", "10.50.0.2"]).expect("ping");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success() && text.contains("mtu=1376"), "8000-byte DF ping: {text}");
+    // Jumbo containers (MTU 9000 both): their frames do not fit the 1500-byte underlay in one
+    // VXLAN datagram. Without DF they get through (the VXLAN datagram is fragmented); with DF the
+    // kernel answers "fragmentation needed" with the tunnel's MTU, so the sender learns it: an
+    // error or a reply, never silence.
+    let j1 = lab.add_container(0, "j1", "10.50.1.1/24").expect("j1");
+    let j2 = lab.add_container(1, "j2", "10.50.1.2/24").expect("j2");
+    for (h, c, ip) in [(0, &j1.ns, "10.50.1.1/24"), (1, &j2.ns, "10.50.1.2/24")] {
+        lab.weft(h, &["detach", c]).expect("detach");
+        let o = lab.weft(h, &["attach", c, ip, "--mtu", "9000"]).expect("attach jumbo");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(ping_until(&lab, &j1, "10.50.1.2", &[], UP), "j1 cannot reach j2");
+    let _ = ping_run(&lab, &j1, "10.50.1.2", 3, 200);
+    let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.1.2"]).expect("ping");
+    assert!(o.status.success(), "8000-byte ping between MTU-9000 containers without DF: {}", String::from_utf8_lossy(&o.stdout));
+    let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.3", "-W", "2", "-M", "do", "-s", "8000", "10.50.1.2"]).expect("ping");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    eprintln!("8000-byte DF ping between jumbo containers on the fastpath: {text}");
+    // Seen here: "From 10.50.1.2 icmp_seq=1 Frag needed and DF set (mtu = 1450)", then the
+    // sender's own "message too long, mtu=1450": the tunnel's 1500 - 50.
+    assert!(!o.status.success() && text.contains("Frag needed") && text.contains("1450"), "silently lost: {text}");
 }
 
 /// A UDP datagram carrying `marker` from `c` to `ip`, with a capture of host `h`'s underlay around it.

@@ -539,3 +539,68 @@ fn ping_between_two_attached_namespaces() {
         Ok(())
     });
 }
+
+/// `ip -d -j link show IF` in the calling thread's namespace.
+fn ip_details(ifname: &str) -> Result<serde_json::Value> {
+    let o = std::process::Command::new("ip").args(["-d", "-j", "link", "show", ifname]).output()?;
+    if !o.status.success() {
+        bail!("ip link show {ifname}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    Ok(v[0].clone())
+}
+
+#[test]
+fn the_fastpath_device_is_isolated_from_the_tap_and_programmed_per_mac() {
+    use super::vxlan::VXLAN_MTU;
+    in_private_netns(|| async {
+        let nd = NetDev::new().await?;
+        nd.ensure_bridge("wb", 1376).await?;
+        nd.handle.link().add(LinkVeth::new("wbtap", "wbtappeer").build()).execute().await?;
+        nd.enslave("wbtap", "wb").await?;
+        let vx = nd.make_vxlan("wb-vx", 0x776674, 6784, "wb", "wbtap").await?;
+        let d = ip_details("wb-vx")?;
+        let info = &d["linkinfo"];
+        assert_eq!(info["info_kind"], "vxlan", "{d}");
+        assert_eq!(info["info_data"]["id"], 0x776674, "{d}");
+        assert_eq!(info["info_data"]["port"], 6784, "{d}");
+        assert_eq!(info["info_data"]["learning"], false, "{d}");
+        assert_eq!(d["mtu"], VXLAN_MTU, "{d}");
+        let port = &info["info_slave_data"];
+        for (flag, want) in [("isolated", true), ("learning", false), ("flood", false), ("mcast_flood", false), ("bcast_flood", false)] {
+            assert_eq!(port[flag], want, "VXLAN port flag {flag}: {d}");
+        }
+        let tap = ip_details("wbtap")?;
+        assert_eq!(tap["linkinfo"]["info_slave_data"]["isolated"], true, "{tap}");
+        // One MAC: a device entry to the peer, a sticky static bridge entry to the device.
+        let mac = [0x02, 0, 0, 0, 0, 0x42];
+        let peer: IpAddr = "192.0.2.9".parse()?;
+        nd.vxlan_fdb_add(vx, mac, peer, 6784).await?;
+        nd.bridge_fdb_add(vx, mac).await?;
+        let entries = nd.vxlan_fdb(vx).await?;
+        let o = std::process::Command::new("bridge").args(["-d", "fdb", "show", "dev", "wb-vx"]).output()?;
+        assert!(entries.contains(&(mac, Some(peer))), "{entries:?} / {}", String::from_utf8_lossy(&o.stdout));
+        let idle = nd.bridge_fdb_idle(vx).await?;
+        assert!(idle.iter().any(|(m, _)| *m == mac), "{idle:?}");
+        let o = std::process::Command::new("bridge").args(["-j", "fdb", "show", "dev", "wb-vx"]).output()?;
+        let fdb = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(fdb.contains("\"sticky\"") && fdb.contains("\"static\""), "{fdb}");
+        // Replacing is idempotent; removing says whether there was an entry.
+        nd.vxlan_fdb_add(vx, mac, peer, 6784).await?;
+        nd.bridge_fdb_add(vx, mac).await?;
+        assert!(nd.bridge_fdb_del(vx, mac).await?);
+        assert!(!nd.bridge_fdb_del(vx, mac).await?);
+        assert!(nd.vxlan_fdb_del(vx, mac).await?);
+        assert!(!nd.vxlan_fdb_del(vx, mac).await?);
+        // A restart rebuilds the device: nothing of the old one's entries survives.
+        nd.vxlan_fdb_add(vx, mac, peer, 6784).await?;
+        let vx2 = nd.make_vxlan("wb-vx", 0x776674, 6784, "wb", "wbtap").await?;
+        assert!(nd.vxlan_fdb(vx2).await?.iter().all(|(m, _)| *m != mac));
+        // The port taken by another program: a clear error, and no device left behind.
+        let _held = std::net::UdpSocket::bind("0.0.0.0:6785")?;
+        let err = nd.make_vxlan("wb-vx", 0x776674, 6785, "wb", "wbtap").await.err().ok_or_else(|| anyhow!("port 6785 is taken"))?;
+        assert!(format!("{err:#}").contains("UDP port 6785 is taken"), "{err:#}");
+        assert_eq!(nd.link_index("wb-vx").await?, None);
+        Ok(())
+    });
+}

@@ -204,7 +204,10 @@ impl NetDev {
         let mut s = std::pin::pin!(req.execute());
         let mut out = Vec::new();
         while let Some(m) = s.try_next().await.context("listing forwarding entries failed")? {
-            if m.header.ifindex != index || !m.header.flags.contains(flag) {
+            // A bridge (NTF_MASTER) entry names its bridge in NDA_MASTER; the device's own
+            // (NTF_SELF) entries do not.
+            let master = m.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Controller(_)));
+            if m.header.ifindex != index || master != (flag == NeighbourFlags::Controller) {
                 continue;
             }
             let mut mac = None;
@@ -262,6 +265,12 @@ fn ip_of(a: &netlink_packet_route::neighbour::NeighbourAddress) -> Option<IpAddr
     match a {
         NeighbourAddress::Inet(v) => Some(IpAddr::V4(*v)),
         NeighbourAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        // In AF_BRIDGE messages the address comes unparsed.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     }
 }
