@@ -94,9 +94,11 @@ failed() {  # <case> <why>
 # ---------------------------------------------------------------- cases
 case_weft() {  # <case-name> <password or empty> [weft binary]
   local name=$1 pw=$2 i
-  local WEFT_BIN=${3:-$WEFT_BIN}
+  local WEFT_BIN=${3:-$WEFT_BIN} extra=()
+  # Without a password a weft with the fastpath would use it: this benchmark measures the sleeve.
+  if [ -z "$pw" ] && "$WEFT_BIN" router --help 2>/dev/null | grep -q -- --no-fastpath; then extra=(--no-fastpath); fi
   # shellcheck disable=SC2086
-  weft_up "$name" "$([ -n "$pw" ] && echo e || echo p)" "$WEFT_BIN" "$pw" ${WEFT_ROUTER_ARGS:-}
+  weft_up "$name" "$([ -n "$pw" ] && echo e || echo p)" "$WEFT_BIN" "$pw" "${extra[@]}" ${WEFT_ROUTER_ARGS:-}
   if [ -n "$UP_ERR" ]; then failed "$name" "$UP_ERR"; teardown; return 0; fi
   local hs=("$H1" "$H2") s1=$S1
   WATCH=("weft-h1:$R1" "weft-h2:$R2")

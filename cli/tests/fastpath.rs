@@ -395,8 +395,13 @@ fn a_killed_router_comes_back_onto_the_fastpath_and_stop_removes_the_device() {
     // A clean stop removes the device weft made.
     let ns = lab.host(1).ns.clone();
     assert!(lab.exec(&ns, &["ip", "link", "show", "weft-vx"]).expect("ip").status.success());
+    let has_filter = lab.exec(&ns, &["nft", "list", "table", "ip", "weft_fastpath_weft"]).map(|o| o.status.success()).unwrap_or(false);
     lab.kill_router(1, libc::SIGTERM).expect("stop");
     assert!(!lab.exec(&ns, &["ip", "link", "show", "weft-vx"]).expect("ip").status.success(), "weft-vx left behind");
+    if has_filter {
+        let o = lab.exec(&ns, &["nft", "list", "table", "ip", "weft_fastpath_weft"]).expect("nft");
+        assert!(!o.status.success(), "the source filter table was left behind");
+    }
 }
 
 #[test]

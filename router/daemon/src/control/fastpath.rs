@@ -243,14 +243,6 @@ impl Fastpath {
         })
     }
 
-    /// Whether a device exists (else why not).
-    pub fn state(&self) -> std::result::Result<&str, &str> {
-        match &self.device {
-            Ok(d) => Ok(&d.name),
-            Err(why) => Err(why),
-        }
-    }
-
     /// The status block.
     pub fn status(&self, unencrypted_peers: Vec<String>) -> Value {
         let s = &self.stats;
@@ -567,13 +559,13 @@ impl SourceFilter {
     async fn make(bridge: &str, port: u16) -> std::result::Result<SourceFilter, String> {
         let clean: String = bridge.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         let table = format!("weft_fastpath_{clean}");
-        let _ = nft(&format!("delete table inet {table}")).await;
+        let _ = nft(&format!("delete table ip {table}")).await;
         let script = format!(
-            "add table inet {table}\n\
-             add set inet {table} peers {{ type ipv4_addr; }}\n\
-             add chain inet {table} input {{ type filter hook input priority -10; policy accept; }}\n\
-             add rule inet {table} input udp dport {port} ip saddr != @peers counter drop\n\
-             add rule inet {table} input udp dport {port} meta nfproto ipv6 counter drop\n"
+            "add table ip {table}\n\
+             add set ip {table} peers {{ type ipv4_addr; }}\n\
+             add chain ip {table} input {{ type filter hook input priority 0; policy accept; }}\n\
+             add rule ip {table} input udp dport {port} ip saddr @peers accept\n\
+             add rule ip {table} input udp dport {port} counter drop\n"
         );
         nft(&script).await.map_err(|e| format!("no source filter on UDP {port} (the kernel accepts VXLAN from anyone who can reach it): {e}"))?;
         Ok(SourceFilter { table })
@@ -581,12 +573,12 @@ impl SourceFilter {
 
     async fn allow(&self, ip: IpAddr, yes: bool) -> Result<()> {
         let verb = if yes { "add" } else { "delete" };
-        nft(&format!("{verb} element inet {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
+        nft(&format!("{verb} element ip {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
     }
 
     /// Datagrams dropped so far.
     async fn dropped(&self) -> u64 {
-        let Ok(out) = nft_out(&format!("list chain inet {} input", self.table)).await else { return 0 };
+        let Ok(out) = nft_out(&format!("list chain ip {} input", self.table)).await else { return 0 };
         out.lines()
             .filter_map(|l| l.split("packets ").nth(1))
             .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
@@ -594,7 +586,7 @@ impl SourceFilter {
     }
 
     async fn remove(&self) {
-        let _ = nft(&format!("delete table inet {}", self.table)).await;
+        let _ = nft(&format!("delete table ip {}", self.table)).await;
     }
 }
 
