@@ -38,6 +38,9 @@ use crate::host::NetDev;
 const MAX_PER_PEER: usize = 8192;
 /// MACs whose owner we track at most (the switch's total).
 const MAX_OWNERS: usize = 262_144;
+/// MAC reports from the frame path waiting for the programming task at most; more are dropped
+/// and counted (the frame path repeats them with the MAC's later frames).
+const LEARN_QUEUE: usize = 16_384;
 /// An entry the kernel has not used for this long is removed (the switch's MAC ttl).
 const IDLE: Duration = Duration::from_secs(600);
 /// How often idle entries are looked for, and the device's counters read.
@@ -127,8 +130,6 @@ enum Cmd {
     Deactivate { peer: PeerName, generation: u64 },
     /// The connection is gone.
     Close { peer: PeerName, generation: u64 },
-    /// The frame path saw `mac` at `owner` (ourselves: it moved here).
-    Learned { mac: Mac, owner: PeerName },
 }
 
 /// See the module docs. Made once at start; [`Fastpath::stop`] removes the device.
@@ -137,6 +138,7 @@ pub struct Fastpath {
     device: std::result::Result<Device, String>,
     netdev: Arc<NetDev>,
     cmds: mpsc::UnboundedSender<Cmd>,
+    learned: mpsc::Sender<(Mac, PeerName)>,
     beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
     generations: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -156,7 +158,10 @@ impl Fastpath {
         tap: &str,
         stats: Arc<FastpathStats>,
     ) -> Arc<Fastpath> {
+        // Commands come one per connection event; MAC reports can come in bursts, so they queue
+        // apart, bounded.
         let (cmds, rx) = mpsc::unbounded_channel();
+        let (learned, learned_rx) = mpsc::channel(LEARN_QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let beats = Arc::new(Mutex::new(HashMap::new()));
         let device = if !settings.enabled {
@@ -189,9 +194,9 @@ impl Fastpath {
                 stats: stats.clone(),
                 filter: d.filter.clone(),
             };
-            tokio::spawn(p.run(rx));
+            tokio::spawn(p.run(rx, learned_rx));
         }
-        Arc::new(Fastpath { settings, device, netdev, cmds, beats, generations: AtomicU64::new(1), stop, stats })
+        Arc::new(Fastpath { settings, device, netdev, cmds, learned, beats, generations: AtomicU64::new(1), stop, stats })
     }
 
     /// What we say to a new connection's peer at `peer_ip` about the fastpath towards it.
@@ -233,11 +238,11 @@ impl Fastpath {
 
     /// A hook for the frame path: `(mac, owner)` for each MAC it learns or sees move here.
     pub fn learn_hook(self: &Arc<Self>) -> Box<dyn Fn(Mac, PeerName) + Send + Sync> {
-        let cmds = self.cmds.clone();
+        let learned = self.learned.clone();
         let stats = self.stats.clone();
         let on = self.device.is_ok();
         Box::new(move |mac, owner| {
-            if on && cmds.send(Cmd::Learned { mac, owner }).is_err() {
+            if on && learned.try_send((mac, owner)).is_err() {
                 stats.learn_lost.fetch_add(1, Relaxed);
             }
         })
@@ -641,15 +646,18 @@ struct Programmer {
 }
 
 impl Programmer {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut learned: mpsc::Receiver<(Mac, PeerName)>) {
         let mut sweep = tokio::time::interval(SWEEP);
         let mut counters = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                // Connection events first: a fallback must not wait behind a burst of MACs.
+                biased;
                 c = rx.recv() => match c {
                     Some(c) => self.handle(c).await,
                     None => break,
                 },
+                Some((mac, owner)) = learned.recv() => self.learned(mac, owner).await,
                 _ = sweep.tick() => self.sweep().await,
                 _ = counters.tick() => {
                     if let Ok(Some(c)) = self.netdev.counters(&self.name).await {
@@ -701,7 +709,6 @@ impl Programmer {
                     }
                 }
             }
-            Cmd::Learned { mac, owner } => self.learned(mac, owner).await,
         }
     }
 
