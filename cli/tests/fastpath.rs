@@ -46,14 +46,23 @@ fn start(lab: &mut Lab, hosts: usize) {
     }
 }
 
-/// `count` pings from `c` to `ip`, one every `interval_ms`; returns (sent, received, dups).
-fn ping_run(lab: &Lab, c: &Container, ip: &str, count: u32, interval_ms: u32) -> (u32, u32, u32) {
-    let interval = format!("{}", f64::from(interval_ms) / 1000.0);
-    let o = lab
-        .exec(&c.ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-i", &interval, "-W", "1", ip])
-        .expect("ping");
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    let line = out.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+/// Container a (10.50.0.1) on host 0 and b (10.50.0.2) on host 1, once a reaches b.
+fn two_containers(lab: &mut Lab) -> (Container, Container) {
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
+    let b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
+    assert!(ping_until(lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    (a, b)
+}
+
+/// Waits until both ends of the connection between hosts 0 and 1 are on the fastpath.
+fn on_the_fastpath(lab: &Lab) {
+    assert!(wait_path(lab, 0, 1, "fastpath", UP), "host 0 not on the fastpath: {}", conn_to(lab, 0, 1));
+    assert!(wait_path(lab, 1, 0, "fastpath", UP), "host 1 not on the fastpath: {}", conn_to(lab, 1, 0));
+}
+
+/// (sent, received, duplicates) from ping's summary line.
+fn ping_stats(out: &str) -> (u32, u32, u32) {
+    let line = out.lines().find(|l| l.contains("transmitted")).unwrap_or("");
     let num = |after: &str| -> u32 {
         line.split(',')
             .find(|p| p.contains(after))
@@ -64,15 +73,21 @@ fn ping_run(lab: &Lab, c: &Container, ip: &str, count: u32, interval_ms: u32) ->
     (num("transmitted"), num("received"), num("duplicates"))
 }
 
+/// `count` pings from `c` to `ip`, one every `interval_ms`; returns (sent, received, dups).
+fn ping_run(lab: &Lab, c: &Container, ip: &str, count: u32, interval_ms: u32) -> (u32, u32, u32) {
+    let interval = format!("{}", f64::from(interval_ms) / 1000.0);
+    let o = lab
+        .exec(&c.ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-i", &interval, "-W", "1", ip])
+        .expect("ping");
+    ping_stats(&String::from_utf8_lossy(&o.stdout))
+}
+
 #[test]
 fn two_hosts_without_a_password_use_the_fastpath() {
     let Some(mut lab) = lab("two_hosts_without_a_password_use_the_fastpath", 2, None, &[]) else { return };
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "not on the fastpath: {}", conn_to(&lab, 0, 1));
-    assert!(wait_path(&lab, 1, 0, "fastpath", UP), "not on the fastpath: {}", conn_to(&lab, 1, 0));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     let c = conn_to(&lab, 0, 1);
     assert_eq!(c["info"], "fastpath", "{c}");
     // Unicast once the entries are in: through the kernel, not the router.
@@ -123,10 +138,8 @@ fn a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back() {
         return;
     }
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
 
     // Host 1 drops UDP 6784 (one way: host 0 still hears host 1's heartbeats) while pings flow,
@@ -150,9 +163,7 @@ fn a_blocked_fastpath_falls_back_to_the_sleeve_and_comes_back() {
     let c0 = conn_to(&lab, 0, 1);
     assert!(c0["info"].as_str().is_some_and(|i| i.starts_with("sleeve: ") && i.contains("6784")), "{c0}");
     let out = weft.join().expect("ping thread");
-    let line = out.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
-    let n = |w: &str| line.split(',').find(|p| p.contains(w)).and_then(|p| p.split_whitespace().next()).and_then(|x| x.parse::<u32>().ok()).unwrap_or(0);
-    let (sent, got) = (n("transmitted"), n("received"));
+    let (sent, got, _) = ping_stats(&out);
     eprintln!("fell back after {fell_back:?}; pings: {sent} sent, {got} received");
     assert!(sent >= 130, "{out}");
     // At 10 pings a second, a fallback within 5 s loses at most 50.
@@ -195,31 +206,19 @@ fn big_frames_on_the_fastpath_get_through_or_get_an_error() {
     let test = "big_frames_on_the_fastpath_get_through_or_get_an_error";
     let Some(mut lab) = lab(test, 2, None, &[]) else { return };
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
     // Full-size frames of the container MTU fit the fastpath as they are.
     let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "1348", "10.50.0.2"]).expect("ping");
     assert!(o.status.success(), "1376-byte DF ping: {}", String::from_utf8_lossy(&o.stdout));
     // Larger than the container MTU: fragmented by the container, or refused at the source.
-    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.0.2"]).expect("ping");
-    assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
-    let o = lab.exec(&a.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", "10.50.0.2"]).expect("ping");
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!o.status.success() && text.contains("mtu=1376"), "8000-byte DF ping: {text}");
+    oversized_pings_fragment_or_get_the_mtu(&lab, &a, "10.50.0.2");
     // Jumbo containers (MTU 9000 both): their frames do not fit the 1500-byte underlay in one
     // VXLAN datagram. Without DF they get through (the VXLAN datagram is fragmented); with DF the
     // kernel answers "fragmentation needed" with the tunnel's MTU, so the sender learns it: an
     // error or a reply, never silence.
-    let j1 = lab.add_container(0, "j1", "10.50.1.1/24").expect("j1");
-    let j2 = lab.add_container(1, "j2", "10.50.1.2/24").expect("j2");
-    for (h, c, ip) in [(0, &j1.ns, "10.50.1.1/24"), (1, &j2.ns, "10.50.1.2/24")] {
-        lab.weft(h, &["detach", c]).expect("detach");
-        let o = lab.weft(h, &["attach", c, ip, "--mtu", "9000"]).expect("attach jumbo");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    let (j1, _j2) = jumbo_pair(&mut lab);
     assert!(ping_until(&lab, &j1, "10.50.1.2", &[], UP), "j1 cannot reach j2");
     let _ = ping_run(&lab, &j1, "10.50.1.2", 3, 200);
     let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.1.2"]).expect("ping");
@@ -247,9 +246,7 @@ fn with_a_password_the_fastpath_is_used_only_towards_trusted_subnets() {
     {
         let Some(mut lab) = lab(test, 2, Some("correct horse"), &[]) else { return };
         start(&mut lab, 2);
-        let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-        let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-        assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+        let (a, _b) = two_containers(&mut lab);
         std::thread::sleep(Duration::from_secs(3));
         for (i, p) in [(0, 1), (1, 0)] {
             let c = conn_to(&lab, i, p);
@@ -265,10 +262,8 @@ fn with_a_password_the_fastpath_is_used_only_towards_trusted_subnets() {
     // The underlay trusted: the fastpath, and the status says the traffic is unencrypted.
     let Some(mut lab) = lab(test, 2, Some("correct horse"), &["--trusted-subnets", "192.168.77.0/24"]) else { return };
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     let _ = ping_run(&lab, &a, "10.50.0.2", 3, 200);
     assert!(capture_marker(&lab, 0, &a, "10.50.0.2", b"MARKER-fastpath-trusted"), "the trusted fastpath did not carry the datagrams");
     let st = status(&lab, 0);
@@ -354,7 +349,7 @@ fn three_hosts_mixed_paths_and_a_relay_deliver_everything_once() {
     for (from, to) in [(&a, "10.50.0.2"), (&a, "10.50.0.3"), (&b, "10.50.0.3"), (&c, "10.50.0.1")] {
         assert!(ping_until(&lab, from, to, &[], UP), "{} cannot reach {to}", from.ns);
     }
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "A-B: {}", conn_to(&lab, 0, 1));
+    on_the_fastpath(&lab);
     assert_eq!(path(&lab, 1, 2), "sleeve", "B-C: {}", conn_to(&lab, 1, 2));
     assert_eq!(path(&lab, 2, 1), "sleeve", "C-B: {}", conn_to(&lab, 2, 1));
     assert_eq!(conn_to(&lab, 0, 2), Value::Null, "A and C must not be connected directly");
@@ -381,14 +376,12 @@ fn a_killed_router_comes_back_onto_the_fastpath_and_stop_removes_the_device() {
     let test = "a_killed_router_comes_back_onto_the_fastpath_and_stop_removes_the_device";
     let Some(mut lab) = lab(test, 2, None, &[]) else { return };
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     lab.kill_router(1, libc::SIGKILL).expect("kill -9");
     lab.start_router(1, &[0]).expect("restart");
     lab.wait_established(0, 1, UP).expect("reconnected");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP) && wait_path(&lab, 1, 0, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    on_the_fastpath(&lab);
     assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "traffic did not resume");
     let (sent, got, dups) = ping_run(&lab, &a, "10.50.0.2", 20, 20);
     assert_eq!((sent, got, dups), (20, 20, 0));
@@ -411,9 +404,7 @@ fn without_a_vxlan_device_the_router_runs_on_the_sleeve_and_says_why() {
     // Something else holds UDP 6784 on host 1.
     let held = in_netns(&lab.host(1).ns.clone(), || std::net::UdpSocket::bind("0.0.0.0:6784").expect("bind 6784"));
     start(&mut lab, 2);
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b on the sleeve");
+    let _ = two_containers(&mut lab);
     let fp = status(&lab, 1)["fastpath"].clone();
     assert_eq!(fp["enabled"], false, "{fp}");
     assert!(fp["why_not"].as_str().is_some_and(|w| w.contains("this kernel cannot make a VXLAN device") && w.contains("6784")), "{fp}");
@@ -459,10 +450,8 @@ fn vxlan_from_anyone_but_a_fastpath_peer_is_dropped_and_counted() {
     lab.start_router(0, &[]).expect("router 0");
     lab.start_router(1, &[0]).expect("router 1");
     lab.wait_established(0, 1, UP).expect("connected");
-    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("container a");
-    let _b = lab.add_container(1, "b", "10.50.0.2/24").expect("container b");
-    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
-    assert!(wait_path(&lab, 0, 1, "fastpath", UP), "{}", conn_to(&lab, 0, 1));
+    let (a, _b) = two_containers(&mut lab);
+    on_the_fastpath(&lab);
     let mac = mac_of(&lab, &a);
     let inject = |from: usize, marker: &'static [u8]| -> bool {
         let cap = Capture::start(&a.ns, "ethwe");

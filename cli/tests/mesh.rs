@@ -167,22 +167,10 @@ fn replayed_sleeve_datagrams_are_dropped_and_counted() {
 fn large_pings_get_through_or_get_the_right_error() {
     let Some(mut lab) = lab("large_pings_get_through_or_get_the_right_error", 2, Some("pw"), &[]) else { return };
     let (a, _b) = two_hosts_pinging(&mut lab);
-    // Fragmentable: the container's kernel fragments to its MTU, fragments cross the sleeve.
-    let o = lab.exec(&a.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", "10.50.0.2"]).expect("ping");
-    assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
-    // DF set: refused at the source with the path MTU (never a silent drop).
-    let o = lab.exec(&a.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", "10.50.0.2"]).expect("ping");
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(!o.status.success() && text.contains("mtu=1376"), "8000-byte DF ping: {text}");
+    // Fragmented by the container's kernel, the fragments cross the sleeve; or refused with the MTU.
+    oversized_pings_fragment_or_get_the_mtu(&lab, &a, "10.50.0.2");
     // Jumbo containers: the sleeve fragments 8 KB frames itself, so DF pings get through.
-    let j1 = lab.add_container(0, "j1", "10.50.1.1/24").expect("j1");
-    let _j2 = lab.add_container(1, "j2", "10.50.1.2/24").expect("j2");
-    for (h, c) in [(0, &j1.ns), (1, &_j2.ns)] {
-        lab.weft(h, &["detach", c]).expect("detach");
-        let ip = if h == 0 { "10.50.1.1/24" } else { "10.50.1.2/24" };
-        let o = lab.weft(h, &["attach", c, ip, "--mtu", "9000"]).expect("attach jumbo");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
+    let (j1, _j2) = jumbo_pair(&mut lab);
     let o = lab.exec(&j1.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "do", "-s", "8000", "10.50.1.2"]).expect("ping");
     assert!(o.status.success(), "8000-byte DF ping between MTU-9000 containers: {}", String::from_utf8_lossy(&o.stdout));
 }

@@ -256,3 +256,26 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
+
+/// Pings of 8000 bytes from `c` to `ip` across the mesh, container MTU 1376: without DF they are
+/// fragmented by the container's kernel and get through; with DF they are refused at the source
+/// with the MTU (never a silent drop).
+pub fn oversized_pings_fragment_or_get_the_mtu(lab: &Lab, c: &Container, ip: &str) {
+    let o = lab.exec(&c.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "-M", "dont", "-s", "8000", ip]).expect("ping");
+    assert!(o.status.success(), "8000-byte ping without DF: {}", String::from_utf8_lossy(&o.stdout));
+    let o = lab.exec(&c.ns, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "8000", ip]).expect("ping");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!o.status.success() && text.contains("mtu=1376"), "8000-byte DF ping: {text}");
+}
+
+/// Containers j1 (10.50.1.1) on host 0 and j2 (10.50.1.2) on host 1, attached with MTU 9000.
+pub fn jumbo_pair(lab: &mut Lab) -> (Container, Container) {
+    let j1 = lab.add_container(0, "j1", "10.50.1.1/24").expect("j1");
+    let j2 = lab.add_container(1, "j2", "10.50.1.2/24").expect("j2");
+    for (h, c, ip) in [(0, &j1.ns, "10.50.1.1/24"), (1, &j2.ns, "10.50.1.2/24")] {
+        lab.weft(h, &["detach", c]).expect("detach");
+        let o = lab.weft(h, &["attach", c, ip, "--mtu", "9000"]).expect("attach jumbo");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    (j1, j2)
+}

@@ -183,7 +183,7 @@ impl Actor {
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {
-        let ConnUp { id, remote, target, hello, session, ciphers, our_index: lease, tx, close, reply } = up;
+        let ConnUp { id, remote, target, hello, our_fastpath, session, ciphers, our_index: lease, tx, close, reply } = up;
         let our_index = lease.index();
         let peer = hello.hello.name;
         let nick = hello.hello.nickname.clone();
@@ -201,8 +201,7 @@ impl Actor {
                 );
                 info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, "connection up");
                 let sleeve: Box<dyn Forwarder> = Box::new(SleeveForwarder::new(link.clone(), self.info.udp_port));
-                let ours = self.fastpath.offer(remote.ip());
-                let paths = match self.fastpath.forwarder(peer, remote.ip(), &ours, &hello.fastpath, &binding) {
+                let paths = match self.fastpath.forwarder(peer, remote.ip(), &our_fastpath, &hello.fastpath, &binding) {
                     Ok(fast) => Paths::new(vec![Box::new(fast), sleeve]),
                     Err(why) => {
                         debug!(%peer, reason = %why, "no fastpath for this connection");

@@ -304,7 +304,7 @@ async fn connection(
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
     let lease = d.indices.lease();
     let fastpath = d.fastpath.as_ref().map_or_else(|| Offer::No("no fastpath".into()), |f| f.offer(remote.ip()));
-    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: lease.index(), fastpath };
+    let hello = SessionHello { hello: d.me.hello(&secured.binding), udp_port: d.udp_port, sleeve_index: lease.index(), fastpath: fastpath.clone() };
     writer.send(&hello).await.map_err(|e| format!("sending hello: {e:#}"))?;
     // The first message is bounded: nothing big is buffered for a peer whose hello is not in.
     let theirs: SessionHello = match in_time(deadline, permit.as_mut(), reader.recv_bounded(MAX_HELLO)).await {
@@ -340,6 +340,7 @@ async fn connection(
         remote,
         target,
         hello: theirs,
+        our_fastpath: fastpath,
         session,
         ciphers: (secured.sleeve_send, secured.sleeve_recv),
         our_index: lease,

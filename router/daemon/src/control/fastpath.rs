@@ -13,7 +13,7 @@
 //! addressed to the peer's bridge MAC, and read from the bridge device through another, so they
 //! take the container frames' path through both kernels. One thread sends and receives them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -108,8 +108,7 @@ struct Device {
     name: String,
     index: u32,
     /// Its source filter, or why there is none.
-    filter: Option<Arc<SourceFilter>>,
-    unfiltered: Option<String>,
+    filter: std::result::Result<Arc<SourceFilter>, String>,
 }
 
 /// One connection's heartbeat state, shared by its forwarder and the heartbeat thread.
@@ -192,7 +191,7 @@ impl Fastpath {
                 peers: HashMap::new(),
                 owners: HashMap::new(),
                 stats: stats.clone(),
-                filter: d.filter.clone(),
+                filter: d.filter.as_ref().ok().cloned(),
             };
             tokio::spawn(p.run(rx, learned_rx));
         }
@@ -272,7 +271,7 @@ impl Fastpath {
                 "rx_packets": s.rx_packets.load(Relaxed), "rx_bytes": s.rx_bytes.load(Relaxed), "tx_dropped": s.tx_dropped.load(Relaxed)},
             "learn_lost": s.learn_lost.load(Relaxed),
             "source_filter": match &self.device {
-                Ok(d) => json!({"on": d.filter.is_some(), "why_not": d.unfiltered, "dropped": s.filtered.load(Relaxed)}),
+                Ok(d) => json!({"on": d.filter.is_ok(), "why_not": d.filter.as_ref().err(), "dropped": s.filtered.load(Relaxed)}),
                 Err(_) => Value::Null,
             },
             "program_errors": s.program_errors.load(Relaxed),
@@ -283,7 +282,7 @@ impl Fastpath {
     pub async fn stop(&self) {
         self.stop.store(true, Relaxed);
         if let Ok(d) = &self.device {
-            if let Some(f) = &d.filter {
+            if let Ok(f) = &d.filter {
                 f.remove().await;
             }
             match self.netdev.delete_link(&d.name).await {
@@ -335,14 +334,11 @@ async fn make(
         let _ = netdev.delete_link(&name).await;
         return Err(format!("starting the heartbeat thread: {e}"));
     }
-    let (filter, unfiltered) = match SourceFilter::make(bridge, settings.port).await {
-        Ok(f) => (Some(Arc::new(f)), None),
-        Err(why) => {
-            warn!(reason = %why, "fastpath: filter UDP {} to your peers' addresses yourself", settings.port);
-            (None, Some(why))
-        }
-    };
-    Ok(Device { name, index, filter, unfiltered })
+    let filter = SourceFilter::make(bridge, settings.port).await.map(Arc::new);
+    if let Err(why) = &filter {
+        warn!(reason = %why, "fastpath: filter UDP {} to your peers' addresses yourself", settings.port);
+    }
+    Ok(Device { name, index, filter })
 }
 
 /// A connection's fastpath: healthy when its heartbeats get through both ways. See the module docs.
@@ -629,7 +625,7 @@ struct PeerState {
     port: u16,
     active: bool,
     /// MACs with entries now.
-    programmed: BTreeMap<Mac, ()>,
+    programmed: BTreeSet<Mac>,
 }
 
 /// The task that owns the forwarding entries. Everything goes through it in order, so entries
@@ -678,7 +674,7 @@ impl Programmer {
                 if let Some(old) = self.peers.remove(&peer) {
                     self.unprogram_all(peer, &old).await;
                 }
-                self.peers.insert(peer, PeerState { generation, ip, port, active: false, programmed: BTreeMap::new() });
+                self.peers.insert(peer, PeerState { generation, ip, port, active: false, programmed: BTreeSet::new() });
                 // Its datagrams may come in, and the heartbeats know the way to it.
                 if let Some(f) = &self.filter {
                     let r = f.allow(ip, true).await;
@@ -697,7 +693,7 @@ impl Programmer {
             Cmd::Deactivate { peer, generation } => {
                 let Some(st) = self.peers.get_mut(&peer).filter(|s| s.generation == generation) else { return };
                 st.active = false;
-                let macs: Vec<Mac> = std::mem::take(&mut st.programmed).into_keys().collect();
+                let macs: Vec<Mac> = std::mem::take(&mut st.programmed).into_iter().collect();
                 for m in macs {
                     self.unprogram(peer, m).await;
                 }
@@ -724,7 +720,7 @@ impl Programmer {
         self.owners.insert(mac, owner);
         // Moved away from a peer whose entries send it there.
         if let Some(old) = before {
-            if self.peers.get_mut(&old).is_some_and(|s| s.programmed.remove(&mac).is_some()) {
+            if self.peers.get_mut(&old).is_some_and(|s| s.programmed.remove(&mac)) {
                 self.unprogram(old, mac).await;
             }
         }
@@ -735,7 +731,7 @@ impl Programmer {
 
     async fn program(&mut self, peer: PeerName, mac: Mac) {
         let Some(st) = self.peers.get_mut(&peer) else { return };
-        if st.programmed.contains_key(&mac) {
+        if st.programmed.contains(&mac) {
             return;
         }
         if st.programmed.len() >= MAX_PER_PEER {
@@ -743,7 +739,7 @@ impl Programmer {
             return;
         }
         let (ip, port) = (st.ip, st.port);
-        st.programmed.insert(mac, ());
+        st.programmed.insert(mac);
         // The device's entry first: the bridge's then sends into a tunnel that knows the way.
         let a = self.netdev.vxlan_fdb_add(self.vx, mac.0, ip, port).await;
         let ok = a.is_ok();
@@ -769,7 +765,7 @@ impl Programmer {
     }
 
     async fn unprogram_all(&mut self, peer: PeerName, st: &PeerState) {
-        for m in st.programmed.keys() {
+        for m in &st.programmed {
             self.unprogram(peer, *m).await;
         }
         let a = self.netdev.vxlan_fdb_del(self.vx, bridge_mac(peer)).await;
@@ -798,7 +794,7 @@ impl Programmer {
             }
             let mac = Mac(mac);
             let Some(owner) = self.owners.remove(&mac) else { continue };
-            if self.peers.get_mut(&owner).is_some_and(|s| s.programmed.remove(&mac).is_some()) {
+            if self.peers.get_mut(&owner).is_some_and(|s| s.programmed.remove(&mac)) {
                 debug!(%mac, peer = %owner, "removing an idle fastpath entry");
                 self.unprogram(owner, mac).await;
             }

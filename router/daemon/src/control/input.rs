@@ -26,6 +26,8 @@ pub struct ConnUp {
     pub target: Option<SocketAddr>,
     /// What the peer said about itself.
     pub hello: SessionHello,
+    /// What we offered the peer about the fastpath in our hello.
+    pub our_fastpath: weft_proto::fastpath::Offer,
     /// Our end's address and the handshake's binding value.
     pub session: weft_proto::router::Session,
     /// Sleeve keys: (send, receive).

@@ -18,6 +18,7 @@ use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourFlags, Neighb
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{LinkBridgePort, LinkUnspec, LinkVxlan};
 use tracing::debug;
+use weft_proto::switch::Mac;
 
 use super::netlink::{errno, NetDev};
 
@@ -137,7 +138,7 @@ impl NetDev {
             .destination(dst)
             .replace();
         req.message_mut().attributes.push(NeighbourAttribute::Port(port));
-        req.execute().await.with_context(|| format!("adding VXLAN entry {} -> {dst} failed", show(mac)))
+        req.execute().await.with_context(|| format!("adding VXLAN entry {} -> {dst} failed", Mac(mac)))
     }
 
     /// Makes the bridge send frames for `mac` to its port `port` (static and sticky: learning
@@ -151,7 +152,7 @@ impl NetDev {
             .replace()
             .execute()
             .await
-            .with_context(|| format!("adding bridge entry {} failed", show(mac)))
+            .with_context(|| format!("adding bridge entry {} failed", Mac(mac)))
     }
 
     /// Removes the VXLAN device's entry for `mac`; `Ok(false)` if there was none.
@@ -173,7 +174,7 @@ impl NetDev {
         match self.handle.neighbours().del(m).execute().await {
             Ok(()) => Ok(true),
             Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ENODEV)) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("removing forwarding entry {} failed", show(mac))),
+            Err(e) => Err(e).with_context(|| format!("removing forwarding entry {} failed", Mac(mac))),
         }
     }
 
@@ -273,8 +274,4 @@ fn ip_of(a: &netlink_packet_route::neighbour::NeighbourAddress) -> Option<IpAddr
         },
         _ => None,
     }
-}
-
-fn show(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
