@@ -37,10 +37,10 @@ enum Cmd {
     Launch(RouterArgs),
     /// Stop the running router.
     Stop,
-    /// Show the router's state: peers, connections, targets, address allocation, DNS, CNI attachments.
+    /// Show the router's state: peers, connections, targets, address allocation, DNS, CNI attachments, container ports and their guard.
     Status {
         /// Only this part.
-        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns", "cni"])]
+        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns", "cni", "ports"])]
         what: Option<String>,
     },
     /// Install the CNI plugin (weft-cni) and a network configuration for container runtimes.

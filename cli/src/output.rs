@@ -60,6 +60,13 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         } else if !fp.is_null() {
             writeln!(out, "    Fastpath: off: {}", s(&fp["why_not"]))?;
         }
+        let g = &v["guard"];
+        if let Some(e) = g["error"].as_str() {
+            writeln!(out, "       Guard: UNKNOWN: {e}")?;
+        } else if !g.is_null() {
+            let ports = g["ports"].as_array().map_or(0, Vec::len);
+            writeln!(out, "       Guard: {ports} container port(s), {}", guard_drops(&g["dropped"], g["unruled"].as_u64().unwrap_or(0)))?;
+        }
         let drops: u64 = v["stats"]["drops"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
         writeln!(
             out,
@@ -108,6 +115,9 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             writeln!(out, "Attached (bridge ports): {}", ports.join(", "))?;
         }
     }
+    if what == Some("ports") {
+        ports(out, &v["guard"])?;
+    }
     if what.is_none() || what == Some("cni") {
         cni(out, &v["cni"], what.is_some())?;
     }
@@ -137,6 +147,46 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             }
             writeln!(out, "{line}")?;
         }
+    }
+    Ok(())
+}
+
+/// "N frames dropped (arp 2, mac 1)", or "nothing dropped".
+fn guard_drops(dropped: &Value, unruled: u64) -> String {
+    let mut parts: Vec<String> = dropped
+        .as_object()
+        .map(|m| m.iter().filter(|(_, n)| n.as_u64().unwrap_or(0) > 0).map(|(r, n)| format!("{r} {n}")).collect())
+        .unwrap_or_default();
+    if unruled > 0 {
+        parts.push(format!("port without rules {unruled}"));
+    }
+    let total: u64 = dropped.as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum()) + unruled;
+    if total == 0 {
+        "nothing dropped".into()
+    } else {
+        format!("{total} frame(s) dropped ({})", parts.join(", "))
+    }
+}
+
+/// `weft status ports`: each container port, what it may send, and what it was refused.
+fn ports(out: &mut impl Write, g: &Value) -> Result<()> {
+    writeln!(out, "Ports (the guard lets each send only from its own MAC and addresses):")?;
+    if let Some(e) = g["error"].as_str() {
+        writeln!(out, "  cannot read the guard: {e}")?;
+        return Ok(());
+    }
+    let empty = Vec::new();
+    let ports = g["ports"].as_array().unwrap_or(&empty);
+    if ports.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    for p in ports {
+        let addrs: Vec<&str> = p["addresses"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+        writeln!(out, "  {}  {}  {}  [{}]", s(&p["port"]), s(&p["label"]), s(&p["mac"]), addrs.join(", "))?;
+        writeln!(out, "      {}", guard_drops(&p["dropped"], 0))?;
+    }
+    if g["unruled"].as_u64().unwrap_or(0) > 0 {
+        writeln!(out, "  frames from weft ports without rules, dropped: {}", g["unruled"])?;
     }
     Ok(())
 }

@@ -277,54 +277,12 @@ fn with_a_password_the_fastpath_is_used_only_towards_trusted_subnets() {
 /// Sends one ARP request for `target` from interface ethwe of container `c`, with source MAC
 /// `src_mac` and address `src_ip`.
 fn send_arp(c: &Container, src_mac: [u8; 6], src_ip: [u8; 4], target: [u8; 4]) {
-    use std::os::fd::AsRawFd;
-    in_netns(&c.ns, move || {
-        let proto = (libc::ETH_P_ARP as u16).to_be();
-        // SAFETY: plain socket(2), closed below via OwnedFd.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0);
-        // SAFETY: fd is ours.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let name = std::ffi::CString::new("ethwe").expect("name");
-        // SAFETY: NUL-terminated name.
-        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert!(idx > 0, "no ethwe in the container");
-        let mut f = vec![0xffu8; 6];
-        f.extend_from_slice(&src_mac);
-        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        f.extend_from_slice(&src_mac);
-        f.extend_from_slice(&src_ip);
-        f.extend_from_slice(&[0; 6]);
-        f.extend_from_slice(&target);
-        f.resize(60, 0);
-        // SAFETY: zeroed sockaddr_ll is valid.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_ifindex = idx as i32;
-        sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        // SAFETY: valid buffer and address.
-        let n = unsafe {
-            libc::sendto(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0, (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        assert_eq!(n, 60, "sending the ARP request: {}", std::io::Error::last_os_error());
-    });
+    send_frames(c, vec![arp_frame(1, src_mac, src_ip, [0xff; 6], target)]);
 }
 
 /// ARP requests for `target` among captured frames.
 fn arp_requests_for(frames: &[Vec<u8>], target: [u8; 4]) -> usize {
     frames.iter().filter(|f| f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == target).count()
-}
-
-fn mac_of(lab: &Lab, c: &Container) -> [u8; 6] {
-    let o = lab.exec(&c.ns, &["ip", "-o", "link", "show", "ethwe"]).expect("mac");
-    let out = String::from_utf8_lossy(&o.stdout).to_string();
-    let s = out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
-    let mut m = [0u8; 6];
-    for (i, p) in s.split(':').enumerate().take(6) {
-        m[i] = u8::from_str_radix(p, 16).unwrap_or(0);
-    }
-    m
 }
 
 #[test]

@@ -32,7 +32,7 @@ use rscni_types::version::{PluginInfo, SpecVersion};
 use serde_json::{json, Value};
 use weft_router::api::client::{self, CallError};
 use weft_proto::switch::Mac;
-use weft_router::host::{host_ifname_for, AttachOpts, NetDev, RouteSpec};
+use weft_router::host::{guard, host_ifname_for, AttachOpts, NetDev, RouteSpec};
 
 /// Where the router's API socket is unless the configuration says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";
@@ -388,6 +388,12 @@ fn del(env: &Env, cfg: &Config) -> Result<(), Error> {
         let path = PathBuf::from(&env.netns);
         netlink(async { NetDev::new().await?.detach_netns(&path, &env.ifname).await })
             .map_err(|e| interface_error("Removing the container's interface failed", &e))?;
+    } else if !env.netns.is_empty() {
+        // The namespace went first and took the veth pair with it; the port's guard stays
+        // until it is removed here.
+        let port = host_ifname_for(Path::new(&env.netns), &env.ifname);
+        netlink(async { guard::remove(&port).await })
+            .map_err(|e| interface_error("Removing the container port's guard failed", &e))?;
     }
     call(cfg, "POST", "/v1/cni/del", &req)?;
     Ok(())
@@ -435,6 +441,10 @@ fn check(env: &Env, cfg: &Config) -> Result<(), Error> {
         .map_err(|e| failed(format!("listing the ports of bridge {bridge}: {e:#}")))?;
     if !ports.contains(&host) {
         return Err(failed(format!("the host end {host} of {} is not on bridge {bridge}", env.ifname)));
+    }
+    let guarded = netlink(async { guard::list().await }).map_err(|e| failed(format!("{e:#}")))?;
+    if !guarded.ports.iter().any(|p| p.port == host) {
+        return Err(failed(format!("the port {host} of {} has no guard (anti-spoofing rules): detach and attach it again", env.ifname)));
     }
     Ok(())
 }

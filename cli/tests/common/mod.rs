@@ -2,7 +2,7 @@
 //! AF_PACKET capture on a lab host's underlay, and sockets opened inside a
 //! lab namespace.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -278,4 +278,66 @@ pub fn jumbo_pair(lab: &mut Lab) -> (Container, Container) {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     (j1, j2)
+}
+
+/// Sends raw Ethernet frames (each at least 14 bytes) out of interface ethwe of container `c`,
+/// as a process with CAP_NET_RAW in it could.
+pub fn send_frames(c: &Container, frames: Vec<Vec<u8>>) {
+    in_netns(&c.ns, move || {
+        // SAFETY: plain socket(2), owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is ours.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let name = std::ffi::CString::new("ethwe").expect("name");
+        // SAFETY: NUL-terminated name.
+        let idx = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(idx > 0, "no ethwe in the container");
+        // SAFETY: zeroed sockaddr_ll is valid.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = idx as i32;
+        sa.sll_halen = 6;
+        for f in frames {
+            sa.sll_addr[..6].copy_from_slice(&f[..6]);
+            loop {
+                // SAFETY: valid buffer and address.
+                let n = unsafe {
+                    libc::sendto(fd.as_raw_fd(), f.as_ptr().cast(), f.len(), 0, (&sa as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+                };
+                if n == f.len() as isize {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                // A full queue under a flood: wait for it to drain.
+                assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS), "sending a raw frame: {e}");
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+}
+
+/// An ARP frame (`op` 1 request, 2 reply), broadcast, from `mac` claiming `ip`, padded to 60 bytes.
+pub fn arp_frame(op: u8, mac: [u8; 6], ip: [u8; 4], target_mac: [u8; 6], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xffu8; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(if op == 1 { &[0; 6] } else { &target_mac });
+    f.extend_from_slice(&target);
+    f.resize(60, 0);
+    f
+}
+
+/// The MAC of interface ethwe in container `c`.
+pub fn mac_of(lab: &Lab, c: &Container) -> [u8; 6] {
+    let o = lab.exec(&c.ns, &["ip", "-o", "link", "show", "ethwe"]).expect("mac");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let s = out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string();
+    let mut m = [0u8; 6];
+    for (i, p) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(p, 16).unwrap_or(0);
+    }
+    m
 }

@@ -143,6 +143,11 @@ impl Collector for WeftCollector {
         family(&mut enc, "weft_fastpath_tx_dropped", "Frames the VXLAN device dropped on transmit", MetricType::Counter, vec![
             (vec![], f.tx_dropped.load(Relaxed)),
         ])?;
+        let g = &c.guard;
+        family(&mut enc, "weft_guard_dropped", "Frames from containers the port guard dropped, by reason (read every 10 s)", MetricType::Counter, by_reason(&crate::host::guard::REASONS, &g.dropped))?;
+        family(&mut enc, "weft_guard_ports", "Container ports with guard rules", MetricType::Gauge, vec![(vec![], g.ports.load(Relaxed))])?;
+        family(&mut enc, "weft_guard_unruled", "Frames from weft ports without guard rules, dropped", MetricType::Counter, vec![(vec![], g.unruled.load(Relaxed))])?;
+        family(&mut enc, "weft_guard_swept", "Guard rules removed because their port was gone", MetricType::Counter, vec![(vec![], g.swept.load(Relaxed))])?;
         family(&mut enc, "weft_peers", "Peers known, including this one", MetricType::Gauge, vec![
             (vec![], c.peers.load(Relaxed)),
         ])?;

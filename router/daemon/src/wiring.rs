@@ -172,6 +172,7 @@ impl Start {
         };
         let fastpath = Fastpath::start(id_name, settings, netdev.clone(), &opts.bridge, &tap_name, stats.fastpath.clone()).await;
         frames.set_learn_hook(fastpath.learn_hook());
+        crate::services::guard::start(netdev.clone(), stats.guard.clone()).await;
 
         // The control path's core, with its services.
         let now = Instant::now();

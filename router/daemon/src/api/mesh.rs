@@ -60,6 +60,10 @@ async fn revoke(State(sh): State<Shared>, Json(req): Json<Revoke>) -> ApiResult 
 pub async fn status(State(sh): State<Shared>) -> ApiResult {
     let mut v = sh.control.status().await?;
     v["attachments"] = json!(bridge_ports(&sh).await);
+    v["guard"] = match crate::host::guard::list().await {
+        Ok(l) => json!({ "ports": l.ports, "unruled": l.unruled, "dropped": l.totals() }),
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    };
     v["cni"] = json!(cni_attachments(&sh).await?);
     Ok(Json(v))
 }

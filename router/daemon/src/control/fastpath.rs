@@ -31,6 +31,7 @@ use weft_proto::{ControlMsg, PeerName};
 use crate::frame::forwarder::{Forwarder, Health};
 use crate::frame::links::lock;
 use crate::host::links::bridge_mac;
+use crate::host::nft;
 use crate::host::vxlan::{vxlan_name, Counters};
 use crate::host::NetDev;
 
@@ -560,7 +561,7 @@ impl SourceFilter {
     async fn make(bridge: &str, port: u16) -> std::result::Result<SourceFilter, String> {
         let clean: String = bridge.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         let table = format!("weft_fastpath_{clean}");
-        let _ = nft(&format!("delete table ip {table}")).await;
+        let _ = nft::run(&format!("delete table ip {table}")).await;
         let script = format!(
             "add table ip {table}\n\
              add set ip {table} peers {{ type ipv4_addr; }}\n\
@@ -568,18 +569,18 @@ impl SourceFilter {
              add rule ip {table} input udp dport {port} ip saddr @peers accept\n\
              add rule ip {table} input udp dport {port} counter drop\n"
         );
-        nft(&script).await.map_err(|e| format!("no source filter on UDP {port} (the kernel accepts VXLAN from anyone who can reach it): {e}"))?;
+        nft::run(&script).await.map_err(|e| format!("no source filter on UDP {port} (the kernel accepts VXLAN from anyone who can reach it): {e}"))?;
         Ok(SourceFilter { table })
     }
 
     async fn allow(&self, ip: IpAddr, yes: bool) -> Result<()> {
         let verb = if yes { "add" } else { "delete" };
-        nft(&format!("{verb} element ip {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
+        nft::run(&format!("{verb} element ip {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
     }
 
     /// Datagrams dropped so far.
     async fn dropped(&self) -> u64 {
-        let Ok(out) = nft_out(&format!("list chain ip {} input", self.table)).await else { return 0 };
+        let Ok(out) = nft::output(&[], &format!("list chain ip {} input", self.table)).await else { return 0 };
         out.lines()
             .filter_map(|l| l.split("packets ").nth(1))
             .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
@@ -587,35 +588,8 @@ impl SourceFilter {
     }
 
     async fn remove(&self) {
-        let _ = nft(&format!("delete table ip {}", self.table)).await;
+        let _ = nft::run(&format!("delete table ip {}", self.table)).await;
     }
-}
-
-async fn nft(script: &str) -> std::result::Result<(), String> {
-    nft_out(script).await.map(|_| ())
-}
-
-async fn nft_out(script: &str) -> std::result::Result<String, String> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("running nft (Debian package nftables): {e}"))?;
-    if let Some(mut i) = child.stdin.take() {
-        i.write_all(script.as_bytes()).await.map_err(|e| format!("writing to nft: {e}"))?;
-    }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .map_err(|_| "nft did not finish within 10 s".to_string())?
-        .map_err(|e| format!("nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One peer's fastpath as the programming task keeps it.

@@ -77,6 +77,8 @@ pub struct ControlStats {
     pub paths: [AtomicI64; 2],
     /// The kernel fastpath's counters.
     pub fastpath: Arc<super::fastpath::FastpathStats>,
+    /// The port guard's counters.
+    pub guard: Arc<crate::services::guard::GuardStats>,
 }
 
 impl ControlStats {

@@ -20,6 +20,8 @@ use super::addrs::check_prefix;
 use super::netlink::{check_ifname, errno, mac_of, mtu_of, NetDev};
 use super::netns::{in_netns, open_netns};
 use super::routes::{route_through, RouteSpec};
+use super::sysctl::link_local_from_mac;
+use super::guard;
 
 /// What [`NetDev::attach_netns`] created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,15 +142,28 @@ impl NetDev {
             );
         }
 
+        // The guard first: it matches the port by name, so the port never carries a frame
+        // unchecked.
+        let mac = guard::random_mac();
+        let rules = guard::Port::new(&host_ifname, mac, addrs, &format!("{ns_name} {ifname}"));
+        guard::install(&rules)
+            .await
+            .with_context(|| format!("cannot attach network namespace {ns_name} as {ifname}"))?;
         debug!(host = %host_ifname, netns = %ns_name, ifname, mtu, "creating veth pair");
-        self.create_pair(&host_ifname, ifname, &ns, &ns_name, mtu, bridge_index).await?;
+        if let Err(e) = self.create_pair(&host_ifname, ifname, mac, &ns, &ns_name, mtu, bridge_index).await {
+            remove_guard(&host_ifname).await;
+            return Err(e);
+        }
 
         // From here on, everything we created is removed again on failure.
         let result = self
             .attach_created(&ns, netns_path, &host_ifname, ifname, opts)
             .await;
         match result {
-            Ok((container_mac, host_mac)) => {
+            Ok((container_mac, host_mac, other_link_locals)) => {
+                if let Err(e) = guard::allow_v6(&host_ifname, &other_link_locals).await {
+                    warn!(host = %host_ifname, error = %format!("{e:#}"), "the container's IPv6 link-local is not the EUI-64 one and could not be allowed: its IPv6 will be dropped");
+                }
                 debug!(host = %host_ifname, netns = %ns_name, ifname, "namespace attached");
                 Ok(AttachInfo {
                     host_ifname,
@@ -162,6 +177,7 @@ impl NetDev {
                 if let Err(cleanup) = self.delete_link(&host_ifname).await {
                     warn!(host = %host_ifname, error = %format!("{cleanup:#}"), "could not remove veth after failed attach");
                 }
+                remove_guard(&host_ifname).await;
                 Err(e)
             }
         }
@@ -178,6 +194,8 @@ impl NetDev {
                 netns_path.display()
             )
         })?;
+        // After the port is gone: its rules may go now, not before.
+        remove_guard(&host_ifname).await;
         debug!(host = %host_ifname, netns = %netns_path.display(), ifname, removed, "detach");
         Ok(removed)
     }
@@ -247,10 +265,12 @@ impl NetDev {
     /// namespace as `ifname`. (Creating it here and moving it costs the kernel a network
     /// synchronisation, about 13 ms on the test machine.) A name taken on either side
     /// fails the request and creates nothing.
+    #[allow(clippy::too_many_arguments)] // one netlink request's fields
     pub(super) async fn create_pair(
         &self,
         host_ifname: &str,
         ifname: &str,
+        mac: [u8; 6],
         ns: &File,
         ns_name: &str,
         mtu: u32,
@@ -258,6 +278,7 @@ impl NetDev {
     ) -> Result<()> {
         let peer = LinkUnspec::new_with_name(ifname)
             .mtu(mtu)
+            .address(mac.to_vec())
             .setns_by_fd(ns.as_raw_fd())
             .build();
         let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
@@ -287,7 +308,8 @@ impl NetDev {
 
     /// The part of attach_netns after the veth pair exists: the container end's
     /// addresses, routes and state, and hairpin on the host end. Returns the container
-    /// end's MAC and the host end's.
+    /// end's MAC, the host end's, and the container's IPv6 link-local addresses other than
+    /// the EUI-64 one (none, unless the kernel would not take addr_gen_mode).
     async fn attach_created(
         &self,
         ns: &File,
@@ -295,19 +317,20 @@ impl NetDev {
         host_ifname: &str,
         ifname: &str,
         opts: &AttachOpts<'_>,
-    ) -> Result<([u8; 6], [u8; 6])> {
+    ) -> Result<([u8; 6], [u8; 6], Vec<Ipv6Addr>)> {
         let ns_name = netns_path.display().to_string();
         let name = ifname.to_owned();
         let addrs = opts.addrs.to_vec();
         let routes = opts.routes.to_vec();
         let ns_name2 = ns_name.clone();
-        let mac = in_netns(ns, netns_path, move |nd| async move {
+        let (mac, other_link_locals) = in_netns(ns, netns_path, move |nd| async move {
             let link = nd.get_link(&name).await?.ok_or_else(|| {
                 anyhow!("interface {name} disappeared from network namespace {ns_name2} right after it was moved there")
             })?;
             for (addr, prefix) in addrs {
                 nd.add_address(&name, addr, prefix).await?;
             }
+            link_local_from_mac(&name)?;
             nd.set_up(&name).await?;
             if nd.link_index("lo").await?.is_some() {
                 nd.set_up("lo").await?;
@@ -315,7 +338,18 @@ impl NetDev {
             for r in routes {
                 nd.add_route(link.header.index, &name, r).await?;
             }
-            mac_of(&link).ok_or_else(|| anyhow!("interface {name} has no Ethernet address"))
+            let mac = mac_of(&link).ok_or_else(|| anyhow!("interface {name} has no Ethernet address"))?;
+            let expected = guard::link_local(mac);
+            let others = nd
+                .addresses_of(link.header.index)
+                .await?
+                .into_iter()
+                .filter_map(|(a, _)| match a {
+                    IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 && v6 != expected => Some(v6),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            Ok((mac, others))
         })
         .await
         .with_context(|| format!("configuring {ifname} inside network namespace {ns_name} failed"))?;
@@ -334,7 +368,15 @@ impl NetDev {
         }
         let host_mac = mac_of(&host)
             .ok_or_else(|| anyhow!("interface {host_ifname} has no Ethernet address"))?;
-        Ok((mac, host_mac))
+        Ok((mac, host_mac, other_link_locals))
+    }
+}
+
+/// Takes a port's guard out, saying so when that fails (its rules then stay until the router's
+/// sweep; a new port of that name replaces them).
+async fn remove_guard(port: &str) {
+    if let Err(e) = guard::remove(port).await {
+        warn!(port, error = %format!("{e:#}"), "could not remove the port guard");
     }
 }
 

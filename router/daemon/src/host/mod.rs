@@ -8,9 +8,11 @@
 pub mod addrs;
 pub mod attach;
 pub mod identity;
+pub mod guard;
 pub mod links;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod resolv;
 pub mod routes;
 pub mod sysctl;

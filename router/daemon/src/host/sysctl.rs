@@ -29,3 +29,17 @@ pub fn disable_ipv6(ifname: &str) -> Result<()> {
         Err(e) => Err(e).with_context(|| format!("writing 1 to {path} failed")),
     }
 }
+
+/// Makes `ifname`'s IPv6 link-local the EUI-64 one (addr_gen_mode 0), which the port guard
+/// expects, before the interface goes up. Without IPv6 there is nothing to do.
+///
+/// Acts on the calling thread's network namespace.
+pub fn link_local_from_mac(ifname: &str) -> Result<()> {
+    check_ifname(ifname)?;
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/addr_gen_mode");
+    match std::fs::write(&path, b"0") {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("writing 0 to {path} failed")),
+    }
+}

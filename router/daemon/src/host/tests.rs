@@ -471,7 +471,7 @@ fn pair_onto_existing_name_fails_and_leaves_nothing() {
         .await?;
         // The name check before creation can lose a race; the kernel refuses then.
         let err = nd
-            .create_pair("vwtest", "ethx", &file, "test", 1500, br)
+            .create_pair("vwtest", "ethx", [2, 0, 0, 0, 0, 1], &file, "test", 1500, br)
             .await
             .err()
             .ok_or_else(|| anyhow!("pair onto existing name succeeded"))?;
@@ -480,7 +480,7 @@ fn pair_onto_existing_name_fails_and_leaves_nothing() {
         assert!(nd.link_index("vwtest").await?.is_none());
         assert!(link_in(&ns, "ethx").await?.is_some());
         // And the normal case: the container end is born in the namespace, on its MTU.
-        nd.create_pair("vwtest", "ethy", &file, "test", 1400, br).await?;
+        nd.create_pair("vwtest", "ethy", [2, 0, 0, 0, 0, 2], &file, "test", 1400, br).await?;
         let inside = link_in(&ns, "ethy").await?.ok_or_else(|| anyhow!("no ethy"))?;
         assert_eq!(mtu_of(&inside), Some(1400));
         assert_eq!(controller_of(&link(&nd, "vwtest").await?), Some(br));

@@ -1,0 +1,181 @@
+//! End-to-end tests of the port guard: a container with CAP_NET_RAW (a test thread inside its
+//! namespace) lies about its MAC and addresses, sends router advertisements and floods MACs;
+//! containers on other hosts keep reaching the real owners, over the fastpath and over the
+//! sleeve. Real routers in lab namespaces; root only (they skip with a message otherwise).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use weft_lab::{Container, Lab};
+
+const UP: Duration = Duration::from_secs(30);
+
+/// The guard's entry for container `c` in host `h`'s status.
+fn port_of(lab: &Lab, h: usize, c: &Container) -> Value {
+    status(lab, h)["guard"]["ports"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["label"].as_str().is_some_and(|l| l.contains(&c.ns))).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn dropped(lab: &Lab, h: usize, c: &Container, reason: &str) -> u64 {
+    port_of(lab, h, c)["dropped"][reason].as_u64().unwrap_or(0)
+}
+
+/// The MAC that container `c`'s neighbour table gives `ip`, if any.
+fn neighbour(lab: &Lab, c: &Container, ip: &str) -> Option<String> {
+    let o = lab.exec(&c.ns, &["ip", "neigh", "show", ip]).expect("ip neigh");
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    out.split("lladdr ").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_string)
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn link_local(m: [u8; 6]) -> [u8; 16] {
+    [0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
+}
+
+/// A router advertisement from `mac` (its link-local as source) to all nodes, announcing
+/// itself as default router and the prefix fd66::/64 for autoconfiguration, with a correct
+/// checksum, so a host that received it would act on it.
+fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
+    let src = link_local(mac);
+    let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let mut icmp = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Prefix information: /64, on-link and autonomous, valid 86400 s, preferred 14400 s.
+    icmp.extend_from_slice(&[3, 4, 64, 0xc0, 0, 1, 0x51, 0x80, 0, 0, 0x38, 0x40, 0, 0, 0, 0]);
+    icmp.extend_from_slice(&[0xfd, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // Source link-layer address.
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&mac);
+    let mut sum: u32 = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    for pair in pseudo.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = !(sum as u16);
+    icmp[2..4].copy_from_slice(&ck.to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Three hosts: the attacker x on host 0, the observer o on host 1, the victim v on host 2.
+fn containers_cannot_lie(test: &str, password: Option<&str>, path: &str) {
+    if !weft_lab::require_lab(test, &["nft", "ping", "bridge"]) {
+        return;
+    }
+    let Some(mut lab) = lab(test, 3, password, &[]) else { return };
+    start_star(&mut lab);
+    for i in 0..3 {
+        lab.wait_established(i, 2, UP).expect("connected");
+    }
+    let x = lab.add_container(0, "x", "10.50.0.9/24").expect("x");
+    let o = lab.add_container(1, "o", "10.50.0.1/24").expect("o");
+    let v = lab.add_container(2, "v", "10.50.0.2/24").expect("v");
+    assert!(ping_until(&lab, &o, "10.50.0.2", &[], UP), "o cannot reach v");
+    assert!(ping_until(&lab, &x, "10.50.0.1", &[], UP), "x cannot reach o");
+    let conn = status(&lab, 1)["connections"].as_array().cloned().unwrap_or_default();
+    assert!(conn.iter().all(|c| c["path"] == path), "not all on the {path}: {conn:?}");
+    let (xm, vm) = (mac_of(&lab, &x), mac_of(&lab, &v));
+    assert_eq!(neighbour(&lab, &o, "10.50.0.2"), Some(mac_text(vm)));
+    let port = port_of(&lab, 0, &x);
+    assert_eq!(port["mac"], mac_text(xm), "the guard pins x's MAC: {}", status(&lab, 0)["guard"]);
+
+    // 1. x takes another MAC: nothing it sends passes.
+    let before = dropped(&lab, 0, &x, "mac");
+    lab.exec(&x.ns, &["ip", "link", "set", "ethwe", "address", "02:66:66:66:66:66"]).expect("set mac");
+    let out = lab.exec(&x.ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", "10.50.0.1"]).expect("ping");
+    assert!(!out.status.success(), "x reached o with a MAC that is not its own");
+    assert!(dropped(&lab, 0, &x, "mac") > before, "the MAC drops are not counted");
+    lab.exec(&x.ns, &["ip", "link", "set", "ethwe", "address", &mac_text(xm)]).expect("restore mac");
+
+    // 2. x adds v's address, claims it in gratuitous ARP (reply and request forms) and sends
+    //    from it.
+    let capture = Capture::start(&x.ns, "ethwe");
+    lab.exec(&x.ns, &["ip", "addr", "add", "10.50.0.2/24", "dev", "ethwe"]).expect("addr add");
+    let v_ip = [10, 50, 0, 2];
+    send_frames(&x, vec![
+        arp_frame(2, xm, v_ip, [0xff; 6], v_ip),
+        arp_frame(1, xm, v_ip, [0; 6], v_ip),
+        arp_frame(2, xm, v_ip, mac_of(&lab, &o), [10, 50, 0, 1]),
+    ]);
+    let _ = lab.exec(&x.ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", "-I", "10.50.0.2", "10.50.0.1"]);
+    let out = lab.exec(&o.ns, &["ping", "-c", "5", "-i", "0.2", "-W", "1", "10.50.0.2"]).expect("ping");
+    assert!(out.status.success(), "o lost v after x claimed its address");
+    assert_eq!(neighbour(&lab, &o, "10.50.0.2"), Some(mac_text(vm)), "o's ARP entry for v was poisoned");
+    let frames = capture.finish();
+    let to_v = frames.iter().filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[23] == 1 && f[30..34] == v_ip && f[26..30] == [10, 50, 0, 1]).count();
+    assert_eq!(to_v, 0, "x received o's pings to v");
+    assert!(dropped(&lab, 0, &x, "arp") >= 3, "ARP drops not counted: {}", port_of(&lab, 0, &x));
+    lab.exec(&x.ns, &["ip", "addr", "del", "10.50.0.2/24", "dev", "ethwe"]).expect("addr del");
+
+    // 3. x advertises itself as an IPv6 router.
+    send_frames(&x, vec![router_advertisement(xm); 3]);
+    std::thread::sleep(Duration::from_secs(2));
+    let routes = lab.exec(&o.ns, &["ip", "-6", "route", "show"]).expect("routes");
+    let routes = String::from_utf8_lossy(&routes.stdout).to_string();
+    assert!(!routes.contains("default") && !routes.contains("fd66"), "o took x's router advertisement: {routes}");
+    assert!(dropped(&lab, 0, &x, "ra") >= 3, "RA drops not counted: {}", port_of(&lab, 0, &x));
+
+    // 4. A flood of 100,000 frames from random MACs while o keeps pinging v.
+    let before = dropped(&lab, 0, &x, "mac");
+    let flood: Vec<Vec<u8>> = (0..100_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&[0x02, 0x77, b[0], b[1], b[2], b[3]]);
+            f.extend_from_slice(&[0x08, 0x00]);
+            f.resize(60, 0);
+            f
+        })
+        .collect();
+    let flooder = {
+        let x = x.clone();
+        std::thread::spawn(move || send_frames(&x, flood))
+    };
+    let out = lab.exec(&o.ns, &["ping", "-q", "-c", "40", "-i", "0.05", "-W", "1", "10.50.0.2"]).expect("ping");
+    flooder.join().expect("flood");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let received: u32 = text.split(", ").find(|p| p.ends_with("received")).and_then(|p| p.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    assert!(received >= 38, "o's pings to v suffered under the flood: {text}");
+    let fdb = lab.exec(&lab.host(0).ns, &["bridge", "fdb", "show", "br", "weft"]).expect("fdb");
+    let learned = String::from_utf8_lossy(&fdb.stdout).lines().filter(|l| l.contains("02:77:")).count();
+    assert_eq!(learned, 0, "the bridge learned flooded MACs");
+    assert!(dropped(&lab, 0, &x, "mac") >= before + 100_000, "flood drops not counted: {}", port_of(&lab, 0, &x));
+
+    // After all that, x still works as itself, and status shows what it was refused.
+    assert!(ping_until(&lab, &x, "10.50.0.2", &[], UP), "x cannot reach v as itself");
+    let human = lab.weft(0, &["status", "ports"]).expect("status ports");
+    let human = String::from_utf8_lossy(&human.stdout).to_string();
+    assert!(human.contains(&mac_text(xm)) && human.contains("ra 3"), "{human}");
+}
+
+#[test]
+fn containers_cannot_lie_on_the_fastpath() {
+    containers_cannot_lie("containers_cannot_lie_on_the_fastpath", None, "fastpath");
+}
+
+#[test]
+fn containers_cannot_lie_on_the_sleeve() {
+    containers_cannot_lie("containers_cannot_lie_on_the_sleeve", Some("correct horse battery"), "sleeve");
+}
