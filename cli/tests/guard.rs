@@ -179,3 +179,80 @@ fn containers_cannot_lie_on_the_fastpath() {
 fn containers_cannot_lie_on_the_sleeve() {
     containers_cannot_lie("containers_cannot_lie_on_the_sleeve", Some("correct horse battery"), "sleeve");
 }
+
+/// Host 0 gets a port on its bridge that weft did not make (a host whose operator bypasses the
+/// guard, or a dishonest peer): host 1 takes none of its frames, on the sleeve or through the
+/// fastpath, and counts them against host 0.
+fn a_peer_sends_only_from_macs_it_announced(test: &str, password: Option<&str>, path: &str) {
+    if !weft_lab::require_lab(test, &["nft", "ping"]) {
+        return;
+    }
+    let Some(mut lab) = lab(test, 2, password, &[]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(1, 1, UP).expect("connected");
+    let a = lab.add_container(0, "a", "10.50.0.1/24").expect("a");
+    let b = lab.add_container(1, "b", "10.50.0.2/24").expect("b");
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a cannot reach b");
+    let conn = status(&lab, 1)["connections"][0].clone();
+    assert_eq!(conn["path"], path, "{conn}");
+    assert_eq!(conn["unannounced_frames"], 0);
+
+    // The rogue port: a plain veth on host 0's bridge, no guard.
+    let evil_ns = lab.add_namespace("evil").expect("namespace");
+    let host0 = lab.host(0).ns.clone();
+    for cmd in [
+        vec!["ip", "link", "add", "wevil0", "type", "veth", "peer", "name", "ethwe", "netns", evil_ns.as_str()],
+        vec!["ip", "link", "set", "wevil0", "master", "weft", "up"],
+    ] {
+        let o = lab.exec(&host0, &cmd).expect("ip");
+        assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    for cmd in [vec!["ip", "addr", "add", "10.50.0.66/24", "dev", "ethwe"], vec!["ip", "link", "set", "ethwe", "up"]] {
+        lab.exec(&evil_ns, &cmd).expect("ip");
+    }
+    let evil = Container { ns: evil_ns, host: 0, ip: "10.50.0.66".parse().expect("ip") };
+    let evil_mac = mac_of(&lab, &evil);
+
+    // Its broadcasts (ARP) go through the sleeve whatever the path: refused there.
+    let out = lab.exec(&evil.ns, &["ping", "-c", "3", "-i", "0.3", "-W", "1", "10.50.0.2"]).expect("ping");
+    assert!(!out.status.success(), "the rogue port reached b");
+    assert!(status(&lab, 1)["connections"][0]["unannounced_frames"].as_u64().unwrap_or(0) >= 3);
+
+    // Unicast straight to b's MAC, which host 0's bridge sends into the fastpath when there is
+    // one: b receives none of it.
+    let capture = Capture::start(&b.ns, "ethwe");
+    let frames: Vec<Vec<u8>> = (0..20u8)
+        .map(|i| {
+            let mut f = mac_of(&lab, &b).to_vec();
+            f.extend_from_slice(&evil_mac);
+            f.extend_from_slice(&[0x88, 0xb6, 0xee, i]);
+            f.resize(60, 0);
+            f
+        })
+        .collect();
+    send_frames(&evil, frames);
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = capture.finish().iter().filter(|f| f.len() >= 14 && f[6..12] == evil_mac).count();
+    assert_eq!(seen, 0, "b received frames from a MAC host 0 never announced");
+    let st = status(&lab, 1);
+    if path == "fastpath" {
+        let ip = lab.host(0).underlay_ip.to_string();
+        let n = st["fastpath"]["source_filter"]["unannounced_by_peer"][&ip].as_u64().unwrap_or(0);
+        assert!(n >= 20, "the fastpath filter did not count them against {ip}: {}", st["fastpath"]["source_filter"]);
+    } else {
+        assert!(st["connections"][0]["unannounced_frames"].as_u64().unwrap_or(0) >= 23, "{}", st["connections"][0]);
+    }
+    // Host 0's own containers are unaffected, and host 1 knows what host 0 announces.
+    assert!(ping_until(&lab, &a, "10.50.0.2", &[], UP), "a lost b");
+    assert_eq!(st["macs"]["by_peer"][lab.weft_json(0, &["status"]).expect("status")["name"].as_str().unwrap_or("")], 1, "{}", st["macs"]);
+}
+
+#[test]
+fn a_peer_sends_only_from_macs_it_announced_on_the_fastpath() {
+    a_peer_sends_only_from_macs_it_announced("a_peer_sends_only_from_macs_it_announced_on_the_fastpath", None, "fastpath");
+}
+
+#[test]
+fn a_peer_sends_only_from_macs_it_announced_on_the_sleeve() {
+    a_peer_sends_only_from_macs_it_announced("a_peer_sends_only_from_macs_it_announced_on_the_sleeve", Some("correct horse battery"), "sleeve");
+}

@@ -346,7 +346,9 @@ fn configure(env: &Env, cfg: &Config, netns: &Path, got: &Value) -> Result<Strin
         _ => Vec::new(),
     };
     let addrs = [(address.addr(), address.prefix_len())];
-    let opts = AttachOpts { addrs: &addrs, mtu, routes: &routes, hairpin: cfg.settings.hairpin };
+    // The MAC the router chose and announced; a router that names none leaves it to chance.
+    let mac = got["mac"].as_str().and_then(|m| m.parse::<Mac>().ok()).map(|m| m.0);
+    let opts = AttachOpts { addrs: &addrs, mtu, routes: &routes, hairpin: cfg.settings.hairpin, mac };
     let info = netlink(async { NetDev::new().await?.attach_netns_with(&bridge, netns, &env.ifname, &opts).await })
         .map_err(|e| interface_error("Setting up the container's interface failed", &e))?;
 

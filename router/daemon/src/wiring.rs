@@ -172,7 +172,6 @@ impl Start {
         };
         let fastpath = Fastpath::start(id_name, settings, netdev.clone(), &opts.bridge, &tap_name, stats.fastpath.clone()).await;
         frames.set_learn_hook(fastpath.learn_hook());
-        crate::services::guard::start(netdev.clone(), stats.guard.clone()).await;
 
         // The control path's core, with its services.
         let now = Instant::now();
@@ -211,6 +210,7 @@ impl Start {
         } else {
             dns_server::disabled()
         };
+        core.register_channel(weft_proto::announce::CHANNEL, Box::new(weft_proto::announce::Announcements::new(id_name, signing.clone())));
         let ipam = IpamService::register(&mut core, allocator, SaveGate::new(FileId::Ipam, ipam_path), opts.ipam.gc_grace, now);
         let dns = DnsService::register(
             &mut core,
@@ -228,8 +228,9 @@ impl Start {
         let dials = dial_on_request(dialer.clone());
         tokio::spawn(accept_loop(dialer, listener));
 
-        // The API.
+        // The API, and the port guard beside it.
         let control = ControlHandle::new(inputs_tx.clone());
+        let guard = crate::services::guard::start(netdev.clone(), stats.guard.clone(), control.clone()).await;
         let api = Arc::new(ApiState {
             control,
             netdev,
@@ -241,6 +242,7 @@ impl Start {
             dns: opts.dns.clone(),
             dns_server,
             host_addr_lock: tokio::sync::Mutex::new(()),
+            guard,
         });
         let (stop_api, api_stopped) = watch::channel(false);
         let api_task = serve_api(api.clone(), &opts.api_socket, api_stopped).await?;

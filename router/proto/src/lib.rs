@@ -10,6 +10,7 @@
 //! any output; see `switch::MacTable`.) The daemon (`router/daemon`) is the
 //! shell around it.
 
+pub mod announce;
 pub mod fastpath;
 pub mod identity;
 pub mod name;

@@ -30,6 +30,7 @@
 use std::collections::btree_map::{self, BTreeMap};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sleeve::FrameMeta;
@@ -108,6 +109,25 @@ impl fmt::Display for Mac {
 impl fmt::Debug for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    /// Six hex bytes separated by colons, as [`fmt::Display`] writes them.
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("{s:?} is not a MAC address (six hex bytes with colons, like 02:42:0a:20:00:02)");
+        let mut m = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut m {
+            let p = parts.next().filter(|p| (1..=2).contains(&p.len())).ok_or_else(bad)?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        match parts.next() {
+            None => Ok(Mac(m)),
+            Some(_) => Err(bad()),
+        }
     }
 }
 
@@ -228,11 +248,15 @@ pub enum Reason {
     /// already, there is nothing to send.
     #[error("frame for a local MAC")]
     LocalDestination,
+    /// A peer's frame from a MAC that its source peer has not announced as its own (see
+    /// [`crate::announce`]).
+    #[error("source MAC not announced by the source peer")]
+    Unannounced,
 }
 
 impl Reason {
     /// Every reason, in [`Reason::index`] order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Runt,
         Reason::BadSource,
         Reason::MacLimit,
@@ -242,6 +266,7 @@ impl Reason {
         Reason::UnknownSource,
         Reason::Looped,
         Reason::LocalDestination,
+        Reason::Unannounced,
     ];
 
     /// A short snake_case label for metrics.
@@ -256,6 +281,7 @@ impl Reason {
             Reason::UnknownSource => "unknown_source",
             Reason::Looped => "looped",
             Reason::LocalDestination => "local_destination",
+            Reason::Unannounced => "unannounced",
         }
     }
 
@@ -757,6 +783,8 @@ pub struct Inbound {
     /// an older generation is announced again. O(1) however many entries.
     generation: u64,
     announce_every: Duration,
+    /// Which peer each source MAC may come from; `None` until [`Inbound::set_owners`].
+    owners: Option<Arc<HashMap<Mac, PeerName>>>,
 }
 
 impl Inbound {
@@ -768,7 +796,15 @@ impl Inbound {
             table: MacTable::new(limits),
             generation: 0,
             announce_every: limits.ttl / 8,
+            owners: None,
         }
+    }
+
+    /// From now on, a frame is taken only when its source MAC belongs to its source peer in
+    /// `owners` (the announced MACs, and each peer's bridge MAC); others are dropped as
+    /// [`Reason::Unannounced`]. Until this is called, every source MAC is taken.
+    pub fn set_owners(&mut self, owners: Arc<HashMap<Mac, PeerName>>) {
+        self.owners = Some(owners);
     }
 
     /// This peer.
@@ -818,6 +854,9 @@ impl Inbound {
         }
         if meta.src != link_peer && self.routes.next_hop(meta.src).is_none() {
             return Ingress::refused(Reason::UnknownSource);
+        }
+        if self.owners.as_ref().is_some_and(|o| o.get(&src) != Some(&meta.src)) {
+            return Ingress::refused(Reason::Unannounced);
         }
         let (generation, every) = (self.generation, self.announce_every);
         // New and moved entries come with `Announced::default()`, so they are due.
@@ -1322,6 +1361,35 @@ mod tests {
         // The ttl only matters for relaying.
         let last_hop = FrameMeta { ttl: 1, ..META };
         assert_eq!(i.handle_peer_frame(t0, B, &last_hop, &ARP_REPLY), ingress(true, Relay::None, 0, None));
+    }
+
+    #[test]
+    fn macs_read_back_what_they_print() {
+        let m = Mac([2, 0x0a, 0xff, 0, 0x10, 0x9c]);
+        assert_eq!(m.to_string().parse::<Mac>(), Ok(m));
+        assert_eq!("2:a:ff:0:10:9c".parse::<Mac>(), Ok(m));
+        for bad in ["", "02:0a:ff:00:10", "02:0a:ff:00:10:9c:00", "zz:0a:ff:00:10:9c", "020:a:ff:00:10:9c", "02::ff:00:10:9c"] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn with_owners_a_peer_sends_only_from_macs_it_announced() {
+        let t0 = Instant::now();
+        let mut i = inbound(Limits::default());
+        // C2 is B's, C3 is D's (behind B).
+        i.set_owners(Arc::new(HashMap::from([(Mac(C2), B), (Mac(C3), D)])));
+        assert_eq!(i.handle_peer_frame(t0, B, &META, &ARP_REPLY), ingress(true, Relay::None, 0, Some((C2, B))));
+        // B sends from C1, which nobody announced, or from D's C3 in its own name.
+        assert_eq!(i.handle_peer_frame(t0, B, &META, &eth(C4, C1)), dropped(Reason::Unannounced));
+        assert_eq!(i.handle_peer_frame(t0, B, &META, &eth(C4, C3)), dropped(Reason::Unannounced));
+        // D's frames through B may carry D's MAC, not B's; relayed broadcasts too.
+        let from_d = FrameMeta { src: D, ..META };
+        assert!(i.handle_peer_frame(t0, B, &from_d, &eth(C4, C3)).dropped.is_none());
+        assert_eq!(i.handle_peer_frame(t0, B, &from_d, &ARP_REPLY), dropped(Reason::Unannounced));
+        assert_eq!(i.handle_peer_frame(t0, B, &FrameMeta { src: D, ..BCAST }, &ARP_REQUEST), dropped(Reason::Unannounced));
+        // Nothing refused was learned.
+        assert_eq!(i.table().lookup(t0, Mac(C1)), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 use weft_ipam::Allocation;
+use weft_proto::Mac;
 
 use super::containers::{host_address_in, undo_allocations};
 use super::error::{bad, ApiError, ApiResult};
@@ -131,6 +132,8 @@ async fn add(State(sh): State<Shared>, Json(req): Json<AddReq>) -> ApiResult {
         "gateway": if req.gateway { gateway.map(|g| g.to_string()) } else { None },
         "mtu": sh.mtu, "bridge": sh.bridge, "names": fqdns,
         "dns": dns_json(&sh, nameserver),
+        // The container end's MAC, already announced to the peers.
+        "mac": Mac(sh.guard.promise()).to_string(),
     })))
 }
 

@@ -20,6 +20,7 @@ use super::error::{bad, internal, ApiError, ApiResult};
 use super::request::{blocking, wait_time};
 use super::state::Shared;
 use crate::host::netns::{is_netns_name, netns_path, netns_ref};
+use crate::host::AttachOpts;
 use crate::host::resolv::{remove_resolv_conf, write_resolv_conf};
 use crate::services::ipam::{want, EXPOSE_ID};
 use weft_proto::switch::Mac;
@@ -130,7 +131,8 @@ async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResu
         }
     }
     let mtu = req.mtu.unwrap_or(sh.mtu);
-    let info = match sh.netdev.attach_netns(&sh.bridge, &path, &req.ifname, &addrs, mtu).await {
+    let opts = AttachOpts { addrs: &addrs, mtu, routes: &[], hairpin: false, mac: Some(sh.guard.promise()) };
+    let info = match sh.netdev.attach_netns_with(&sh.bridge, &path, &req.ifname, &opts).await {
         Ok(i) => i,
         Err(e) => {
             undo_allocations(&sh, &allocated).await;
@@ -218,6 +220,7 @@ async fn detach(State(sh): State<Shared>, Json(req): Json<DetachReq>) -> ApiResu
     let p = path.clone();
     let inode = blocking(move || netns_ref(&p).ok().map(|n| n.inode)).await?;
     let removed = sh.netdev.detach_netns(&path, &req.ifname).await.map_err(|e| bad(format!("{e:#}")))?;
+    sh.guard.changed();
     if !removed {
         return Err(bad(format!("{} has no weft interface {} to detach", path.display(), req.ifname)));
     }

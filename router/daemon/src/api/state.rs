@@ -14,6 +14,8 @@ use crate::services::dns_server::DnsServer;
 pub struct ApiState {
     /// The way to the actor.
     pub control: ControlHandle,
+    /// The port guard: MACs for new container ports.
+    pub guard: Arc<crate::services::guard::Guard>,
     /// Kernel devices (attach, expose).
     pub netdev: Arc<NetDev>,
     /// The bridge.

@@ -19,6 +19,7 @@ use weft_ipam::NetnsRef;
 use weft_proto::sleeve::{Cipher, Opener, Sealer};
 use weft_proto::identity::Refused;
 use weft_proto::router::Refusal;
+use weft_proto::announce::{self, Announcements};
 use weft_proto::{ConnId, ControlMsg, Event, Router};
 
 
@@ -29,6 +30,7 @@ use super::status::{status, StatusInfo};
 use super::fastpath::Fastpath;
 use crate::frame::forwarder::{Forwarder, Paths, SleeveForwarder};
 use crate::frame::plane::FramePath;
+use crate::host::links::bridge_mac;
 use crate::host::netns::netns_alive;
 use crate::services::dns::DnsService;
 use crate::services::identities::IdentityStore;
@@ -40,6 +42,8 @@ use crate::services::persist::{FileId, SaveDone, Writer};
 const BATCH: usize = 256;
 /// The actor's periodic work (paths, service timers, gauges).
 const TICK: Duration = Duration::from_secs(1);
+/// A MAC list whose peer has left the topology is kept this long.
+const LIST_GRACE: Duration = Duration::from_secs(600);
 
 /// Everything the actor owns, built by the wiring.
 pub struct Actor {
@@ -67,6 +71,10 @@ pub struct Actor {
     pub fastpath: Arc<Fastpath>,
     conns: Conns,
     stopping: Option<&'static str>,
+    /// The owners of source MACs are due to be published again (the peers changed).
+    owners_due: bool,
+    /// Origins of MAC lists missing from the topology, since when.
+    list_absent: std::collections::HashMap<weft_proto::PeerName, Instant>,
 }
 
 impl Actor {
@@ -99,6 +107,8 @@ impl Actor {
             fastpath,
             conns: Conns::default(),
             stopping: None,
+            owners_due: true,
+            list_absent: std::collections::HashMap::new(),
         }
     }
 
@@ -178,8 +188,54 @@ impl Actor {
                     self.dns.remove(&mut self.core, &id, None, None);
                 }
             }
+            Input::LocalMacs(macs) => {
+                let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let delta = self.core.channel_mut::<Announcements>(announce::CHANNEL).and_then(|a| a.set_own(macs, ms));
+                if let Some(delta) = delta {
+                    debug!(macs = self.announcements_count(), "announcing this host's container MACs");
+                    self.core.broadcast(announce::CHANNEL, delta);
+                }
+            }
             Input::Stop(why) => self.stopping = Some(why),
         }
+    }
+
+    fn announcements_count(&mut self) -> usize {
+        let me = self.core.topology().me();
+        self.core.channel_mut::<Announcements>(announce::CHANNEL).map_or(0, |a| a.count(me))
+    }
+
+    /// Gives the frame path and the fastpath the peer each source MAC may come from: the MACs
+    /// each peer announced, and each known peer's bridge MAC.
+    fn publish_owners(&mut self) {
+        let me = self.core.topology().me();
+        let peers: Vec<weft_proto::PeerName> = self.core.topology().peers().map(|p| p.name).filter(|p| *p != me).collect();
+        let Some(a) = self.core.channel_mut::<Announcements>(announce::CHANNEL) else { return };
+        let _ = a.take_changed();
+        let mut owners = a.owners();
+        for p in peers {
+            owners.insert(weft_proto::Mac(bridge_mac(p)), p);
+        }
+        let owners = Arc::new(owners);
+        self.frames.set_owners(owners.clone());
+        self.fastpath.set_announced(owners);
+    }
+
+    /// The `macs` block of the status: what we announce, what each peer does, conflicts and
+    /// refusals.
+    fn macs_status(&mut self) -> serde_json::Value {
+        let me = self.core.topology().me();
+        let peers: Vec<weft_proto::PeerName> = self.core.topology().peers().map(|p| p.name).collect();
+        let Some(a) = self.core.channel_mut::<Announcements>(announce::CHANNEL) else { return serde_json::Value::Null };
+        let by_peer: serde_json::Map<String, serde_json::Value> =
+            peers.iter().filter(|p| **p != me).map(|p| (p.to_string(), a.count(*p).into())).collect();
+        let conflicts: Vec<serde_json::Value> = a
+            .conflicts()
+            .into_iter()
+            .map(|(m, ps)| serde_json::json!({"mac": m.to_string(), "peers": ps.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+            .collect();
+        let refused: serde_json::Map<String, serde_json::Value> = a.refused().map(|(l, n)| (l.to_string(), n.into())).collect();
+        serde_json::json!({ "own": a.count(me), "by_peer": by_peer, "conflicts": conflicts, "refused": refused })
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {
@@ -229,6 +285,7 @@ impl Actor {
                 v["fastpath"] = self.fastpath.status(self.unencrypted_peers());
                 v["ipam"] = self.ipam.status(&mut self.core);
                 v["dns"] = self.dns.status(&mut self.core);
+                v["macs"] = self.macs_status();
                 let _ = reply.send(v);
             }
             Request::Connect(addrs, reply) => {
@@ -312,7 +369,29 @@ impl Actor {
                 self.path_changed(id);
             }
         }
+        self.forget_gone_lists(now);
         self.refresh_gauges();
+    }
+
+    /// Drops the MAC lists of peers that have been out of the topology for [`LIST_GRACE`] (a
+    /// list may arrive before its peer's topology entry, so absence alone proves nothing).
+    fn forget_gone_lists(&mut self, now: Instant) {
+        let known: std::collections::HashSet<weft_proto::PeerName> = self.core.topology().peers().map(|p| p.name).collect();
+        let Some(a) = self.core.channel_mut::<Announcements>(announce::CHANNEL) else { return };
+        let absent: Vec<weft_proto::PeerName> = a.origins().filter(|p| !known.contains(p)).collect();
+        self.list_absent.retain(|p, _| absent.contains(p));
+        for p in absent {
+            self.list_absent.entry(p).or_insert(now);
+        }
+        let gone: Vec<weft_proto::PeerName> =
+            self.list_absent.iter().filter(|(_, since)| now.duration_since(**since) >= LIST_GRACE).map(|(p, _)| *p).collect();
+        if !gone.is_empty() {
+            a.retain(|p| !gone.contains(&p));
+            for p in gone {
+                self.list_absent.remove(&p);
+                debug!(peer = %p, "forgot the MAC list of a peer that left");
+            }
+        }
     }
 
     /// Checks which namespaces of allocations are gone, on a blocking thread; the answer comes
@@ -390,6 +469,10 @@ impl Actor {
             for id in stuck {
                 self.close(id, "send queue full".into());
             }
+            let changed = self.core.channel_mut::<Announcements>(announce::CHANNEL).is_some_and(|a| a.take_changed());
+            if changed || std::mem::take(&mut self.owners_due) {
+                self.publish_owners();
+            }
             let Some(ev) = self.core.poll_event() else { break };
             match ev {
                 Event::Connect { addr } => {
@@ -399,6 +482,7 @@ impl Actor {
                 }
                 Event::Disconnect { conn, reason } => self.close(conn, reason),
                 Event::RoutesChanged => {
+                    self.owners_due = true;
                     debug!(routes = ?self.core.routes().unicast, "routes changed");
                     self.frames.set_routes(self.core.routes().clone());
                     self.ipam.routes_changed(&mut self.core);

@@ -13,8 +13,8 @@
 //! addressed to the peer's bridge MAC, and read from the bridge device through another, so they
 //! take the container frames' path through both kernels. One thread sends and receives them.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -81,6 +81,9 @@ pub struct FastpathStats {
     pub program_errors: AtomicU64,
     /// Datagrams to the fastpath port dropped by the source filter (not from a peer).
     pub filtered: AtomicU64,
+    /// Datagrams from peers dropped because their frame's source MAC is not one the peer
+    /// announced, by peer address (as last read from the filter).
+    pub unannounced: Mutex<BTreeMap<String, u64>>,
     /// The VXLAN device's counters, as last read.
     pub tx_packets: AtomicU64,
     /// See `tx_packets`.
@@ -130,6 +133,9 @@ enum Cmd {
     Deactivate { peer: PeerName, generation: u64 },
     /// The connection is gone.
     Close { peer: PeerName, generation: u64 },
+    /// The MACs each peer announced (its bridge MAC included): the source filter lets a peer's
+    /// datagrams in only with those inner source MACs.
+    Announced(Arc<HashMap<Mac, PeerName>>),
 }
 
 /// See the module docs. Made once at start; [`Fastpath::stop`] removes the device.
@@ -193,6 +199,8 @@ impl Fastpath {
                 owners: HashMap::new(),
                 stats: stats.clone(),
                 filter: d.filter.as_ref().ok().cloned(),
+                announced: Arc::new(HashMap::new()),
+                allowed: BTreeSet::new(),
             };
             tokio::spawn(p.run(rx, learned_rx));
         }
@@ -248,6 +256,13 @@ impl Fastpath {
         })
     }
 
+    /// The MACs each peer announced, for the source filter.
+    pub fn set_announced(&self, owners: Arc<HashMap<Mac, PeerName>>) {
+        if self.device.is_ok() {
+            self.send(Cmd::Announced(owners));
+        }
+    }
+
     /// The status block.
     pub fn status(&self, unencrypted_peers: Vec<String>) -> Value {
         let s = &self.stats;
@@ -272,7 +287,8 @@ impl Fastpath {
                 "rx_packets": s.rx_packets.load(Relaxed), "rx_bytes": s.rx_bytes.load(Relaxed), "tx_dropped": s.tx_dropped.load(Relaxed)},
             "learn_lost": s.learn_lost.load(Relaxed),
             "source_filter": match &self.device {
-                Ok(d) => json!({"on": d.filter.is_ok(), "why_not": d.filter.as_ref().err(), "dropped": s.filtered.load(Relaxed)}),
+                Ok(d) => json!({"on": d.filter.is_ok(), "why_not": d.filter.as_ref().err(), "dropped": s.filtered.load(Relaxed),
+                    "unannounced_by_peer": *lock(&s.unannounced)}),
                 Err(_) => Value::Null,
             },
             "program_errors": s.program_errors.load(Relaxed),
@@ -550,11 +566,17 @@ fn heartbeats(
 
 /// The kernel accepts VXLAN from any source. This nftables table drops datagrams to the fastpath
 /// port from every address but the peers we have a fastpath connection with (counted), so nobody
-/// else can put frames on the bridge through it. Made with the `nft` command; without it the
-/// fastpath runs unfiltered and the status says so.
+/// else can put frames on the bridge through it; and from those peers, every datagram whose
+/// frame's source MAC the peer has not announced (counted per peer), so a peer cannot speak for
+/// another's containers. Made with the `nft` command; without it the fastpath runs unfiltered
+/// and the status says so.
 struct SourceFilter {
     table: String,
 }
+
+/// The inner source MAC's place in a VXLAN datagram, in bits from the UDP header: 8 bytes of
+/// UDP, 8 of VXLAN, 6 of destination MAC.
+const INNER_SOURCE: &str = "@th,176,48";
 
 impl SourceFilter {
     /// Makes (or remakes) the table for UDP `port`; `Err` says why there is no filter.
@@ -565,8 +587,11 @@ impl SourceFilter {
         let script = format!(
             "add table ip {table}\n\
              add set ip {table} peers {{ type ipv4_addr; }}\n\
+             add set ip {table} macs {{ typeof ip saddr . {INNER_SOURCE}; }}\n\
+             add set ip {table} unannounced {{ type ipv4_addr; size 4096; flags dynamic; counter; }}\n\
              add chain ip {table} input {{ type filter hook input priority 0; policy accept; }}\n\
-             add rule ip {table} input udp dport {port} ip saddr @peers accept\n\
+             add rule ip {table} input udp dport {port} ip saddr . {INNER_SOURCE} @macs accept\n\
+             add rule ip {table} input udp dport {port} ip saddr @peers add @unannounced {{ ip saddr }} drop\n\
              add rule ip {table} input udp dport {port} counter drop\n"
         );
         nft::run(&script).await.map_err(|e| format!("no source filter on UDP {port} (the kernel accepts VXLAN from anyone who can reach it): {e}"))?;
@@ -578,13 +603,45 @@ impl SourceFilter {
         nft::run(&format!("{verb} element ip {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
     }
 
-    /// Datagrams dropped so far.
+    /// Lets (`yes`) or stops letting frames from `mac` in from `ip`, in one transaction.
+    async fn macs(&self, changes: &[(Ipv4Addr, Mac, bool)]) -> Result<()> {
+        let mut script = String::new();
+        for (ip, mac, yes) in changes {
+            let verb = if *yes { "add" } else { "delete" };
+            let m = mac.0;
+            script.push_str(&format!(
+                "{verb} element ip {} macs {{ {ip} . 0x{:02x}{:02x}{:02x}{:02x}{:02x}{:02x} }}\n",
+                self.table, m[0], m[1], m[2], m[3], m[4], m[5]
+            ));
+        }
+        if script.is_empty() {
+            return Ok(());
+        }
+        nft::run(&script).await.map_err(anyhow::Error::msg)
+    }
+
+    /// Datagrams dropped so far because they did not come from a peer.
     async fn dropped(&self) -> u64 {
         let Ok(out) = nft::output(&[], &format!("list chain ip {} input", self.table)).await else { return 0 };
         out.lines()
             .filter_map(|l| l.split("packets ").nth(1))
             .filter_map(|r| r.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// Datagrams dropped so far because of an unannounced source MAC, by peer address.
+    async fn unannounced(&self) -> BTreeMap<String, u64> {
+        let Ok(out) = nft::output(&["-j", "list", "set", "ip", &self.table, "unannounced"], "").await else { return BTreeMap::new() };
+        let Ok(v) = serde_json::from_str::<Value>(&out) else { return BTreeMap::new() };
+        let mut by_peer = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                if let (Some(ip), Some(n)) = (e["elem"]["val"].as_str(), e["elem"]["counter"]["packets"].as_u64()) {
+                    by_peer.insert(ip.to_owned(), n);
+                }
+            }
+        }
+        by_peer
     }
 
     async fn remove(&self) {
@@ -613,6 +670,10 @@ struct Programmer {
     owners: HashMap<Mac, PeerName>,
     stats: Arc<FastpathStats>,
     filter: Option<Arc<SourceFilter>>,
+    /// Which peer announced each MAC.
+    announced: Arc<HashMap<Mac, PeerName>>,
+    /// What the source filter lets in now: (peer address, MAC).
+    allowed: BTreeSet<(Ipv4Addr, Mac)>,
 }
 
 impl Programmer {
@@ -635,6 +696,7 @@ impl Programmer {
                     }
                     if let Some(f) = &self.filter {
                         self.stats.filtered.store(f.dropped().await, Relaxed);
+                        *lock(&self.stats.unannounced) = f.unannounced().await;
                     }
                 }
             }
@@ -679,7 +741,33 @@ impl Programmer {
                     }
                 }
             }
+            Cmd::Announced(owners) => self.announced = owners,
         }
+        self.sync_filter().await;
+    }
+
+    /// Brings the source filter's (address, MAC) pairs in line with the open connections and
+    /// the announcements: one transaction for all the changes.
+    async fn sync_filter(&mut self) {
+        let Some(f) = self.filter.clone() else { return };
+        let want: BTreeSet<(Ipv4Addr, Mac)> = self
+            .announced
+            .iter()
+            .filter_map(|(mac, peer)| match self.peers.get(peer)?.ip.to_canonical() {
+                IpAddr::V4(ip) => Some((ip, *mac)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let mut changes: Vec<(Ipv4Addr, Mac, bool)> = want.difference(&self.allowed).map(|(ip, m)| (*ip, *m, true)).collect();
+        changes.extend(self.allowed.difference(&want).map(|(ip, m)| (*ip, *m, false)));
+        if changes.is_empty() {
+            return;
+        }
+        let r = f.macs(&changes).await;
+        if r.is_ok() {
+            self.allowed = want;
+        }
+        self.ok(r);
     }
 
     async fn learned(&mut self, mac: Mac, owner: PeerName) {

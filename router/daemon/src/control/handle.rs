@@ -56,6 +56,11 @@ impl ControlHandle {
     }
 
     /// Stops the router.
+    /// The MACs of this host's container ports, to announce to the peers.
+    pub async fn local_macs(&self, macs: Vec<weft_proto::Mac>) -> Result<(), Stopping> {
+        self.inputs.send(Input::LocalMacs(macs)).await.map_err(|_| Stopping)
+    }
+
     pub async fn stop(&self, why: &'static str) {
         let _ = self.inputs.send(Input::Stop(why)).await;
     }

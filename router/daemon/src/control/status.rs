@@ -33,6 +33,7 @@ pub struct StatusInfo {
 pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlStats, info: &StatusInfo) -> Value {
     let now = Instant::now();
     let enc = info.encrypted;
+    let unannounced = frames.unannounced();
     let connections: Vec<Value> = core
         .connections()
         .iter()
@@ -54,6 +55,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "peer_name": c.peer.to_string(), "peer_nickname": c.nickname, "address": c.remote.to_string(),
                 "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
                 "up_seconds": now.duration_since(c.since).as_secs(),
+                "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
             })
         })
         .collect();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use weft_proto::sleeve::{Opener, Sealer};
-use weft_proto::{PeerName, Routes};
+use weft_proto::{Mac, PeerName, Routes};
 
 /// The data path to one directly connected peer.
 pub struct Link {
@@ -34,6 +34,9 @@ pub struct Link {
     /// Milliseconds after `epoch` of the last heartbeat received, 0 = never.
     last_heartbeat: AtomicU64,
     epoch: Instant,
+    /// Frames from this link dropped because their source MAC was not announced by their
+    /// source peer.
+    pub unannounced: AtomicU64,
 }
 
 impl Link {
@@ -49,6 +52,7 @@ impl Link {
             opener: Mutex::new(opener),
             last_heartbeat: AtomicU64::new(0),
             epoch,
+            unannounced: AtomicU64::new(0),
         }
     }
 
@@ -74,6 +78,9 @@ pub struct Snapshot {
     pub links: HashMap<PeerName, Arc<Link>>,
     /// Links by our receive index (the sleeve header's receiver field).
     pub by_index: HashMap<u32, Arc<Link>>,
+    /// The peer each source MAC may come from (announced MACs and bridge MACs); empty until the
+    /// control path publishes it, so no peer's frame is taken before.
+    pub owners: Arc<HashMap<Mac, PeerName>>,
 }
 
 /// A value one writer replaces now and then and readers on other threads pick up without

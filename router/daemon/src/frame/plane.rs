@@ -1,6 +1,7 @@
 //! [`FramePath`]: starts the frame path's threads and is the control path's handle on them:
 //! links in and out, new routes, counters.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -116,7 +117,19 @@ impl FramePath {
 
     /// Installs new routes.
     pub fn set_routes(&self, routes: Routes) {
-        self.sh.snapshot.update(|cur| Snapshot { routes, links: cur.links.clone(), by_index: cur.by_index.clone() });
+        self.sh.snapshot.update(|cur| Snapshot { routes, ..cur.clone() });
+    }
+
+    /// Installs which peer each source MAC may come from: frames from peers with other source
+    /// MACs are dropped.
+    pub fn set_owners(&self, owners: Arc<HashMap<Mac, PeerName>>) {
+        self.sh.snapshot.update(|cur| Snapshot { owners, ..cur.clone() });
+    }
+
+    /// Frames from each linked peer dropped for an unannounced source MAC.
+    pub fn unannounced(&self) -> HashMap<PeerName, u64> {
+        let snap = self.sh.snapshot.reader();
+        snap.get().links.iter().map(|(p, l)| (*p, l.unannounced.load(Relaxed))).collect()
     }
 
     /// Stops the threads and waits for them (they notice within half a second): call it from a

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use quinn_udp::RecvMeta;
 use weft_proto::sleeve::{records, FrameMeta, Header, Record, SleeveError};
-use weft_proto::switch::{Inbound, Mac, Relay};
+use weft_proto::switch::{Inbound, Mac, Reason, Relay};
 use weft_proto::PeerName;
 
 use super::batch::Batch;
@@ -33,6 +33,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
     let mut view = sh.snapshot.reader();
     let mut inbound = Inbound::new(sh.me, sh.limits);
     inbound.set_routes(view.get().routes.clone());
+    inbound.set_owners(view.get().owners.clone());
     let mut moves = sh.moves_to_local.load(Relaxed);
     let n_bufs = quinn_udp::BATCH_SIZE.clamp(1, 16);
     let buf_len = (sh.udp.gro_segments().max(1) * sh.udp.max_datagram().max(1500)).max(65536);
@@ -44,6 +45,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
         let readable = wait_fd(rx.sh.udp.raw_fd(), libc::POLLIN, POLL_MS);
         if view.refresh(&rx.sh.snapshot) {
             inbound.set_routes(view.get().routes.clone());
+            inbound.set_owners(view.get().owners.clone());
         }
         let m = rx.sh.moves_to_local.load(Relaxed);
         if m != moves {
@@ -116,6 +118,10 @@ impl Rx<'_> {
         let d = inbound.handle_peer_frame(now, link.peer, &meta, frame);
         if let Some(r) = d.dropped {
             sh.stats.drop(DropReason::Switch(r));
+            if r == Reason::Unannounced {
+                link.unannounced.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %link.peer, source = %meta.src, mac = ?weft_proto::switch::src(frame), "dropped a frame from a MAC its source peer did not announce");
+            }
         }
         let announce = d.announce;
         if d.deliver {

@@ -22,7 +22,7 @@ pub enum DropReason {
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 25] = [
+pub const DROP_LABELS: [&str; 26] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -47,6 +47,7 @@ pub const DROP_LABELS: [&str; 25] = [
     "unknown_source",
     "looped",
     "local_destination",
+    "unannounced",
     // frames from peers
     "vnet_header",
     // I/O

@@ -47,6 +47,8 @@ pub struct AttachOpts<'a> {
     pub routes: &'a [RouteSpec],
     /// Hairpin mode on the host end's bridge port.
     pub hairpin: bool,
+    /// The container end's MAC; a random one when `None`.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// State of an interface inside a namespace, see [`NetDev::netns_link_state`].
@@ -80,7 +82,7 @@ impl NetDev {
         addrs: &[(IpAddr, u8)],
         mtu: u32,
     ) -> Result<AttachInfo> {
-        let opts = AttachOpts { addrs, mtu, routes: &[], hairpin: false };
+        let opts = AttachOpts { addrs, mtu, routes: &[], hairpin: false, mac: None };
         self.attach_netns_with(bridge, netns_path, ifname, &opts).await
     }
 
@@ -144,7 +146,7 @@ impl NetDev {
 
         // The guard first: it matches the port by name, so the port never carries a frame
         // unchecked.
-        let mac = guard::random_mac();
+        let mac = opts.mac.unwrap_or_else(guard::random_mac);
         let rules = guard::Port::new(&host_ifname, mac, addrs, &format!("{ns_name} {ifname}"));
         guard::install(&rules)
             .await

@@ -1,15 +1,20 @@
 //! The router's side of the port guard ([`crate::host::guard`]): the base table at start (so a
 //! weft port without rules carries nothing even before the first attach), the drop counters
-//! read every few seconds for metrics, and the sweep of rules whose port is gone (a container
-//! that died without a detach, a CNI DEL without a namespace).
+//! read every few seconds for metrics, the sweep of rules whose port is gone (a container
+//! that died without a detach, a CNI DEL without a namespace), and the list of this host's
+//! container MACs that the router announces to its peers (the guarded ports', and MACs handed
+//! out for attachments about to be made).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tracing::{info, warn};
+use weft_proto::Mac;
 
+use crate::control::handle::ControlHandle;
 use crate::host::guard::{self, Listing, REASONS};
 use crate::host::{nft, NetDev};
 
@@ -51,23 +56,74 @@ impl GuardStats {
     }
 }
 
+/// A MAC handed out for an attachment is announced this long before its port shows up.
+const PROMISE: Duration = Duration::from_secs(60);
+
+/// The handle the API uses: MACs about to be attached.
+#[derive(Debug)]
+pub struct Guard {
+    pending: Mutex<HashMap<[u8; 6], Instant>>,
+    wake: Notify,
+}
+
+impl Guard {
+    /// A fresh MAC for a container port that is about to be made, announced at once (so peers
+    /// take the container's first frames).
+    pub fn promise(&self) -> [u8; 6] {
+        let mac = guard::random_mac();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, Instant::now());
+        self.wake.notify_one();
+        mac
+    }
+
+    /// A port was removed: announce without it soon.
+    pub fn changed(&self) {
+        self.wake.notify_one();
+    }
+}
+
 /// Makes the base table and starts the task; an error (no nft) is logged, since attaching will
 /// fail with the same message.
-pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>) {
+pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>, control: ControlHandle) -> Arc<Guard> {
     if let Err(e) = nft::run(&guard::base_script()).await {
         warn!(error = %e, "cannot set up the port guard: containers cannot be attached until nft works");
     }
+    let g = Arc::new(Guard { pending: Mutex::new(HashMap::new()), wake: Notify::new() });
+    let g2 = g.clone();
     tokio::spawn(async move {
         let mut gone_once: BTreeSet<String> = BTreeSet::new();
         let mut last = BTreeMap::new();
+        let mut announced: Option<Vec<Mac>> = None;
         let mut tick = tokio::time::interval(EVERY);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = g2.wake.notified() => {}
+            }
             let Ok(listing) = guard::list().await else { continue };
             stats.take(&listing, &mut last);
             gone_once = sweep(&netdev, &listing, &gone_once, &stats).await;
+            let macs = g2.local_macs(&listing);
+            if announced.as_ref() != Some(&macs) {
+                if control.local_macs(macs.clone()).await.is_err() {
+                    break;
+                }
+                announced = Some(macs);
+            }
         }
     });
+    g
+}
+
+impl Guard {
+    /// The guarded ports' MACs and the promised ones still young, sorted.
+    fn local_macs(&self, listing: &Listing) -> Vec<Mac> {
+        let mut macs: BTreeSet<Mac> = listing.ports.iter().filter_map(|p| p.mac.parse().ok()).collect();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|m, at| at.elapsed() < PROMISE && !macs.contains(&Mac(*m)));
+        macs.extend(pending.keys().map(|m| Mac(*m)));
+        macs.into_iter().collect()
+    }
 }
 
 /// Removes the rules of ports that were absent in this pass and the one before (rules go in
