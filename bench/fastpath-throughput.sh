@@ -11,6 +11,15 @@
 #   weft-sleeve  the same routers started with --no-fastpath: the plaintext sleeve
 #   weft-enc     routers with a password: the encrypted sleeve (no fastpath: no --trusted-subnets)
 #   vxlan        kernel VXLAN + bridge set up by hand, as sleeve-throughput.sh does it (the ceiling)
+#   weft-fast-noguard, weft-sleeve-noguard, weft-enc-noguard
+#                the same as weft-fast, weft-sleeve, weft-enc with weft's anti-spoofing taken out of
+#                the kernel by hand once the containers are attached: the port guard's dispatch
+#                (`nft flush chain bridge weft_guard pre`, on both hosts, checked) and, on the
+#                fastpath, the source filter's check of inner source MACs (an accept rule for the
+#                peers' addresses inserted before it). What stays is the sleeve's per-frame lookup
+#                of the source MAC's announcer (one hash lookup per frame in userspace; GSO makes a
+#                frame up to 64 KiB), which is compiled in. Compare each with its case to get the
+#                cost of the guard.
 # The weft-sleeve and weft-enc cases check that their connections are on "path": "sleeve".
 #
 # Measures, one after the other on the same setup: tcp1 (iperf3, 1 stream) and tcp4 (-P 4 streams),
@@ -25,7 +34,8 @@
 #
 # Usage: sudo bench/fastpath-throughput.sh [--quick] [--only CASE[,CASE...]]
 #   --quick     T=3 and ROUNDS=1
-#   --only      run only these cases (weft-fast, weft-sleeve, weft-enc, vxlan)
+#   --only      run only these cases (weft-fast, weft-sleeve, weft-enc, the -noguard ones, vxlan);
+#               by default all but the -noguard ones
 # Environment:
 #   T             seconds per iperf3 run (default 10)
 #   ROUNDS        rounds (default 3)
@@ -64,7 +74,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 CMTU=${CMTU:-1376}
-ALL_CASES=(weft-fast weft-sleeve weft-enc vxlan)
+ALL_CASES=(weft-fast weft-sleeve weft-enc vxlan weft-fast-noguard weft-sleeve-noguard weft-enc-noguard)
 MEASURES=(tcp1 tcp4)
 declare -A STREAMS=([tcp1]="" [tcp4]="-P 4")   # iperf3 client options per measure
 FAST_WAIT=20                   # seconds the fastpath gets to come up
@@ -73,13 +83,13 @@ FAST_WAIT=20                   # seconds the fastpath gets to come up
 for tool in ip nsenter iperf3 jq awk ping ss; do
   command -v "$tool" >/dev/null || die "$tool is required"
 done
-want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+want() { if [ -z "$ONLY" ]; then [[ $1 != *-noguard ]]; else [[ ",$ONLY," == *",$1,"* ]]; fi; }
 for c in ${ONLY//,/ }; do
   [[ " ${ALL_CASES[*]} " == *" $c "* ]] || die "unknown case $c (cases: ${ALL_CASES[*]})"
 done
 CASES=(); for c in "${ALL_CASES[@]}"; do want "$c" && CASES+=("$c"); done
 [ ${#CASES[@]} -gt 0 ] || die "no case to run"
-any_weft() { want weft-fast || want weft-sleeve || want weft-enc; }
+any_weft() { local c; for c in "${CASES[@]}"; do [[ $c == weft-* ]] && return 0; done; return 1; }
 
 if [ -z "${WEFT_BIN:-}" ]; then
   WEFT_BIN=$ROOT/target/release/weft
@@ -170,7 +180,7 @@ run_case() {  # <case> <round>
       teardown; return 0 ;;
   esac
   local pw="" path=sleeve args=(--mtu "$CMTU")
-  case $name in
+  case ${name%-noguard} in
     weft-fast) path=fastpath ;;
     weft-sleeve) args+=(--no-fastpath) ;;
     weft-enc) pw=$PASSWORD ;;
@@ -191,6 +201,18 @@ run_case() {  # <case> <round>
   fi
   if ! wait_ping "$C1" 10.99.0.2; then failed "$name" "$r" "containers cannot ping each other on path $path"; teardown; return 0; fi
   local br; br=$(wstatus 1 | jq -r '.bridge // "weft"'); VX="${br:0:11}-vx"
+  if [[ $name == *-noguard ]]; then
+    local h
+    for h in "$H1" "$H2"; do
+      ip netns exec "$h" nft flush chain bridge weft_guard pre
+      ip netns exec "$h" nft list chain bridge weft_guard pre | grep -q vmap && { failed "$name" "$r" "the guard is still on in $h"; teardown; return 0; }
+      if [ "$path" = fastpath ]; then
+        ip netns exec "$h" nft insert rule ip "weft_fastpath_$br" input ip saddr @peers accept
+      fi
+    done
+    [ "$r" = 1 ] && echo "${IND}   guard off on both hosts: weft_guard dispatch flushed; on the fastpath the source filter checks addresses only"
+    if ! wait_ping "$C1" 10.99.0.2; then failed "$name" "$r" "containers cannot ping each other without the guard"; teardown; return 0; fi
+  fi
   if [ "$name" = weft-fast ] && [ "$r" = 1 ]; then
     echo "${IND}   $VX: mtu $(ip -n "$H1" -j link show dev "$VX" 2>/dev/null | jq '.[0].mtu') $(ip -n "$H1" -d -j link show dev "$VX" 2>/dev/null | jq -c '.[0].linkinfo.info_data')"
   fi
@@ -242,7 +264,7 @@ medof() {  # <space-separated numbers> -> their median, or - for none
 med() { medof "${VALS["$1 $2"]:-}"; }
 echo
 echo "summary: medians over $ROUNDS round(s), Gbit/s received; x vxlan = ratio to the hand-made kernel VXLAN"
-printf '%-12s %8s %8s %8s %8s   %-13s %-13s %s\n' case tcp1 "x vxlan" tcp4 "x vxlan" "retrans 1/4" "VM busy% 1/4" failed
+printf '%-20s %8s %8s %8s %8s   %-13s %-13s %s\n' case tcp1 "x vxlan" tcp4 "x vxlan" "retrans 1/4" "VM busy% 1/4" failed
 declare -A MED
 for c in "${CASES[@]}"; do
   for m in "${MEASURES[@]}"; do MED["$c $m"]=$(med "$c" "$m"); done
@@ -253,7 +275,7 @@ rat() {  # <case> <measure>
 }
 f2() { if [ "$1" = - ]; then echo -; else awk -v v="$1" 'BEGIN{printf "%.2f", v}'; fi; }
 for c in "${CASES[@]}"; do
-  printf '%-12s %8s %8s %8s %8s   %-13s %-13s %s\n' "$c" "$(f2 "${MED["$c tcp1"]}")" "$(rat "$c" tcp1)" \
+  printf '%-20s %8s %8s %8s %8s   %-13s %-13s %s\n' "$c" "$(f2 "${MED["$c tcp1"]}")" "$(rat "$c" tcp1)" \
     "$(f2 "${MED["$c tcp4"]}")" "$(rat "$c" tcp4)" \
     "$(medof "${RETRS["$c tcp1"]:-}")/$(medof "${RETRS["$c tcp4"]:-}")" \
     "$(medof "${BUSY["$c tcp1"]:-}")/$(medof "${BUSY["$c tcp4"]:-}")" \
@@ -262,11 +284,11 @@ done
 any_weft && echo "where the frames went (sums over all runs of the case; sending host h1):"
 for c in "${CASES[@]}"; do
   [ "$c" = vxlan ] && continue
-  if [ -z "${COUNT["$c sleeve_frames_out"]:-}" ]; then printf '%-12s no run\n' "$c"; continue; fi
+  if [ -z "${COUNT["$c sleeve_frames_out"]:-}" ]; then printf '%-20s no run\n' "$c"; continue; fi
   kern="no $VX device"
   [ -n "${COUNT["$c vx_tx_packets"]:-}" ] && kern="$(printf 'kernel %s tx %s pkts, %s MB' "$VX" \
     "${COUNT["$c vx_tx_packets"]}" "$(mb "${COUNT["$c vx_tx_bytes"]:--}")")"
-  printf '%-12s %s; sleeve frames_out %s, %s MB\n' "$c" "$kern" \
+  printf '%-20s %s; sleeve frames_out %s, %s MB\n' "$c" "$kern" \
     "${COUNT["$c sleeve_frames_out"]:--}" "$(mb "${COUNT["$c sleeve_bytes_out"]:--}")"
 done
 num() { [ -n "$1" ] && [ "$1" != - ] && [ "$1" != null ] && echo "$1" || echo null; }

@@ -380,11 +380,13 @@ fn without_a_vxlan_device_the_router_runs_on_the_sleeve_and_says_why() {
     assert_eq!(c1["info"], "sleeve: turned off here (--no-fastpath)", "{c1}");
 }
 
-/// A VXLAN datagram (VNI 0x776674) carrying an IPv4/UDP frame to `dst_mac` with `marker` inside.
-fn vxlan_datagram(dst_mac: [u8; 6], marker: &[u8]) -> Vec<u8> {
+/// A VXLAN datagram (VNI 0x776674) carrying an IPv4/UDP frame from `src_mac` to `dst_mac` with
+/// `marker` inside.
+fn vxlan_datagram(src_mac: [u8; 6], dst_mac: [u8; 6], marker: &[u8]) -> Vec<u8> {
     let mut d = vec![0x08, 0, 0, 0, 0x77, 0x66, 0x74, 0];
     d.extend_from_slice(&dst_mac);
-    d.extend_from_slice(&[0x02, 0xde, 0xad, 0xbe, 0xef, 0x01, 0x08, 0x00]);
+    d.extend_from_slice(&src_mac);
+    d.extend_from_slice(&[0x08, 0x00]);
     let udp_len = 8 + marker.len();
     let total = 20 + udp_len;
     let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 17, 0, 0, 10, 50, 0, 66, 10, 50, 0, 1];
@@ -408,12 +410,13 @@ fn vxlan_from_anyone_but_a_fastpath_peer_is_dropped_and_counted() {
     lab.start_router(0, &[]).expect("router 0");
     lab.start_router(1, &[0]).expect("router 1");
     lab.wait_established(0, 1, UP).expect("connected");
-    let (a, _b) = two_containers(&mut lab);
+    let (a, b) = two_containers(&mut lab);
     on_the_fastpath(&lab);
-    let mac = mac_of(&lab, &a);
-    let inject = |from: usize, marker: &'static [u8]| -> bool {
+    let (mac, b_mac) = (mac_of(&lab, &a), mac_of(&lab, &b));
+    let unannounced = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x01];
+    let inject = |from: usize, src: [u8; 6], marker: &'static [u8]| -> bool {
         let cap = Capture::start(&a.ns, "ethwe");
-        let d = vxlan_datagram(mac, marker);
+        let d = vxlan_datagram(src, mac, marker);
         in_netns(&lab.host(from).ns.clone(), move || {
             let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
             for _ in 0..20 {
@@ -425,9 +428,14 @@ fn vxlan_from_anyone_but_a_fastpath_peer_is_dropped_and_counted() {
         contains(&cap.finish(), marker)
     };
     // The outsider's frames never reach the container, and are counted.
-    assert!(!inject(2, b"MARKER-from-an-outsider"), "an outsider put frames on the bridge through UDP 6784");
+    assert!(!inject(2, b_mac, b"MARKER-from-an-outsider"), "an outsider put frames on the bridge through UDP 6784");
     assert!(wait_for(Duration::from_secs(5), || status(&lab, 0)["fastpath"]["source_filter"]["dropped"].as_u64().unwrap_or(0) >= 20),
         "{}", status(&lab, 0)["fastpath"]);
-    // The same datagrams from the peer's address get through: the filter is what stopped them.
-    assert!(inject(1, b"MARKER-from-the-peer"), "the control case failed: VXLAN from the peer did not arrive");
+    // From the peer's address, but from a MAC the peer never announced: dropped, counted against it.
+    assert!(!inject(1, unannounced, b"MARKER-unannounced"), "the peer put frames from a MAC it never announced on the bridge");
+    let by_peer = || status(&lab, 0)["fastpath"]["source_filter"]["unannounced_by_peer"]["192.168.77.2"].as_u64().unwrap_or(0);
+    assert!(wait_for(Duration::from_secs(5), || by_peer() >= 20), "{}", status(&lab, 0)["fastpath"]);
+    // From the peer's address and its container's MAC, they get through: the filter is what
+    // stopped the others.
+    assert!(inject(1, b_mac, b"MARKER-from-the-peer"), "the control case failed: VXLAN from the peer did not arrive");
 }

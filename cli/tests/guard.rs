@@ -256,3 +256,52 @@ fn a_peer_sends_only_from_macs_it_announced_on_the_fastpath() {
 fn a_peer_sends_only_from_macs_it_announced_on_the_sleeve() {
     a_peer_sends_only_from_macs_it_announced("a_peer_sends_only_from_macs_it_announced_on_the_sleeve", Some("correct horse battery"), "sleeve");
 }
+
+/// The guard lets honest IPv6 through: duplicate address detection, neighbour discovery,
+/// global and link-local pings between containers on two hosts, and a spoofed neighbour
+/// advertisement for the other container's address is still refused.
+#[test]
+fn ipv6_passes_the_guard_and_nd_spoofing_does_not() {
+    let test = "ipv6_passes_the_guard_and_nd_spoofing_does_not";
+    if !weft_lab::require_lab(test, &["nft", "ping"]) {
+        return;
+    }
+    let Some(mut lab) = lab(test, 2, None, &[]) else { return };
+    start_star(&mut lab);
+    lab.wait_established(1, 1, UP).expect("connected");
+    let mut containers = Vec::new();
+    for (h, name, v4, v6) in [(0, "p", "10.50.0.11/24", "fd50::11/64"), (1, "q", "10.50.0.12/24", "fd50::12/64")] {
+        let ns = lab.add_namespace(name).expect("namespace");
+        let out = lab.weft(h, &["attach", &ns, v4, v6]).expect("attach");
+        assert!(out.status.success(), "attach: {}", String::from_utf8_lossy(&out.stderr));
+        containers.push(Container { ns, host: h, ip: v4.split('/').next().unwrap_or("").parse().expect("ip") });
+    }
+    let (p, q) = (&containers[0], &containers[1]);
+    assert!(ping_until(&lab, p, "fd50::12", &["-6"], UP), "p cannot reach q over IPv6");
+    let q_mac = mac_of(&lab, q);
+    let ll = |m: [u8; 6]| format!("fe80::{:x}:{:x}:{:x}:{:x}", u16::from_be_bytes([m[0] ^ 2, m[1]]), u16::from_be_bytes([m[2], 0xff]), u16::from_be_bytes([0xfe, m[3]]), u16::from_be_bytes([m[4], m[5]]));
+    assert!(ping_until(&lab, p, &format!("{}%ethwe", ll(q_mac)), &["-6"], UP), "p cannot reach q's link-local address");
+    let port = port_of(&lab, 0, p);
+    assert_eq!(port["dropped"]["ip6"], 0, "honest IPv6 was dropped: {port}");
+    assert_eq!(port["dropped"]["nd"], 0, "honest neighbour discovery was dropped: {port}");
+
+    // p claims fd50::12 in an unsolicited neighbour advertisement (override flag set).
+    let p_mac = mac_of(&lab, p);
+    let src = link_local(p_mac);
+    let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let target: std::net::Ipv6Addr = "fd50::12".parse().expect("ip");
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    icmp.extend_from_slice(&target.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&p_mac);
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&p_mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    send_frames(p, vec![f; 3]);
+    assert!(wait_for(Duration::from_secs(5), || dropped(&lab, 0, p, "nd") >= 3), "{}", port_of(&lab, 0, p));
+}

@@ -492,12 +492,15 @@ fn sleeve_keys_rotate_under_load_and_lose_nothing() {
 fn attach_and_detach_by_pid() {
     let Some(mut lab) = lab("attach_and_detach_by_pid", 2, Some("pw"), &[]) else { return };
     let (a, b) = two_hosts_pinging(&mut lab);
-    // A process living in b's namespace stands for a container known only by its PID.
-    let proc = spawn_in(&b.ns, &["sleep", "120"]);
+    // A process living in a namespace of its own stands for a container known only by its PID.
+    // (Not b's: the guard pins each port to its own addresses, so a second port on b's subnet
+    // would see b's kernel answer for it through the first and those answers dropped.)
+    let ns = lab.add_namespace("bypid").expect("namespace");
+    let proc = spawn_in(&ns, &["sleep", "120"]);
     let pid = proc.0.id().to_string();
     // Wait until nsenter has entered the namespace (same namespace inode).
     use std::os::unix::fs::MetadataExt;
-    let want = std::fs::metadata(format!("/run/netns/{}", b.ns)).expect("netns").ino();
+    let want = std::fs::metadata(format!("/run/netns/{ns}")).expect("netns").ino();
     assert!(wait_for(Duration::from_secs(5), || {
         std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() == Some(want)
     }));
@@ -607,9 +610,9 @@ fn bad_api_requests_get_clear_errors_and_harm_nothing() {
     assert_eq!(status(&lab, 0)["connections"][0]["state"], "established");
 }
 
-/// The README's first command on a bare machine: `weft lab demo` with a PATH holding only `ip`
-/// and `nsenter` (no `ping`, no `dig`, no `nft`): real routers, pings and name lookups all done
-/// by weft itself.
+/// The README's first command on a bare machine: `weft lab demo` with a PATH holding only `ip`,
+/// `nsenter` and `nft` (which the routers guard container ports with; no `ping`, no `dig`): real
+/// routers, pings and name lookups all done by weft itself.
 #[test]
 fn lab_demo_needs_no_ping_or_dig() {
     if !weft_lab::require_lab("lab_demo_needs_no_ping_or_dig", &[]) {
@@ -629,7 +632,7 @@ fn lab_demo_needs_no_ping_or_dig() {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).expect("temp dir");
     let path = std::env::var_os("PATH").expect("PATH");
-    for tool in ["ip", "nsenter"] {
+    for tool in ["ip", "nsenter", "nft"] {
         let found = std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file()).expect("tool in PATH");
         std::os::unix::fs::symlink(found, bin.join(tool)).expect("symlink");
     }

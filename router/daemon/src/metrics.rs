@@ -144,7 +144,7 @@ impl Collector for WeftCollector {
             (vec![], f.tx_dropped.load(Relaxed)),
         ])?;
         let g = &c.guard;
-        family(&mut enc, "weft_guard_dropped", "Frames from containers the port guard dropped, by reason (read every 10 s)", MetricType::Counter, by_reason(&crate::host::guard::REASONS, &g.dropped))?;
+        family(&mut enc, "weft_guard_dropped", "Frames from containers the port guard dropped, by reason (read every 10 s)", MetricType::Counter, by_reason(&crate::control::guard::REASONS, &g.dropped))?;
         family(&mut enc, "weft_guard_ports", "Container ports with guard rules", MetricType::Gauge, vec![(vec![], g.ports.load(Relaxed))])?;
         family(&mut enc, "weft_guard_unruled", "Frames from weft ports without guard rules, dropped", MetricType::Counter, vec![(vec![], g.unruled.load(Relaxed))])?;
         family(&mut enc, "weft_guard_swept", "Guard rules removed because their port was gone", MetricType::Counter, vec![(vec![], g.swept.load(Relaxed))])?;

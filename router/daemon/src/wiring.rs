@@ -230,7 +230,7 @@ impl Start {
 
         // The API, and the port guard beside it.
         let control = ControlHandle::new(inputs_tx.clone());
-        let guard = crate::services::guard::start(netdev.clone(), stats.guard.clone(), control.clone()).await;
+        let guard = crate::control::guard::start(netdev.clone(), stats.guard.clone(), control.clone()).await;
         let api = Arc::new(ApiState {
             control,
             netdev,

@@ -69,9 +69,9 @@ use std::time::{Duration, Instant};
 pub mod probe;
 
 const NETNS_DIR: &str = "/run/netns";
-/// The tools every lab needs in PATH (see [`debian_package`]); `nft` only for [`Lab::block`] and
-/// [`Lab::block_udp`].
-const LAB_TOOLS: [&str; 2] = ["ip", "nsenter"];
+/// The tools every lab needs in PATH (see [`debian_package`]): `nft` because routers guard each
+/// container port with it (and [`Lab::block`] cuts links with it).
+const LAB_TOOLS: [&str; 3] = ["ip", "nsenter", "nft"];
 /// Limit for `ip`, `nft` and `weft` client commands.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a started router has to answer its API.

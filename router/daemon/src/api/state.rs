@@ -15,7 +15,7 @@ pub struct ApiState {
     /// The way to the actor.
     pub control: ControlHandle,
     /// The port guard: MACs for new container ports.
-    pub guard: Arc<crate::services::guard::Guard>,
+    pub guard: Arc<crate::control::guard::Guard>,
     /// Kernel devices (attach, expose).
     pub netdev: Arc<NetDev>,
     /// The bridge.

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod conn;
 pub mod conns;
 pub mod fastpath;
+pub mod guard;
 pub mod handle;
 pub mod handshake;
 pub mod input;

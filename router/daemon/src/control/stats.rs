@@ -78,7 +78,7 @@ pub struct ControlStats {
     /// The kernel fastpath's counters.
     pub fastpath: Arc<super::fastpath::FastpathStats>,
     /// The port guard's counters.
-    pub guard: Arc<crate::services::guard::GuardStats>,
+    pub guard: Arc<crate::control::guard::GuardStats>,
 }
 
 impl ControlStats {

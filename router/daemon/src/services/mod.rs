@@ -9,7 +9,6 @@
 pub mod cni;
 pub mod dns;
 pub mod dns_server;
-pub mod guard;
 pub mod identities;
 pub mod ipam;
 pub mod persist;

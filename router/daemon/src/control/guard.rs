@@ -14,8 +14,9 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use weft_proto::Mac;
 
-use crate::control::handle::ControlHandle;
-use crate::host::guard::{self, Listing, REASONS};
+use super::handle::ControlHandle;
+use crate::host::guard::{self, Listing};
+pub use crate::host::guard::REASONS;
 use crate::host::{nft, NetDev};
 
 /// How often the counters are read and the rules swept.
