@@ -40,7 +40,7 @@ enum Cmd {
     /// Show the router's state: peers, connections, targets, address allocation, DNS, CNI attachments, container ports and their guard.
     Status {
         /// Only this part.
-        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns", "cni", "ports"])]
+        #[arg(value_parser = ["peers", "connections", "targets", "ipam", "dns", "cni", "ports", "networks"])]
         what: Option<String>,
     },
     /// Install the CNI plugin (weft-cni) and a network configuration for container runtimes.
@@ -80,6 +80,10 @@ enum Cmd {
         /// DNS name for the container (NAME or NAME.weft.local).
         #[arg(long)]
         name: Option<String>,
+        /// The network to join: its own L2 segment on every host, isolated from the others
+        /// (default: the default network, weft).
+        #[arg(long)]
+        network: Option<String>,
     },
     /// Remove a namespace's weft interface and release its weft addresses and names.
     Detach {
@@ -412,9 +416,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Forget { peers } => simple(&sock, "/v1/forget", json!({ "peers": peers }), cli.json, &mut out, |v| {
             format!("forgot {}", list(&v["forgotten"]))
         }),
-        Cmd::Attach { netns, cidrs, ifname, mtu, id, timeout, name } => {
+        Cmd::Attach { netns, cidrs, ifname, mtu, id, timeout, name, network } => {
             let body = json!({ "netns": netns, "cidrs": cidrs, "ifname": ifname, "mtu": mtu, "id": id,
-                "timeout_seconds": timeout, "name": name });
+                "timeout_seconds": timeout, "name": name, "network": network });
             simple(&sock, "/v1/attach", body, cli.json, &mut out, |v| {
                 let mut s = format!(
                     "attached {} as {} ({}, mtu {}) with {}",
@@ -426,6 +430,9 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 if let Some(n) = v["name"].as_str() {
                     s.push_str(&format!(", name {n}"));
+                }
+                if let Some(n) = v["network"].as_str().filter(|n| *n != "weft") {
+                    s.push_str(&format!(", network {n}"));
                 }
                 s
             })

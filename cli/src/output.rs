@@ -118,6 +118,9 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
     if what == Some("ports") {
         ports(out, &v["guard"])?;
     }
+    if what == Some("networks") {
+        networks(out, v)?;
+    }
     if what.is_none() || what == Some("cni") {
         cni(out, &v["cni"], what.is_some())?;
     }
@@ -166,6 +169,20 @@ fn guard_drops(dropped: &Value, unruled: u64) -> String {
     } else {
         format!("{total} frame(s) dropped ({})", parts.join(", "))
     }
+}
+
+/// `weft status networks`: the networks on this host, and the hosts on each.
+fn networks(out: &mut impl Write, v: &Value) -> Result<()> {
+    writeln!(out, "Networks on this host (each its own L2 segment; named ones use the sleeve):")?;
+    let empty = Vec::new();
+    for n in v["networks"].as_array().unwrap_or(&empty) {
+        let members = match &n["members"] {
+            Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(", "),
+            other => s(other).to_string(),
+        };
+        writeln!(out, "  {:<16} segment {}  bridge {:<10} {} container(s) here; hosts: {}", s(&n["name"]), s(&n["segment"]), s(&n["bridge"]), n["containers"], members)?;
+    }
+    Ok(())
 }
 
 /// `weft status ports`: each container port, what it may send, and what it was refused.

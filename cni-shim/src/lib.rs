@@ -348,7 +348,8 @@ fn configure(env: &Env, cfg: &Config, netns: &Path, got: &Value) -> Result<Strin
     let addrs = [(address.addr(), address.prefix_len())];
     // The MAC the router chose and announced; a router that names none leaves it to chance.
     let mac = got["mac"].as_str().and_then(|m| m.parse::<Mac>().ok()).map(|m| m.0);
-    let opts = AttachOpts { addrs: &addrs, mtu, routes: &routes, hairpin: cfg.settings.hairpin, mac };
+    let segment = got["segment"].as_u64().and_then(|s| u32::try_from(s).ok()).unwrap_or(0);
+    let opts = AttachOpts { addrs: &addrs, mtu, routes: &routes, hairpin: cfg.settings.hairpin, mac, segment };
     let info = netlink(async { NetDev::new().await?.attach_netns_with(&bridge, netns, &env.ifname, &opts).await })
         .map_err(|e| interface_error("Setting up the container's interface failed", &e))?;
 

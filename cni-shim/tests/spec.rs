@@ -228,3 +228,40 @@ fn waiting_for_consensus_is_try_again_later() {
     assert!(!links(&lab, ns_name(&a.netns)).contains(&"eth0".to_string()));
     assert!(allocations(&lab, 0).is_empty());
 }
+
+/// Each CNI network name is its own weft network: attachments of one name reach each other
+/// across hosts, never those of another, even in one subnet; DEL of the last one takes the
+/// network off the host.
+#[test]
+fn cni_networks_of_different_names_are_isolated() {
+    let Some(mut lab) = lab("cni_networks_of_different_names_are_isolated", 2, &[]) else { return };
+    let rt = |lab: &Lab, host: usize, name: &str| {
+        let mut r = runtime(lab, host, "1.1.0", json!({ "subnet": "10.32.77.0/24", "defaultRoute": false }));
+        r.conflist["name"] = json!(name);
+        r
+    };
+    let (mut red0, mut red1, mut blue1) = (rt(&lab, 0, "red"), rt(&lab, 1, "red"), rt(&lab, 1, "blue"));
+    assert!(wait_for(Duration::from_secs(10), || red0.status().code() == 0), "STATUS: {:?}", red0.status());
+    let a = Attachment::new("ctr-red-a", &container(&mut lab, "ra"));
+    let b = Attachment::new("ctr-red-b", &container(&mut lab, "rb"));
+    let c = Attachment::new("ctr-blue-c", &container(&mut lab, "bc"));
+    let ra = red0.add(&a).ok();
+    let rb = red1.add(&b).ok();
+    let rc = blue1.add(&c).ok();
+    assert!(ping(&lab, &a.netns, &ip_of(&rb)), "red a cannot reach red b on the other host");
+    assert!(!ping_once(&lab, &a.netns, &ip_of(&rc)), "red a reached blue c");
+    assert!(!ping_once(&lab, &c.netns, &ip_of(&ra)), "blue c reached red a");
+    let nets = |h: usize| lab.weft_json(h, &["status"]).expect("status")["networks"].as_array().cloned().unwrap_or_default();
+    let names = |h: usize| nets(h).iter().filter_map(|n| n["name"].as_str().map(str::to_string)).collect::<Vec<_>>();
+    assert!(names(1).contains(&"red".to_string()) && names(1).contains(&"blue".to_string()), "{:?}", names(1));
+    // DEL of host 1's only blue attachment takes blue off host 1; red stays.
+    blue1.del(&c).ok();
+    assert!(!names(1).contains(&"blue".to_string()), "{:?}", names(1));
+    assert!(names(1).contains(&"red".to_string()));
+    red1.del(&b).ok();
+    red0.del(&a).ok();
+}
+
+fn ping_once(lab: &Lab, netns: &str, ip: &str) -> bool {
+    lab.exec(ns_name(netns), &["ping", "-c", "3", "-i", "0.3", "-W", "1", ip]).map(|o| o.status.success()).unwrap_or(false)
+}

@@ -231,6 +231,10 @@ impl Start {
         // The API, and the port guard beside it.
         let control = ControlHandle::new(inputs_tx.clone());
         let guard = crate::control::guard::start(netdev.clone(), stats.guard.clone(), control.clone()).await;
+        let networks = Arc::new(crate::control::networks::Networks::new(
+            id_name, netdev.clone(), frames.clone(), &opts.bridge, opts.mtu, offload, &opts.state_dir,
+        ));
+        networks.restore().await;
         let api = Arc::new(ApiState {
             control,
             netdev,
@@ -243,6 +247,7 @@ impl Start {
             dns_server,
             host_addr_lock: tokio::sync::Mutex::new(()),
             guard,
+            networks,
         });
         let (stop_api, api_stopped) = watch::channel(false);
         let api_task = serve_api(api.clone(), &opts.api_socket, api_stopped).await?;

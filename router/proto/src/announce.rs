@@ -3,16 +3,19 @@
 //! host that holds the password, or one whose containers are not guarded) could send frames
 //! from another container's MAC and take its traffic on every host.
 //!
-//! - **Entries.** One list per peer: its name, a version, and its MACs (sorted, each unicast
-//!   and not zero, at most [`MAX_PER_PEER`]), signed by the peer's identity key under
+//! - **Entries.** One list per peer: its name, a version, and its MACs, each with the network
+//!   (segment) it is on (sorted, each unicast and not zero, at most [`MAX_PER_PEER`]), signed
+//!   by the peer's identity key under
 //!   [`DOMAIN_MACS`]. A peer replaces its whole list; a higher version wins. Lists are checked
 //!   against the name's bound key before they are merged or passed on.
-//! - **Ownership.** [`Announcements::owners`] maps each MAC to the one peer that announced
-//!   it. A MAC that two peers announce belongs to neither (a forger can deny a MAC, never take
-//!   it), and our own MACs never belong to a peer. Conflicts are listed for status.
+//! - **Ownership.** [`Announcements::owners`] maps each (segment, MAC) to the one peer that
+//!   announced it. A MAC that two peers announce belongs to neither (a forger can deny a MAC,
+//!   never take it), and our own MACs never belong to a peer. Conflicts are listed for status.
+//! - **Membership.** A peer is a member of a named network while it announces a MAC on it
+//!   ([`Announcements::members`]): the network's broadcasts go to its members only.
 //! - **Bounds.** At most [`MAX_PEERS`] lists; payloads that do not decode are refused whole.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +41,8 @@ pub const MAX_TOTAL: usize = 262_144;
 pub struct MacList {
     pub origin: PeerName,
     pub version: u64,
-    /// Sorted, without repeats.
-    pub macs: Vec<[u8; 6]>,
+    /// (segment, MAC), sorted, without repeats.
+    pub macs: Vec<(u32, [u8; 6])>,
 }
 
 /// A list with its origin's signature, as gossiped.
@@ -83,7 +86,7 @@ impl MacList {
         if self.macs.len() > MAX_PER_PEER {
             return Err(ListError::TooMany);
         }
-        let valid = self.macs.iter().all(|m| Mac(*m).is_valid_source());
+        let valid = self.macs.iter().all(|(_, m)| Mac(*m).is_valid_source());
         let sorted = self.macs.windows(2).all(|w| w[0] < w[1]);
         if valid && sorted {
             Ok(())
@@ -126,8 +129,8 @@ impl Announcements {
     /// [`MAX_PER_PEER`] the rest). `version` should grow with time (the caller's wall clock in
     /// milliseconds) so a restarted router's list outranks its previous life's. Returns the
     /// delta to broadcast, or `None` when the list did not change.
-    pub fn set_own(&mut self, macs: impl IntoIterator<Item = Mac>, version: u64) -> Option<Vec<u8>> {
-        let mut macs: Vec<[u8; 6]> = macs.into_iter().filter(|m| m.is_valid_source()).map(|m| m.0).collect();
+    pub fn set_own(&mut self, macs: impl IntoIterator<Item = (u32, Mac)>, version: u64) -> Option<Vec<u8>> {
+        let mut macs: Vec<(u32, [u8; 6])> = macs.into_iter().filter(|(_, m)| m.is_valid_source()).map(|(s, m)| (s, m.0)).collect();
         macs.sort_unstable();
         macs.dedup();
         macs.truncate(MAX_PER_PEER);
@@ -150,27 +153,49 @@ impl Announcements {
         std::mem::take(&mut self.changed)
     }
 
-    /// Each MAC announced by exactly one peer, with that peer; ours and contested MACs are
-    /// left out.
-    pub fn owners(&self) -> HashMap<Mac, PeerName> {
-        let mut owners: HashMap<Mac, Option<PeerName>> = HashMap::new();
+    /// Each (segment, MAC) whose MAC exactly one peer announced, with that peer; ours and
+    /// contested MACs (on any segment) are left out.
+    pub fn owners(&self) -> HashMap<(u32, Mac), PeerName> {
+        let mut by_mac: HashMap<Mac, Option<PeerName>> = HashMap::new();
         for (peer, s) in &self.lists {
-            for m in &s.list.macs {
-                let e = owners.entry(Mac(*m)).or_insert(Some(*peer));
+            for (_, m) in &s.list.macs {
+                let e = by_mac.entry(Mac(*m)).or_insert(Some(*peer));
                 if *e != Some(*peer) {
                     *e = None;
                 }
             }
         }
-        owners.into_iter().filter_map(|(m, p)| p.filter(|p| *p != self.me).map(|p| (m, p))).collect()
+        let mut owners = HashMap::new();
+        for (peer, s) in self.lists.iter().filter(|(p, _)| **p != self.me) {
+            for (seg, m) in &s.list.macs {
+                if by_mac.get(&Mac(*m)) == Some(&Some(*peer)) {
+                    owners.insert((*seg, Mac(*m)), *peer);
+                }
+            }
+        }
+        owners
+    }
+
+    /// The peers on each segment: those announcing a MAC on it (ourselves included).
+    pub fn members(&self) -> BTreeMap<u32, BTreeSet<PeerName>> {
+        let mut members: BTreeMap<u32, BTreeSet<PeerName>> = BTreeMap::new();
+        for (peer, s) in &self.lists {
+            for (seg, _) in &s.list.macs {
+                members.entry(*seg).or_default().insert(*peer);
+            }
+        }
+        members
     }
 
     /// MACs that more than one peer announces (ourselves included), with the peers.
     pub fn conflicts(&self) -> BTreeMap<Mac, Vec<PeerName>> {
         let mut by_mac: BTreeMap<Mac, Vec<PeerName>> = BTreeMap::new();
         for (peer, s) in &self.lists {
-            for m in &s.list.macs {
-                by_mac.entry(Mac(*m)).or_default().push(*peer);
+            for (_, m) in &s.list.macs {
+                let peers = by_mac.entry(Mac(*m)).or_default();
+                if !peers.contains(peer) {
+                    peers.push(*peer);
+                }
             }
         }
         by_mac.retain(|_, peers| peers.len() > 1);
@@ -281,6 +306,11 @@ mod tests {
         Mac([2, 0, 0, 0, 0, i])
     }
 
+    /// MAC `i` on the default network.
+    fn d(i: u8) -> (u32, Mac) {
+        (0, mac(i))
+    }
+
     fn chan(i: u8) -> Announcements {
         Announcements::new(n(u64::from(i)), key(i))
     }
@@ -288,14 +318,14 @@ mod tests {
     #[test]
     fn a_list_travels_verified_and_gives_its_macs_to_its_peer() {
         let (mut a, mut b) = (chan(1), chan(2));
-        let delta = a.set_own([mac(2), mac(1), mac(1), Mac([1, 0, 0, 0, 0, 1]), Mac([0; 6])], 100).unwrap();
-        assert!(a.set_own([mac(1), mac(2)], 200).is_none(), "an unchanged list is not sent again");
+        let delta = a.set_own([d(2), d(1), d(1), (0, Mac([1, 0, 0, 0, 0, 1])), (0, Mac([0; 6]))], 100).unwrap();
+        assert!(a.set_own([d(1), d(2)], 200).is_none(), "an unchanged list is not sent again");
         let passed = b.merge(n(1), &delta, &keys()).unwrap();
         assert!(passed.is_some(), "a new list is passed on");
         assert_eq!(b.merge(n(1), &delta, &keys()).unwrap(), None, "and only once");
         let owners = b.owners();
         assert_eq!(owners.len(), 2, "multicast and zero MACs are left out: {owners:?}");
-        assert_eq!(owners[&mac(1)], n(1));
+        assert_eq!(owners[&d(1)], n(1));
         assert!(a.owners().is_empty(), "our own MACs belong to no peer");
         assert!(b.take_changed() && !b.take_changed());
     }
@@ -304,17 +334,17 @@ mod tests {
     fn a_forged_or_altered_list_is_refused() {
         let mut b = chan(2);
         // Peer 3 signs a list in peer 1's name.
-        let list = MacList { origin: n(1), version: 5, macs: vec![mac(9).0] };
+        let list = MacList { origin: n(1), version: 5, macs: vec![(0, mac(9).0)] };
         let sig = key(3).sign(DOMAIN_MACS, &signed_bytes(&list));
         assert_eq!(b.merge(n(3), &encode(&[SignedList { list, sig }]), &keys()).unwrap(), None);
         // Peer 1's own list, altered on the way.
         let mut a = chan(1);
-        let delta = a.set_own([mac(1)], 10).unwrap();
+        let delta = a.set_own([d(1)], 10).unwrap();
         let mut lists: Vec<SignedList> = postcard::from_bytes(&delta).unwrap();
-        lists[0].list.macs = vec![mac(9).0];
+        lists[0].list.macs = vec![(0, mac(9).0)];
         assert_eq!(b.merge(n(3), &encode(&lists), &keys()).unwrap(), None);
         // A name without a bound key.
-        let list = MacList { origin: n(7), version: 5, macs: vec![mac(9).0] };
+        let list = MacList { origin: n(7), version: 5, macs: vec![(0, mac(9).0)] };
         let sig = key(7).sign(DOMAIN_MACS, &signed_bytes(&list));
         assert_eq!(b.merge(n(3), &encode(&[SignedList { list, sig }]), &keys()).unwrap(), None);
         assert!(b.owners().is_empty());
@@ -326,14 +356,14 @@ mod tests {
     #[test]
     fn unsorted_and_oversized_lists_are_refused_even_when_signed() {
         let mut b = chan(2);
-        let signed = |macs: Vec<[u8; 6]>| {
+        let signed = |macs: Vec<(u32, [u8; 6])>| {
             let list = MacList { origin: n(1), version: 5, macs };
             let sig = key(1).sign(DOMAIN_MACS, &signed_bytes(&list));
             encode(&[SignedList { list, sig }])
         };
-        assert_eq!(b.merge(n(1), &signed(vec![mac(2).0, mac(1).0]), &keys()).unwrap(), None);
-        assert_eq!(b.merge(n(1), &signed(vec![mac(1).0, mac(1).0]), &keys()).unwrap(), None);
-        let many: Vec<[u8; 6]> = (0..=MAX_PER_PEER as u32).map(|i| { let b = i.to_be_bytes(); [2, 0, b[0], b[1], b[2], b[3]] }).collect();
+        assert_eq!(b.merge(n(1), &signed(vec![(0, mac(2).0), (0, mac(1).0)]), &keys()).unwrap(), None);
+        assert_eq!(b.merge(n(1), &signed(vec![(0, mac(1).0), (0, mac(1).0)]), &keys()).unwrap(), None);
+        let many: Vec<(u32, [u8; 6])> = (0..=MAX_PER_PEER as u32).map(|i| { let b = i.to_be_bytes(); (0, [2, 0, b[0], b[1], b[2], b[3]]) }).collect();
         assert_eq!(b.merge(n(1), &signed(many), &keys()).unwrap(), None);
         let refused: BTreeMap<_, _> = b.refused().collect();
         assert_eq!((refused["malformed"], refused["too_many"]), (2, 1));
@@ -342,37 +372,54 @@ mod tests {
     #[test]
     fn a_contested_mac_belongs_to_nobody_and_a_newer_list_replaces_the_old() {
         let (mut a, mut c, mut b) = (chan(1), chan(3), chan(2));
-        b.merge(n(1), &a.set_own([mac(1), mac(2)], 10).unwrap(), &keys()).unwrap();
+        b.merge(n(1), &a.set_own([d(1), d(2)], 10).unwrap(), &keys()).unwrap();
         // Peer 3 claims peer 1's MAC 2 too: it goes to neither.
-        b.merge(n(3), &c.set_own([mac(2), mac(3)], 10).unwrap(), &keys()).unwrap();
+        b.merge(n(3), &c.set_own([(7, mac(2)), d(3)], 10).unwrap(), &keys()).unwrap();
         let owners = b.owners();
-        assert_eq!((owners.get(&mac(1)), owners.get(&mac(2)), owners.get(&mac(3))), (Some(&n(1)), None, Some(&n(3))));
+        assert_eq!((owners.get(&d(1)), owners.get(&d(2)), owners.get(&(7, mac(2))), owners.get(&d(3))), (Some(&n(1)), None, None, Some(&n(3))));
         assert_eq!(b.conflicts()[&mac(2)], vec![n(1), n(3)]);
         // A MAC of ours that a peer announces is not given to it either.
-        b.set_own([mac(3)], 10);
-        assert_eq!(b.owners().get(&mac(3)), None);
+        b.set_own([d(3)], 10);
+        assert_eq!(b.owners().get(&d(3)), None);
         // Peer 1 drops MAC 1; an old copy of its list arriving later changes nothing.
         let old = a.encode_full();
-        b.merge(n(1), &a.set_own([mac(2)], 11).unwrap(), &keys()).unwrap();
+        b.merge(n(1), &a.set_own([d(2)], 11).unwrap(), &keys()).unwrap();
         b.merge(n(1), &old, &keys()).unwrap();
-        assert_eq!(b.owners().get(&mac(1)), None);
+        assert_eq!(b.owners().get(&d(1)), None);
         assert_eq!(b.count(n(1)), 1);
         b.retain(|p| p != n(1));
         assert_eq!(b.count(n(1)), 0);
     }
 
     #[test]
+    fn a_peer_is_a_member_of_the_networks_it_announces_macs_on() {
+        let (mut a, mut c, mut b) = (chan(1), chan(3), chan(2));
+        b.merge(n(1), &a.set_own([d(1), (5, mac(2))], 10).unwrap(), &keys()).unwrap();
+        b.merge(n(3), &c.set_own([(5, mac(3)), (6, mac(4))], 10).unwrap(), &keys()).unwrap();
+        b.set_own([(6, mac(5))], 10);
+        let m = b.members();
+        let set = |p: &[u64]| p.iter().map(|i| n(*i)).collect::<BTreeSet<_>>();
+        assert_eq!((m[&0].clone(), m[&5].clone(), m[&6].clone()), (set(&[1]), set(&[1, 3]), set(&[2, 3])));
+        // Peer 1's last MAC on 5 goes: it leaves 5.
+        b.merge(n(1), &a.set_own([d(1)], 11).unwrap(), &keys()).unwrap();
+        assert_eq!(b.members()[&5], set(&[3]));
+        // The owner of a MAC is known per network: peer 3's MAC 3 is on 5, not on 6.
+        assert_eq!(b.owners().get(&(5, mac(3))), Some(&n(3)));
+        assert_eq!(b.owners().get(&(6, mac(3))), None);
+    }
+
+    #[test]
     fn a_restarted_peer_outranks_its_previous_life_even_with_a_clock_behind() {
         let mut old = chan(1);
-        let before = old.set_own([mac(1)], 1_000).unwrap();
+        let before = old.set_own([d(1)], 1_000).unwrap();
         let mut new = chan(1);
         // The new life hears of its old list first (from a neighbour).
         new.merge(n(2), &before, &keys()).unwrap();
-        let delta = new.set_own([mac(5)], 500).unwrap();
+        let delta = new.set_own([d(5)], 500).unwrap();
         let mut b = chan(2);
         b.merge(n(1), &before, &keys()).unwrap();
         b.merge(n(1), &delta, &keys()).unwrap();
-        assert_eq!(b.owners().get(&mac(5)), Some(&n(1)));
-        assert_eq!(b.owners().get(&mac(1)), None);
+        assert_eq!(b.owners().get(&d(5)), Some(&n(1)));
+        assert_eq!(b.owners().get(&d(1)), None);
     }
 }

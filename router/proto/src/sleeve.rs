@@ -59,6 +59,8 @@ pub const VNET_LEN: usize = 10;
 /// Record types.
 const REC_FRAME: u8 = 1;
 const REC_HEARTBEAT: u8 = 2;
+/// A frame of a named network: a frame record followed by the network's segment (u32).
+const REC_SEGMENT_FRAME: u8 = 3;
 /// Frame record flag: the frame goes to every peer.
 pub const FLAG_BROADCAST: u8 = 1;
 /// Hops a frame may take before it is dropped (guards against transient loops).
@@ -584,6 +586,8 @@ pub struct FrameMeta {
     pub ttl: u8,
     /// The virtio-net header that came with the frame (GSO and checksum offload metadata).
     pub vnet: [u8; VNET_LEN],
+    /// The network (L2 segment) the frame belongs to; 0 is the default network.
+    pub segment: u32,
 }
 
 impl FrameMeta {
@@ -609,13 +613,16 @@ pub struct MessageBuilder;
 impl MessageBuilder {
     /// Appends a frame record.
     pub fn push_frame(msg: &mut Vec<u8>, meta: &FrameMeta, frame: &[u8]) {
-        msg.push(REC_FRAME);
+        msg.push(if meta.segment == 0 { REC_FRAME } else { REC_SEGMENT_FRAME });
         msg.extend_from_slice(&meta.src.to_bytes());
         msg.extend_from_slice(&meta.dst.to_bytes());
         msg.push(meta.flags);
         msg.push(meta.ttl);
         msg.extend_from_slice(&meta.vnet);
         msg.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        if meta.segment != 0 {
+            msg.extend_from_slice(&meta.segment.to_be_bytes());
+        }
         msg.extend_from_slice(frame);
     }
 
@@ -624,9 +631,9 @@ impl MessageBuilder {
         msg.push(REC_HEARTBEAT);
     }
 
-    /// Bytes a frame record of `frame_len` takes.
-    pub fn frame_cost(frame_len: usize) -> usize {
-        1 + FRAME_RECORD_LEN + frame_len
+    /// Bytes the record of a frame of `frame_len` with `meta` takes.
+    pub fn frame_cost(meta: &FrameMeta, frame_len: usize) -> usize {
+        1 + FRAME_RECORD_LEN + if meta.segment == 0 { 0 } else { 4 } + frame_len
     }
 }
 
@@ -641,7 +648,7 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
                 rest = after;
                 Some(Ok(Record::Heartbeat))
             }
-            REC_FRAME if after.len() >= FRAME_RECORD_LEN => {
+            REC_FRAME | REC_SEGMENT_FRAME if after.len() >= FRAME_RECORD_LEN + if ty == REC_SEGMENT_FRAME { 4 } else { 0 } => {
                 let f = &after[..FRAME_RECORD_LEN];
                 let mut src = [0u8; 6];
                 src.copy_from_slice(&f[0..6]);
@@ -651,7 +658,12 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
                 vnet.copy_from_slice(&f[14..14 + VNET_LEN]);
                 let l = 14 + VNET_LEN;
                 let len = u32::from_be_bytes([f[l], f[l + 1], f[l + 2], f[l + 3]]) as usize;
-                let body = &after[FRAME_RECORD_LEN..];
+                let (segment, body) = if ty == REC_SEGMENT_FRAME {
+                    let s = &after[FRAME_RECORD_LEN..FRAME_RECORD_LEN + 4];
+                    (u32::from_be_bytes([s[0], s[1], s[2], s[3]]), &after[FRAME_RECORD_LEN + 4..])
+                } else {
+                    (0, &after[FRAME_RECORD_LEN..])
+                };
                 if body.len() < len {
                     rest = &[];
                     return Some(Err(SleeveError::BadRecord));
@@ -663,6 +675,7 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
                     flags: f[12],
                     ttl: f[13],
                     vnet,
+                    segment,
                 };
                 Some(Ok(Record::Frame(meta, &body[..len])))
             }
@@ -691,6 +704,7 @@ mod tests {
             flags: 0,
             ttl: INITIAL_TTL,
             vnet: [0; VNET_LEN],
+            segment: 0,
         }
     }
 
@@ -813,6 +827,26 @@ mod tests {
         let out = deliver(&mut o, &wire, seg).expect("open").expect("complete");
         let recs: Vec<_> = records(&out).collect();
         assert_eq!(recs, vec![Ok(Record::Frame(meta(), &b"hello"[..])), Ok(Record::Heartbeat)]);
+    }
+
+    #[test]
+    fn a_named_networks_frames_carry_their_segment_and_the_default_networks_do_not() {
+        let red = FrameMeta { segment: 0x00ab_cdef, ..meta() };
+        let mut msg = Vec::new();
+        MessageBuilder::push_frame(&mut msg, &meta(), b"default");
+        let plain_len = msg.len();
+        assert_eq!(plain_len, MessageBuilder::frame_cost(&meta(), 7));
+        MessageBuilder::push_frame(&mut msg, &red, b"red");
+        assert_eq!(msg.len() - plain_len, MessageBuilder::frame_cost(&red, 3));
+        assert_eq!(msg[plain_len], 3, "the record type of a segment frame");
+        let recs: Vec<_> = records(&msg).collect();
+        assert_eq!(recs, vec![Ok(Record::Frame(meta(), &b"default"[..])), Ok(Record::Frame(red, &b"red"[..]))]);
+        // Cut inside the segment field, or inside the frame after it: an error, never a frame.
+        for cut in [plain_len + 1 + FRAME_RECORD_LEN + 2, msg.len() - 1] {
+            let got: Vec<_> = records(&msg[..cut]).collect();
+            assert_eq!(got.last(), Some(&Err(SleeveError::BadRecord)), "cut at {cut}");
+            assert_eq!(got.len(), 2);
+        }
     }
 
     #[test]

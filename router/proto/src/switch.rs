@@ -783,8 +783,9 @@ pub struct Inbound {
     /// an older generation is announced again. O(1) however many entries.
     generation: u64,
     announce_every: Duration,
-    /// Which peer each source MAC may come from; `None` until [`Inbound::set_owners`].
-    owners: Option<Arc<HashMap<Mac, PeerName>>>,
+    /// Which peer each source MAC may come from, per segment; `None` until
+    /// [`Inbound::set_owners`].
+    owners: Option<Arc<HashMap<(u32, Mac), PeerName>>>,
 }
 
 impl Inbound {
@@ -803,7 +804,7 @@ impl Inbound {
     /// From now on, a frame is taken only when its source MAC belongs to its source peer in
     /// `owners` (the announced MACs, and each peer's bridge MAC); others are dropped as
     /// [`Reason::Unannounced`]. Until this is called, every source MAC is taken.
-    pub fn set_owners(&mut self, owners: Arc<HashMap<Mac, PeerName>>) {
+    pub fn set_owners(&mut self, owners: Arc<HashMap<(u32, Mac), PeerName>>) {
         self.owners = Some(owners);
     }
 
@@ -855,7 +856,7 @@ impl Inbound {
         if meta.src != link_peer && self.routes.next_hop(meta.src).is_none() {
             return Ingress::refused(Reason::UnknownSource);
         }
-        if self.owners.as_ref().is_some_and(|o| o.get(&src) != Some(&meta.src)) {
+        if self.owners.as_ref().is_some_and(|o| o.get(&(meta.segment, src)) != Some(&meta.src)) {
             return Ingress::refused(Reason::Unannounced);
         }
         let (generation, every) = (self.generation, self.announce_every);
@@ -994,7 +995,7 @@ mod tests {
     }
 
     /// A unicast frame from B for us.
-    const META: FrameMeta = FrameMeta { src: B, dst: A, flags: 0, ttl: INITIAL_TTL, vnet: [0; VNET_LEN] };
+    const META: FrameMeta = FrameMeta { src: B, dst: A, flags: 0, ttl: INITIAL_TTL, vnet: [0; VNET_LEN], segment: 0 };
     /// A broadcast from B.
     const BCAST: FrameMeta = FrameMeta { flags: FLAG_BROADCAST, dst: PeerName::from_u64(0), ..META };
 
@@ -1378,7 +1379,7 @@ mod tests {
         let t0 = Instant::now();
         let mut i = inbound(Limits::default());
         // C2 is B's, C3 is D's (behind B).
-        i.set_owners(Arc::new(HashMap::from([(Mac(C2), B), (Mac(C3), D)])));
+        i.set_owners(Arc::new(HashMap::from([((0, Mac(C2)), B), ((0, Mac(C3)), D), ((7, Mac(C1)), B)])));
         assert_eq!(i.handle_peer_frame(t0, B, &META, &ARP_REPLY), ingress(true, Relay::None, 0, Some((C2, B))));
         // B sends from C1, which nobody announced, or from D's C3 in its own name.
         assert_eq!(i.handle_peer_frame(t0, B, &META, &eth(C4, C1)), dropped(Reason::Unannounced));
@@ -1390,6 +1391,9 @@ mod tests {
         assert_eq!(i.handle_peer_frame(t0, B, &FrameMeta { src: D, ..BCAST }, &ARP_REQUEST), dropped(Reason::Unannounced));
         // Nothing refused was learned.
         assert_eq!(i.table().lookup(t0, Mac(C1)), None);
+        // B announced C1 on segment 7, not on the default network: taken only there.
+        assert!(i.handle_peer_frame(t0, B, &FrameMeta { segment: 7, ..META }, &eth(C4, C1)).dropped.is_none());
+        assert_eq!(i.handle_peer_frame(t0, B, &FrameMeta { segment: 7, ..META }, &ARP_REPLY), dropped(Reason::Unannounced));
     }
 
     #[test]

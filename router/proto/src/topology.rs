@@ -388,6 +388,18 @@ impl Topology {
 
     /// Computes unicast and broadcast routes for this peer.
     pub fn routes(&self) -> Routes {
+        self.routes_within(None)
+    }
+
+    /// Routes for one segment (a named network) whose hosts are `members`: unicast as
+    /// [`Topology::routes`], and each broadcast tree pruned to the branches that lead to a
+    /// member, so a broadcast reaches the members and no host beyond them (hosts in between
+    /// still pass it on).
+    pub fn routes_for(&self, members: &BTreeSet<PeerName>) -> Routes {
+        self.routes_within(Some(members))
+    }
+
+    fn routes_within(&self, members: Option<&BTreeSet<PeerName>>) -> Routes {
         let (names, adj) = self.confirmed_graph();
         let Some(me) = names.iter().position(|n| *n == self.me) else { return Routes { me: self.me, ..Routes::default() } };
         let tree = Self::bfs_tree(&adj, me);
@@ -406,8 +418,27 @@ impl Topology {
         let mut broadcast = BTreeMap::new();
         for src in (0..names.len()).filter(|s| tree[*s] != usize::MAX) {
             let t = Self::bfs_tree(&adj, src);
+            // Which peers have a member at or below them in the source's tree.
+            let leads: Option<Vec<bool>> = members.map(|m| {
+                let mut leads = vec![false; names.len()];
+                for (i, _) in names.iter().enumerate().filter(|(i, n)| m.contains(n) && t[*i] != usize::MAX) {
+                    let mut at = i;
+                    while !leads[at] {
+                        leads[at] = true;
+                        if t[at] == at {
+                            break;
+                        }
+                        at = t[at];
+                    }
+                }
+                leads
+            });
             // Our children in the source's tree, in name order.
-            let children: Vec<PeerName> = adj[me].iter().filter(|c| **c != src && t[**c] == me).map(|c| names[*c]).collect();
+            let children: Vec<PeerName> = adj[me]
+                .iter()
+                .filter(|c| **c != src && t[**c] == me && leads.as_ref().is_none_or(|l| l[**c]))
+                .map(|c| names[*c])
+                .collect();
             broadcast.insert(names[src], children);
         }
         Routes { me: self.me, unicast, broadcast }
@@ -591,6 +622,23 @@ mod tests {
         // Peer 2 passes 1's broadcasts on to 3 only.
         assert_eq!(line(2).routes().broadcast_hops(n(1)), &[n(3)]);
         assert!(line(4).routes().broadcast_hops(n(1)).is_empty());
+    }
+
+    #[test]
+    fn a_segments_broadcasts_reach_its_members_and_stop_there() {
+        let members = |m: &[u64]| m.iter().map(|i| n(*i)).collect::<BTreeSet<_>>();
+        // On the line 1-2-3-4, a segment of 1 and 2: 2 keeps 1's broadcasts (3 and 4 are not
+        // members); with 4 a member, 2 passes them on through 3, which is not one.
+        let r = line(2).routes_for(&members(&[1, 2]));
+        assert!(r.broadcast_hops(n(1)).is_empty());
+        assert_eq!(r.broadcast_hops(n(4)), &[n(1)]);
+        assert_eq!(line(2).routes_for(&members(&[1, 4])).broadcast_hops(n(1)), &[n(3)]);
+        assert_eq!(line(3).routes_for(&members(&[1, 4])).broadcast_hops(n(1)), &[n(4)]);
+        assert_eq!(line(1).routes_for(&members(&[1])).broadcast_hops(n(1)), &[] as &[PeerName]);
+        // Unicast is the mesh's.
+        assert_eq!(line(1).routes_for(&members(&[1])).unicast, line(1).routes().unicast);
+        // Every member is a member of the full routes.
+        assert_eq!(line(2).routes_for(&members(&[1, 2, 3, 4])), line(2).routes());
     }
 
     #[test]

@@ -16,6 +16,9 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 use weft_ipam::Allocation;
 use weft_proto::Mac;
+use weft_ipam::Want;
+
+use crate::control::networks;
 
 use super::containers::{host_address_in, undo_allocations};
 use super::error::{bad, ApiError, ApiResult};
@@ -91,14 +94,21 @@ async fn add(State(sh): State<Shared>, Json(req): Json<AddReq>) -> ApiResult {
     for n in &req.names {
         weft_dns::relative_name(n, &sh.dns.domain).map_err(bad)?;
     }
-    let want = want(sh.ipam_range, sh.ipam_default_subnet, req.subnet.as_deref(), None).map_err(bad)?;
+    // The CNI network is a weft network: `weft` the default one, others named, isolated.
+    let network = networks::of_cni(&req.at.network).map_err(|e| bad(format!("{e:#}")))?;
+    let (segment, bridge) = sh.networks.ensure(&network).await.map_err(|e| bad(format!("{e:#}")))?;
+    let want = match (&req.subnet, segment) {
+        (None, s) if s != 0 => Want::Any(networks::subnet(sh.ipam_range, s)),
+        _ => want(sh.ipam_range, sh.ipam_default_subnet, req.subnet.as_deref(), None).map_err(bad)?,
+    };
     let timeout = wait_time(req.timeout_seconds)?;
     let held = sh.control.lookup(id.clone()).await?;
     let a = sh.control.allocate(id.clone(), want, None, timeout).await?;
     let new = !held.iter().any(|h| h.addr == a.addr);
     let ip = Ipv4Addr::from(a.addr);
     let mut gateway = None;
-    if req.gateway || sh.dns.enabled {
+    // The host stays off named networks: no gateway there, and no DNS server.
+    if segment == 0 && (req.gateway || sh.dns.enabled) {
         match host_address_in(&sh, a.subnet).await {
             Ok(g) => gateway = Some(g),
             Err(e) => {
@@ -119,7 +129,7 @@ async fn add(State(sh): State<Shared>, Json(req): Json<AddReq>) -> ApiResult {
     }
     // The server listens on the bridge's addresses; on a fresh gateway address it may not be
     // up yet, but will be in a moment, so the gateway is the answer then.
-    let nameserver = match (sh.dns.enabled, &sh.dns.listen) {
+    let nameserver = match (sh.dns.enabled && segment == 0, &sh.dns.listen) {
         (false, _) => None,
         (true, Some(_)) => sh.dns_server.nameserver(),
         (true, None) => sh.dns_server.nameserver().or(gateway.map(IpAddr::V4)),
@@ -130,10 +140,10 @@ async fn add(State(sh): State<Shared>, Json(req): Json<AddReq>) -> ApiResult {
     Ok(Json(json!({
         "id": id, "new": new, "address": a.cidr(), "subnet": a.subnet.to_string(),
         "gateway": if req.gateway { gateway.map(|g| g.to_string()) } else { None },
-        "mtu": sh.mtu, "bridge": sh.bridge, "names": fqdns,
+        "mtu": sh.mtu, "bridge": bridge, "names": fqdns,
         "dns": dns_json(&sh, nameserver),
-        // The container end's MAC, already announced to the peers.
-        "mac": Mac(sh.guard.promise()).to_string(),
+        // The container end's MAC, already announced to the peers, on this network.
+        "mac": Mac(sh.guard.promise(segment)).to_string(), "segment": segment, "network": network,
     })))
 }
 
@@ -151,6 +161,10 @@ fn dns_json(sh: &Shared, nameserver: Option<IpAddr>) -> Value {
 async fn del(State(sh): State<Shared>, Json(at): Json<Attachment>) -> ApiResult {
     let id = at.id()?;
     let released = forget(&sh, vec![id]).await?;
+    // The plugin removed the port before this call: a named network may now be empty here.
+    if let Ok(network) = networks::of_cni(&at.network) {
+        sh.networks.release_if_empty(networks::segment_of(&network)).await;
+    }
     if !released.is_empty() {
         info!(container = %at.container_id, network = %at.network, ifname = %at.ifname, released = ?released, "CNI detachment");
     }
@@ -173,7 +187,9 @@ async fn check(State(sh): State<Shared>, Json(at): Json<Attachment>) -> ApiResul
     let held = sh.control.lookup(id.clone()).await?;
     let names: Vec<String> = sh.control.dns_own().await?.into_iter().filter(|r| r.id == id).map(|r| r.name).collect();
     let addresses: Vec<String> = held.iter().map(Allocation::cidr).collect();
-    Ok(Json(json!({ "id": id, "addresses": addresses, "names": names, "mtu": sh.mtu, "bridge": sh.bridge })))
+    let network = networks::of_cni(&at.network).unwrap_or_default();
+    let bridge = sh.networks.list().await.into_iter().find(|n| n.name == network).map_or(sh.bridge.clone(), |n| n.bridge);
+    Ok(Json(json!({ "id": id, "addresses": addresses, "names": names, "mtu": sh.mtu, "bridge": bridge })))
 }
 
 #[derive(Deserialize)]

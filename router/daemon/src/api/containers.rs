@@ -20,6 +20,7 @@ use super::error::{bad, internal, ApiError, ApiResult};
 use super::request::{blocking, wait_time};
 use super::state::Shared;
 use crate::host::netns::{is_netns_name, netns_path, netns_ref};
+use crate::control::networks;
 use crate::host::AttachOpts;
 use crate::host::resolv::{remove_resolv_conf, write_resolv_conf};
 use crate::services::ipam::{want, EXPOSE_ID};
@@ -61,6 +62,8 @@ struct AttachReq {
     timeout_seconds: Option<f64>,
     /// A DNS name for the container (`web` or `web.weft.local`).
     name: Option<String>,
+    /// The network to join; the default one when absent.
+    network: Option<String>,
 }
 
 fn default_ifname() -> String {
@@ -75,9 +78,10 @@ enum AddrSpec {
     Ipam(Want),
 }
 
-fn addr_specs(sh: &Shared, cidrs: &[String]) -> Result<Vec<AddrSpec>, ApiError> {
+fn addr_specs(sh: &Shared, cidrs: &[String], segment: u32) -> Result<Vec<AddrSpec>, ApiError> {
     if cidrs.is_empty() {
-        return Ok(vec![AddrSpec::Ipam(Want::Any(sh.ipam_default_subnet))]);
+        let subnet = if segment == 0 { sh.ipam_default_subnet } else { networks::subnet(sh.ipam_range, segment) };
+        return Ok(vec![AddrSpec::Ipam(Want::Any(subnet))]);
     }
     let want = |subnet: Option<&str>, addr: Option<&str>| {
         want(sh.ipam_range, sh.ipam_default_subnet, subnet, addr).map(AddrSpec::Ipam).map_err(bad)
@@ -98,7 +102,9 @@ fn addr_specs(sh: &Shared, cidrs: &[String]) -> Result<Vec<AddrSpec>, ApiError> 
 }
 
 async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResult {
-    let specs = addr_specs(&sh, &req.cidrs)?;
+    let network = req.network.clone().unwrap_or_else(|| networks::DEFAULT.to_owned());
+    networks::check_name(&network).map_err(|e| bad(format!("{e:#}")))?;
+    let specs = addr_specs(&sh, &req.cidrs, networks::segment_of(&network))?;
     if let Some(n) = &req.name {
         weft_dns::relative_name(n, &sh.dns.domain).map_err(bad)?;
     }
@@ -131,19 +137,28 @@ async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResu
         }
     }
     let mtu = req.mtu.unwrap_or(sh.mtu);
-    let opts = AttachOpts { addrs: &addrs, mtu, routes: &[], hairpin: false, mac: Some(sh.guard.promise()) };
-    let info = match sh.netdev.attach_netns_with(&sh.bridge, &path, &req.ifname, &opts).await {
-        Ok(i) => i,
+    let (segment, bridge) = match sh.networks.ensure(&network).await {
+        Ok(n) => n,
         Err(e) => {
             undo_allocations(&sh, &allocated).await;
             return Err(bad(format!("{e:#}")));
         }
     };
+    let opts = AttachOpts { addrs: &addrs, mtu, routes: &[], hairpin: false, mac: Some(sh.guard.promise(segment)), segment };
+    let info = match sh.netdev.attach_netns_with(&bridge, &path, &req.ifname, &opts).await {
+        Ok(i) => i,
+        Err(e) => {
+            undo_allocations(&sh, &allocated).await;
+            sh.networks.release_if_empty(segment).await;
+            return Err(bad(format!("{e:#}")));
+        }
+    };
     let shown: Vec<String> = addrs.iter().map(|(ip, p)| format!("{ip}/{p}")).collect();
-    info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?shown, container = %id, "attached");
+    info!(netns = %path.display(), ifname = %req.ifname, host_if = %info.host_ifname, addrs = ?shown, container = %id, %network, "attached");
     // DNS: the host needs an address on the bridge for containers to reach
-    // the server; the first container addressed by IPAM gives it one.
-    if sh.dns.enabled && sh.dns.listen.is_none() && any_ipam {
+    // the server; the first container addressed by IPAM gives it one. (Not on a named
+    // network: the host stays off those.)
+    if sh.dns.enabled && sh.dns.listen.is_none() && any_ipam && segment == 0 {
         if let Err(e) = host_address_in(&sh, sh.ipam_default_subnet).await {
             warn!(error = %format!("{e:#}"), "could not give the host an address for DNS");
         }
@@ -170,7 +185,7 @@ async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResu
     Ok(Json(json!({
         "netns": path.display().to_string(), "ifname": info.container_ifname, "host_ifname": info.host_ifname,
         "mac": Mac(info.container_mac).to_string(), "addresses": shown, "mtu": mtu, "id": id,
-        "name": fqdn, "nameserver": resolver,
+        "name": fqdn, "nameserver": resolver, "network": network,
     })))
 }
 
@@ -219,8 +234,19 @@ async fn detach(State(sh): State<Shared>, Json(req): Json<DetachReq>) -> ApiResu
     let path: PathBuf = netns_path(&req.netns);
     let p = path.clone();
     let inode = blocking(move || netns_ref(&p).ok().map(|n| n.inode)).await?;
+    // The port's network, read before the port goes.
+    let port = crate::host::host_ifname_for(&path, &req.ifname);
+    let mut segment = None;
+    for n in sh.networks.list().await {
+        if sh.netdev.bridge_ports(&n.bridge).await.is_ok_and(|p| p.contains(&port)) {
+            segment = Some(n.segment);
+        }
+    }
     let removed = sh.netdev.detach_netns(&path, &req.ifname).await.map_err(|e| bad(format!("{e:#}")))?;
     sh.guard.changed();
+    if let Some(s) = segment {
+        sh.networks.release_if_empty(s).await;
+    }
     if !removed {
         return Err(bad(format!("{} has no weft interface {} to detach", path.display(), req.ifname)));
     }
@@ -255,7 +281,7 @@ struct CidrReq {
 }
 
 async fn expose(State(sh): State<Shared>, Json(req): Json<CidrReq>) -> ApiResult {
-    let specs = addr_specs(&sh, req.cidr.as_slice())?;
+    let specs = addr_specs(&sh, req.cidr.as_slice(), 0)?;
     let timeout = wait_time(req.timeout_seconds)?;
     let mut new = None;
     let (ip, prefix) = match specs.into_iter().next() {

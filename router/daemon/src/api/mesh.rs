@@ -60,6 +60,14 @@ async fn revoke(State(sh): State<Shared>, Json(req): Json<Revoke>) -> ApiResult 
 pub async fn status(State(sh): State<Shared>) -> ApiResult {
     let mut v = sh.control.status().await?;
     v["attachments"] = json!(bridge_ports(&sh).await);
+    let mut nets = Vec::new();
+    for n in sh.networks.list().await {
+        let key = format!("{:06x}", n.segment);
+        let ports = sh.netdev.bridge_ports(&n.bridge).await.map_or(0, |p| p.iter().filter(|p| crate::host::guard::is_port_name(p)).count());
+        nets.push(json!({ "name": n.name, "segment": key, "bridge": n.bridge, "containers": ports,
+            "members": if n.segment == 0 { json!("every host") } else { v["macs"]["members"][&key].clone() } }));
+    }
+    v["networks"] = json!(nets);
     v["guard"] = match crate::host::guard::list().await {
         Ok(l) => json!({ "ports": l.ports, "unruled": l.unruled, "dropped": l.totals() }),
         Err(e) => json!({ "error": format!("{e:#}") }),

@@ -16,6 +16,8 @@ pub struct ApiState {
     pub control: ControlHandle,
     /// The port guard: MACs for new container ports.
     pub guard: Arc<crate::control::guard::Guard>,
+    /// Named networks on this host.
+    pub networks: Arc<crate::control::networks::Networks>,
     /// Kernel devices (attach, expose).
     pub netdev: Arc<NetDev>,
     /// The bridge.

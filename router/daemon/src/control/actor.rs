@@ -205,20 +205,32 @@ impl Actor {
         self.core.channel_mut::<Announcements>(announce::CHANNEL).map_or(0, |a| a.count(me))
     }
 
-    /// Gives the frame path and the fastpath the peer each source MAC may come from: the MACs
-    /// each peer announced, and each known peer's bridge MAC.
+    /// Gives the frame path and the fastpath the peer each source MAC may come from (the MACs
+    /// each peer announced, and each peer's bridge MAC on every network it is a member of, the
+    /// default one always), and the frame path each named network's routes: its broadcast trees
+    /// pruned to its members.
     fn publish_owners(&mut self) {
         let me = self.core.topology().me();
         let peers: Vec<weft_proto::PeerName> = self.core.topology().peers().map(|p| p.name).filter(|p| *p != me).collect();
         let Some(a) = self.core.channel_mut::<Announcements>(announce::CHANNEL) else { return };
         let _ = a.take_changed();
         let mut owners = a.owners();
-        for p in peers {
-            owners.insert(weft_proto::Mac(bridge_mac(p)), p);
+        let members = a.members();
+        for p in &peers {
+            owners.insert((0, weft_proto::Mac(bridge_mac(*p))), *p);
         }
-        let owners = Arc::new(owners);
-        self.frames.set_owners(owners.clone());
-        self.fastpath.set_announced(owners);
+        for (seg, m) in &members {
+            for p in m.iter().filter(|p| **p != me) {
+                owners.insert((*seg, weft_proto::Mac(bridge_mac(*p))), *p);
+            }
+        }
+        let fast: std::collections::HashMap<weft_proto::Mac, weft_proto::PeerName> =
+            owners.iter().filter(|((seg, _), _)| *seg == 0).map(|((_, mac), p)| (*mac, *p)).collect();
+        self.frames.set_owners(Arc::new(owners));
+        self.fastpath.set_announced(Arc::new(fast));
+        let topology = self.core.topology();
+        let routes = members.iter().filter(|(seg, _)| **seg != 0).map(|(seg, m)| (*seg, topology.routes_for(m))).collect();
+        self.frames.set_segment_routes(routes);
     }
 
     /// The `macs` block of the status: what we announce, what each peer does, conflicts and
@@ -235,7 +247,12 @@ impl Actor {
             .map(|(m, ps)| serde_json::json!({"mac": m.to_string(), "peers": ps.iter().map(ToString::to_string).collect::<Vec<_>>()}))
             .collect();
         let refused: serde_json::Map<String, serde_json::Value> = a.refused().map(|(l, n)| (l.to_string(), n.into())).collect();
-        serde_json::json!({ "own": a.count(me), "by_peer": by_peer, "conflicts": conflicts, "refused": refused })
+        let members: serde_json::Map<String, serde_json::Value> = a
+            .members()
+            .into_iter()
+            .map(|(seg, ps)| (format!("{seg:06x}"), ps.iter().map(ToString::to_string).collect::<Vec<_>>().into()))
+            .collect();
+        serde_json::json!({ "own": a.count(me), "by_peer": by_peer, "conflicts": conflicts, "refused": refused, "members": members })
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {

@@ -63,16 +63,17 @@ const PROMISE: Duration = Duration::from_secs(60);
 /// The handle the API uses: MACs about to be attached.
 #[derive(Debug)]
 pub struct Guard {
-    pending: Mutex<HashMap<[u8; 6], Instant>>,
+    /// MACs handed out, with their network and when.
+    pending: Mutex<HashMap<[u8; 6], (u32, Instant)>>,
     wake: Notify,
 }
 
 impl Guard {
-    /// A fresh MAC for a container port that is about to be made, announced at once (so peers
-    /// take the container's first frames).
-    pub fn promise(&self) -> [u8; 6] {
+    /// A fresh MAC for a container port on network `segment` that is about to be made,
+    /// announced at once (so peers take the container's first frames).
+    pub fn promise(&self, segment: u32) -> [u8; 6] {
         let mac = guard::random_mac();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, Instant::now());
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, (segment, Instant::now()));
         self.wake.notify_one();
         mac
     }
@@ -94,7 +95,7 @@ pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>, control: Control
     tokio::spawn(async move {
         let mut gone_once: BTreeSet<String> = BTreeSet::new();
         let mut last = BTreeMap::new();
-        let mut announced: Option<Vec<Mac>> = None;
+        let mut announced: Option<Vec<(u32, Mac)>> = None;
         let mut tick = tokio::time::interval(EVERY);
         loop {
             tokio::select! {
@@ -117,12 +118,13 @@ pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>, control: Control
 }
 
 impl Guard {
-    /// The guarded ports' MACs and the promised ones still young, sorted.
-    fn local_macs(&self, listing: &Listing) -> Vec<Mac> {
-        let mut macs: BTreeSet<Mac> = listing.ports.iter().filter_map(|p| p.mac.parse().ok()).collect();
+    /// The guarded ports' MACs and the promised ones still young, each with its network,
+    /// sorted.
+    fn local_macs(&self, listing: &Listing) -> Vec<(u32, Mac)> {
+        let mut macs: BTreeSet<(u32, Mac)> = listing.ports.iter().filter_map(|p| Some((p.segment, p.mac.parse().ok()?))).collect();
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.retain(|m, at| at.elapsed() < PROMISE && !macs.contains(&Mac(*m)));
-        macs.extend(pending.keys().map(|m| Mac(*m)));
+        pending.retain(|m, (_, at)| at.elapsed() < PROMISE && !macs.iter().any(|(_, x)| x.0 == *m));
+        macs.extend(pending.iter().map(|(m, (seg, _))| (*seg, Mac(*m))));
         macs.into_iter().collect()
     }
 }

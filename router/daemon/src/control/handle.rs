@@ -57,7 +57,7 @@ impl ControlHandle {
 
     /// Stops the router.
     /// The MACs of this host's container ports, to announce to the peers.
-    pub async fn local_macs(&self, macs: Vec<weft_proto::Mac>) -> Result<(), Stopping> {
+    pub async fn local_macs(&self, macs: Vec<(u32, weft_proto::Mac)>) -> Result<(), Stopping> {
         self.inputs.send(Input::LocalMacs(macs)).await.map_err(|_| Stopping)
     }
 

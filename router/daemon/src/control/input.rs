@@ -72,8 +72,9 @@ pub enum Input {
     Request(Request),
     /// Which namespaces of allocations are gone (checked off the control path).
     NetnsGone(Vec<NetnsRef>),
-    /// The MACs of this host's container ports now (from the port guard): what we announce.
-    LocalMacs(Vec<weft_proto::Mac>),
+    /// The MACs of this host's container ports now, each with its network's segment (from the
+    /// port guard): what we announce.
+    LocalMacs(Vec<(u32, weft_proto::Mac)>),
     /// Stop the router.
     Stop(&'static str),
 }

@@ -13,6 +13,7 @@ pub mod guard;
 pub mod handle;
 pub mod handshake;
 pub mod input;
+pub mod networks;
 pub mod records;
 pub mod rekey;
 pub mod stats;

@@ -29,7 +29,7 @@ impl Batch {
             sh.stats.drop(DropReason::Switch(Reason::NoRoute));
             return false;
         };
-        let cost = MessageBuilder::frame_cost(frame.len());
+        let cost = MessageBuilder::frame_cost(meta, frame.len());
         let i = match self.msgs.iter().position(|(l, _)| Arc::ptr_eq(l, link)) {
             Some(i) => i,
             None => {

@@ -78,9 +78,21 @@ pub struct Snapshot {
     pub links: HashMap<PeerName, Arc<Link>>,
     /// Links by our receive index (the sleeve header's receiver field).
     pub by_index: HashMap<u32, Arc<Link>>,
-    /// The peer each source MAC may come from (announced MACs and bridge MACs); empty until the
-    /// control path publishes it, so no peer's frame is taken before.
-    pub owners: Arc<HashMap<Mac, PeerName>>,
+    /// The peer each (segment, source MAC) may come from (announced MACs and bridge MACs);
+    /// empty until the control path publishes it, so no peer's frame is taken before.
+    pub owners: Arc<HashMap<(u32, Mac), PeerName>>,
+    /// Named networks (segments other than 0): this host's TAP on each it is a member of.
+    pub taps: Arc<HashMap<u32, NetworkTap>>,
+    /// Routes of each named network that has members anywhere (broadcast trees pruned to its
+    /// members); a host relays a network's frames even when it is not a member.
+    pub segment_routes: Arc<HashMap<u32, Routes>>,
+}
+
+/// A named network's TAP, with the MAC of its kernel side (whose chatter is ignored).
+#[derive(Clone)]
+pub struct NetworkTap {
+    pub tap: Arc<super::tap::Tap>,
+    pub mac: Mac,
 }
 
 /// A value one writer replaces now and then and readers on other threads pick up without

@@ -13,7 +13,7 @@ use weft_proto::sleeve::{Opener, Sealer};
 use weft_proto::switch::{Limits, Mac};
 use weft_proto::{PeerName, Routes};
 
-use super::links::{lock, IndexLease, Link, Published, Snapshot};
+use super::links::{lock, IndexLease, Link, NetworkTap, Published, Snapshot};
 use super::shared::Shared;
 use super::stats::Stats;
 use super::tap::Tap;
@@ -120,10 +120,28 @@ impl FramePath {
         self.sh.snapshot.update(|cur| Snapshot { routes, ..cur.clone() });
     }
 
-    /// Installs which peer each source MAC may come from: frames from peers with other source
-    /// MACs are dropped.
-    pub fn set_owners(&self, owners: Arc<HashMap<Mac, PeerName>>) {
+    /// Installs which peer each (segment, source MAC) may come from: frames from peers with
+    /// other source MACs are dropped.
+    pub fn set_owners(&self, owners: Arc<HashMap<(u32, Mac), PeerName>>) {
         self.sh.snapshot.update(|cur| Snapshot { owners, ..cur.clone() });
+    }
+
+    /// Installs the routes of every named network with members.
+    pub fn set_segment_routes(&self, routes: HashMap<u32, Routes>) {
+        let segment_routes = Arc::new(routes);
+        self.sh.snapshot.update(|cur| Snapshot { segment_routes, ..cur.clone() });
+    }
+
+    /// Adds (`Some`) or removes this host's TAP on named network `segment`.
+    pub fn set_network_tap(&self, segment: u32, tap: Option<NetworkTap>) {
+        self.sh.snapshot.update(|cur| {
+            let mut taps = (*cur.taps).clone();
+            match tap {
+                Some(t) => taps.insert(segment, t),
+                None => taps.remove(&segment),
+            };
+            Snapshot { taps: Arc::new(taps), ..cur.clone() }
+        });
     }
 
     /// Frames from each linked peer dropped for an unannounced source MAC.

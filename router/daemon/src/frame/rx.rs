@@ -6,6 +6,7 @@
 //! relay, or drop. What it learns about remote MACs goes to the TAP thread over a bounded queue;
 //! a full queue loses the announcement, which is repeated with the MAC's next frame.
 
+use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -29,11 +30,10 @@ const RECV_ROUNDS: usize = 8;
 const POLL_MS: i32 = 500;
 
 /// Runs the UDP thread until the stop flag is set.
-pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
+pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
     let mut view = sh.snapshot.reader();
-    let mut inbound = Inbound::new(sh.me, sh.limits);
-    inbound.set_routes(view.get().routes.clone());
-    inbound.set_owners(view.get().owners.clone());
+    let mut inbound = Inbounds { main: Inbound::new(sh.me, sh.limits), nets: HashMap::new() };
+    inbound.refresh(&sh, view.get());
     let mut moves = sh.moves_to_local.load(Relaxed);
     let n_bufs = quinn_udp::BATCH_SIZE.clamp(1, 16);
     let buf_len = (sh.udp.gro_segments().max(1) * sh.udp.max_datagram().max(1500)).max(65536);
@@ -44,17 +44,19 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
     while !rx.sh.stop.load(Relaxed) {
         let readable = wait_fd(rx.sh.udp.raw_fd(), libc::POLLIN, POLL_MS);
         if view.refresh(&rx.sh.snapshot) {
-            inbound.set_routes(view.get().routes.clone());
-            inbound.set_owners(view.get().owners.clone());
+            inbound.refresh(rx.sh, view.get());
         }
         let m = rx.sh.moves_to_local.load(Relaxed);
         if m != moves {
             moves = m;
-            inbound.remote_moved_to_local();
+            inbound.main.remote_moved_to_local();
         }
         let now = Instant::now();
         // Does nothing until the next sweep is due.
-        inbound.handle_timeout(now);
+        inbound.main.handle_timeout(now);
+        for i in inbound.nets.values_mut() {
+            i.handle_timeout(now);
+        }
         if !readable {
             continue;
         }
@@ -85,14 +87,42 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(Mac, PeerName)>) {
     }
 }
 
+/// The receive side of the switch for the default network and for each named network with
+/// members (whose frames this host delivers, when it is a member, or relays).
+struct Inbounds {
+    main: Inbound,
+    nets: HashMap<u32, Inbound>,
+}
+
+impl Inbounds {
+    fn refresh(&mut self, sh: &Shared, snap: &Snapshot) {
+        self.main.set_routes(snap.routes.clone());
+        self.main.set_owners(snap.owners.clone());
+        self.nets.retain(|seg, _| snap.segment_routes.contains_key(seg));
+        for (seg, routes) in snap.segment_routes.iter() {
+            let i = self.nets.entry(*seg).or_insert_with(|| Inbound::new(sh.me, sh.limits));
+            i.set_routes(routes.clone());
+            i.set_owners(snap.owners.clone());
+        }
+    }
+
+    fn get(&mut self, segment: u32) -> Option<&mut Inbound> {
+        if segment == 0 {
+            Some(&mut self.main)
+        } else {
+            self.nets.get_mut(&segment)
+        }
+    }
+}
+
 struct Rx<'a> {
     sh: &'a Shared,
-    learned: &'a SyncSender<(Mac, PeerName)>,
+    learned: &'a SyncSender<(u32, Mac, PeerName)>,
     batch: &'a mut Batch,
 }
 
 impl Rx<'_> {
-    fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
+    fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbounds, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
         let opened = {
@@ -113,8 +143,12 @@ impl Rx<'_> {
         Ok(())
     }
 
-    fn frame(&mut self, snap: &Snapshot, inbound: &mut Inbound, now: Instant, link: &Arc<Link>, meta: FrameMeta, frame: &[u8]) {
+    fn frame(&mut self, snap: &Snapshot, inbounds: &mut Inbounds, now: Instant, link: &Arc<Link>, meta: FrameMeta, frame: &[u8]) {
         let sh = self.sh;
+        let Some(inbound) = inbounds.get(meta.segment) else {
+            sh.stats.drop(DropReason::UnknownSegment);
+            return;
+        };
         let d = inbound.handle_peer_frame(now, link.peer, &meta, frame);
         if let Some(r) = d.dropped {
             sh.stats.drop(DropReason::Switch(r));
@@ -124,11 +158,13 @@ impl Rx<'_> {
             }
         }
         let announce = d.announce;
-        if d.deliver {
+        // A named network's frames go to its TAP; a host that only relays them has none.
+        let tap = if meta.segment == 0 { Some(&sh.tap) } else { snap.taps.get(&meta.segment).map(|t| &*t.tap) };
+        if let (true, Some(tap)) = (d.deliver, tap) {
             // The peer's offload metadata goes to our kernel only as checked against the frame
             // and rebuilt; relays pass it on as it came (the next hop checks it).
             match weft_proto::vnet::check(&meta.vnet, frame) {
-                Ok(vnet) => match sh.tap.write(&vnet, frame) {
+                Ok(vnet) => match tap.write(&vnet, frame) {
                     Ok(()) => {
                         sh.stats.frames_in.fetch_add(1, Relaxed);
                         sh.stats.bytes_in.fetch_add(frame.len() as u64, Relaxed);
@@ -162,10 +198,10 @@ impl Rx<'_> {
         }
         // After the relays: the decision borrows `inbound`.
         if let Some((mac, peer)) = announce {
-            if let Some(hook) = sh.learn_hook.get() {
+            if let (0, Some(hook)) = (meta.segment, sh.learn_hook.get()) {
                 hook(mac, peer);
             }
-            match self.learned.try_send((mac, peer)) {
+            match self.learned.try_send((meta.segment, mac, peer)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     sh.stats.announce_lost.fetch_add(1, Relaxed);

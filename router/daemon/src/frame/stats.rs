@@ -19,10 +19,12 @@ pub enum DropReason {
     TapWrite,
     /// Sending on the UDP socket failed.
     UdpSend,
+    /// A peer's frame of a named network this host has no routes for.
+    UnknownSegment,
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 26] = [
+pub const DROP_LABELS: [&str; 27] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -48,6 +50,8 @@ pub const DROP_LABELS: [&str; 26] = [
     "looped",
     "local_destination",
     "unannounced",
+    // named networks
+    "unknown_segment",
     // frames from peers
     "vnet_header",
     // I/O
@@ -64,6 +68,7 @@ impl DropReason {
             DropReason::VnetHeader => "vnet_header",
             DropReason::TapWrite => "tap_write",
             DropReason::UdpSend => "udp_send",
+            DropReason::UnknownSegment => "unknown_segment",
         }
     }
 
@@ -130,7 +135,7 @@ mod tests {
     fn every_reason_has_its_own_counter() {
         let mut reasons: Vec<DropReason> = Reason::ALL.iter().map(|r| DropReason::Switch(*r)).collect();
         reasons.extend(SleeveError::ALL.iter().map(|e| DropReason::Sleeve(*e)));
-        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend]);
+        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend, DropReason::UnknownSegment]);
         for r in &reasons {
             assert!(DROP_LABELS.contains(&r.label()), "{r:?} has no counter");
         }

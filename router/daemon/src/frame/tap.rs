@@ -143,6 +143,15 @@ impl Tap {
     }
 }
 
+/// Waits up to `timeout_ms` for input on any of `fds`; returns which are readable (all false on
+/// a time-out).
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> Vec<bool> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: a valid array of pollfds of the given length.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    p.iter().map(|p| r > 0 && p.revents != 0).collect()
+}
+
 /// Waits up to `timeout_ms` for `events` on `fd`. Returns whether it is ready.
 pub fn wait_fd(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd { fd, events, revents: 0 };

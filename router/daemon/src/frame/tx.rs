@@ -7,6 +7,7 @@
 //! that hop's message; flush the messages. It also sends the sleeve heartbeats, once a second, so
 //! no other thread ever waits on the socket.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -14,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use weft_proto::sleeve::{FrameMeta, FLAG_BROADCAST, INITIAL_TTL, VNET_LEN};
 use weft_proto::switch::{Egress, Mac, Owner, Reason, Switch};
-use weft_proto::PeerName;
+use weft_proto::{PeerName, Routes};
 
 use super::batch::Batch;
 use super::shared::Shared;
 use super::stats::DropReason;
-use super::tap::wait_fd;
+use super::tap::{wait_readable, Tap};
 
 /// Frames read from the TAP before the batches are flushed.
 const READ_BATCH: usize = 64;
@@ -30,12 +31,14 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Longest poll(2) wait, so the stop flag is noticed.
 const POLL_MS: i32 = 500;
 
-/// Runs the TAP thread until the stop flag is set. `learned` carries (MAC, peer) pairs from the
-/// UDP thread.
-pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
+/// Runs the TAP thread until the stop flag is set. `learned` carries (segment, MAC, peer)
+/// triples from the UDP thread.
+pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
     let mut view = sh.snapshot.reader();
     let mut switch = Switch::new(sh.me, sh.tap_mac, sh.limits);
     switch.set_routes(view.get().routes.clone());
+    // One switch per named network this host is a member of.
+    let mut nets: HashMap<u32, Switch> = HashMap::new();
     let mut buf = vec![0u8; 65536 + VNET_LEN + 256];
     let mut batch = Batch::default();
     let mut next_heartbeat = Instant::now();
@@ -43,29 +46,50 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
     while !sh.stop.load(Relaxed) {
         let now = Instant::now();
         let wait = next_heartbeat.saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
-        let readable = wait_fd(sh.tap.raw_fd(), libc::POLLIN, wait.max(1));
+        // The default network's TAP first, then the named networks' in segment order.
+        let mut taps: Vec<(u32, Arc<Tap>)> = view.get().taps.iter().map(|(s, t)| (*s, t.tap.clone())).collect();
+        taps.sort_by_key(|(s, _)| *s);
+        let mut fds = vec![sh.tap.raw_fd()];
+        fds.extend(taps.iter().map(|(_, t)| t.raw_fd()));
+        let ready = wait_readable(&fds, wait.max(1));
         if view.refresh(&sh.snapshot) {
-            let purged = switch.set_routes(view.get().routes.clone());
+            let snap = view.get();
+            let purged = switch.set_routes(snap.routes.clone());
             if purged > 0 {
                 tracing::debug!(purged, "forgot the MACs of peers no longer reachable");
             }
+            nets.retain(|seg, _| snap.taps.contains_key(seg));
+            for (seg, t) in snap.taps.iter() {
+                let routes = snap.segment_routes.get(seg).cloned().unwrap_or_else(|| Routes { me: sh.me, ..Routes::default() });
+                nets.entry(*seg).or_insert_with(|| Switch::new(sh.me, t.mac, sh.limits)).set_routes(routes);
+            }
         }
         let now = Instant::now();
-        for (mac, peer) in learned.try_iter().take(LEARN_BATCH) {
-            if let Err(r) = switch.handle_learned(now, mac, peer) {
+        for (seg, mac, peer) in learned.try_iter().take(LEARN_BATCH) {
+            let sw = if seg == 0 { Some(&mut switch) } else { nets.get_mut(&seg) };
+            if let Some(Err(r)) = sw.map(|sw| sw.handle_learned(now, mac, peer)) {
                 sh.stats.drop(DropReason::Switch(r));
             }
         }
-        if readable {
+        if ready.iter().any(|r| *r) {
             let snap = view.get();
-            for _ in 0..READ_BATCH {
-                match sh.tap.read(&mut buf) {
-                    Ok(Some(n)) => handle_frame(&sh, &mut switch, snap, now, &buf[..n], &mut batch),
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "reading the TAP failed");
-                        std::thread::sleep(Duration::from_millis(100));
-                        break;
+            for (i, _) in ready.iter().enumerate().filter(|(_, r)| **r) {
+                let (seg, tap, sw) = if i == 0 {
+                    (0, &sh.tap, &mut switch)
+                } else {
+                    let (seg, tap) = &taps[i - 1];
+                    let Some(sw) = nets.get_mut(seg) else { continue };
+                    (*seg, &**tap, sw)
+                };
+                for _ in 0..READ_BATCH {
+                    match tap.read(&mut buf) {
+                        Ok(Some(n)) => handle_frame(&sh, sw, snap, now, &buf[..n], &mut batch, seg),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, tap = tap.name(), "reading the TAP failed");
+                            std::thread::sleep(Duration::from_millis(100));
+                            break;
+                        }
                     }
                 }
             }
@@ -83,6 +107,9 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
             }
             // Once a second too: the sweep when due, and the table's gauges.
             switch.handle_timeout(now);
+            for sw in nets.values_mut() {
+                sw.handle_timeout(now);
+            }
             let local = switch.table().count(Owner::Local) as u64;
             sh.stats.macs_local.store(local, Relaxed);
             sh.stats.macs_remote.store((switch.table().len() as u64).saturating_sub(local), Relaxed);
@@ -90,7 +117,7 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(Mac, PeerName)>) {
     }
 }
 
-fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot, now: Instant, pkt: &[u8], batch: &mut Batch) {
+fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot, now: Instant, pkt: &[u8], batch: &mut Batch, segment: u32) {
     if pkt.len() < VNET_LEN {
         sh.stats.drop(DropReason::Switch(Reason::Runt));
         return;
@@ -99,7 +126,7 @@ fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot,
     vnet.copy_from_slice(&pkt[..VNET_LEN]);
     let frame = &pkt[VNET_LEN..];
     let me = sh.me;
-    let meta = |dst: PeerName, flags| FrameMeta { src: me, dst, flags, ttl: INITIAL_TTL, vnet };
+    let meta = |dst: PeerName, flags| FrameMeta { src: me, dst, flags, ttl: INITIAL_TTL, vnet, segment };
     let moves = switch.moves_to_local();
     let egress = switch.handle_local_frame(now, frame);
     let sent = match egress {
@@ -121,8 +148,9 @@ fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot,
             false
         }
     };
-    // The source MAC was a peer's and is here now: the fastpath must stop sending it there.
-    if switch.moves_to_local() != moves {
+    // The source MAC was a peer's and is here now: the fastpath (default network only) must
+    // stop sending it there.
+    if segment == 0 && switch.moves_to_local() != moves {
         if let (Some(hook), Some(src)) = (sh.learn_hook.get(), frame.get(6..12)) {
             let mut m = [0u8; 6];
             m.copy_from_slice(src);

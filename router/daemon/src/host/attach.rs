@@ -49,6 +49,9 @@ pub struct AttachOpts<'a> {
     pub hairpin: bool,
     /// The container end's MAC; a random one when `None`.
     pub mac: Option<[u8; 6]>,
+    /// The network (segment) the bridge carries, 0 for the default one: recorded with the
+    /// port's guard, so the router announces the MAC on that network.
+    pub segment: u32,
 }
 
 /// State of an interface inside a namespace, see [`NetDev::netns_link_state`].
@@ -82,7 +85,7 @@ impl NetDev {
         addrs: &[(IpAddr, u8)],
         mtu: u32,
     ) -> Result<AttachInfo> {
-        let opts = AttachOpts { addrs, mtu, routes: &[], hairpin: false, mac: None };
+        let opts = AttachOpts { addrs, mtu, routes: &[], hairpin: false, mac: None, segment: 0 };
         self.attach_netns_with(bridge, netns_path, ifname, &opts).await
     }
 
@@ -147,7 +150,7 @@ impl NetDev {
         // The guard first: it matches the port by name, so the port never carries a frame
         // unchecked.
         let mac = opts.mac.unwrap_or_else(guard::random_mac);
-        let rules = guard::Port::new(&host_ifname, mac, addrs, &format!("{ns_name} {ifname}"));
+        let rules = guard::Port::new(&host_ifname, mac, addrs, &format!("{ns_name} {ifname}"), opts.segment);
         guard::install(&rules)
             .await
             .with_context(|| format!("cannot attach network namespace {ns_name} as {ifname}"))?;

@@ -50,6 +50,8 @@ pub struct Port {
     pub v6: Vec<Ipv6Addr>,
     /// What the port is for people: the namespace and interface.
     pub label: String,
+    /// The network (segment) the port is on, 0 for the default one.
+    pub segment: u32,
 }
 
 /// A port as the table shows it, with its drops.
@@ -57,6 +59,8 @@ pub struct Port {
 pub struct PortStatus {
     pub port: String,
     pub label: String,
+    /// The network (segment) of the port.
+    pub segment: u32,
     pub mac: String,
     pub addresses: Vec<String>,
     /// Frames dropped, by reason (every reason present).
@@ -125,7 +129,7 @@ fn comment_text(s: &str) -> String {
 
 impl Port {
     /// The rules for a port carrying `mac` and the addresses `addrs`.
-    pub fn new(port: &str, mac: [u8; 6], addrs: &[(IpAddr, u8)], label: &str) -> Port {
+    pub fn new(port: &str, mac: [u8; 6], addrs: &[(IpAddr, u8)], label: &str, segment: u32) -> Port {
         let mut v4 = Vec::new();
         let mut v6 = vec![link_local(mac)];
         for &(a, _) in addrs {
@@ -135,7 +139,7 @@ impl Port {
                 _ => {}
             }
         }
-        Port { port: port.to_owned(), mac, v4, v6, label: comment_text(label) }
+        Port { port: port.to_owned(), mac, v4, v6, label: comment_text(label), segment }
     }
 
     /// The script that adds the port's sets, counters and chain and puts it in the map, the
@@ -146,7 +150,8 @@ impl Port {
         let t = format!("bridge {TABLE}");
         let mut s = base_script();
         let list = |items: Vec<String>| if items.is_empty() { String::new() } else { format!(" elements = {{ {} }} ;", items.join(", ")) };
-        let _ = writeln!(s, "add set {t} {p}_mac {{ type ether_addr; comment \"{}\";{} }}", self.label, list(vec![mac_text(self.mac)]));
+        // The comment holds the segment, then the label.
+        let _ = writeln!(s, "add set {t} {p}_mac {{ type ether_addr; comment \"{} {}\";{} }}", self.segment, self.label, list(vec![mac_text(self.mac)]));
         let _ = writeln!(s, "add set {t} {p}_v4 {{ type ipv4_addr;{} }}", list(self.v4.iter().map(ToString::to_string).collect()));
         let _ = writeln!(s, "add set {t} {p}_v6 {{ type ipv6_addr;{} }}", list(self.v6.iter().map(ToString::to_string).collect()));
         let _ = writeln!(s, "add set {t} {p}_nd {{ typeof @th,64,128;{} }}", list(self.v6.iter().map(|a| nd_key(*a)).collect()));
@@ -180,8 +185,9 @@ impl Port {
     }
 }
 
-/// The table, its map of ports, and the base chain: each weft port to its chain, and weft ports
-/// without one dropped. Idempotent.
+/// The table, its map of ports, and the base chain: frames from other ports (the TAP, the
+/// fastpath's VXLAN device, uplinks) pass at the cost of one name compare, each weft port's
+/// frames go to its chain, and weft ports without one are dropped. Idempotent.
 pub fn base_script() -> String {
     let t = format!("bridge {TABLE}");
     format!(
@@ -190,8 +196,9 @@ pub fn base_script() -> String {
          add counter {t} unruled\n\
          add chain {t} pre {{ type filter hook prerouting priority -200; policy accept; }}\n\
          flush chain {t} pre\n\
+         add rule {t} pre iifname != \"{PORT_PREFIX}*\" accept\n\
          add rule {t} pre iifname vmap @ports\n\
-         add rule {t} pre iifname \"{PORT_PREFIX}*\" counter name unruled drop\n"
+         add rule {t} pre counter name unruled drop\n"
     )
 }
 
@@ -277,7 +284,10 @@ pub fn parse_listing(json: &str) -> Result<Listing> {
             match kind {
                 "mac" => {
                     e.mac = strings(set).into_iter().next().unwrap_or_default();
-                    e.label = set["comment"].as_str().unwrap_or_default().to_owned();
+                    let comment = set["comment"].as_str().unwrap_or_default();
+                    let (segment, label) = comment.split_once(' ').unwrap_or((comment, ""));
+                    e.segment = segment.parse().unwrap_or(0);
+                    e.label = label.to_owned();
                 }
                 "v4" | "v6" => e.addresses.extend(strings(set)),
                 _ => {}
@@ -341,13 +351,13 @@ mod tests {
     #[test]
     fn the_script_pins_the_mac_and_addresses_and_ends_in_a_drop() {
         let addrs = [(IpAddr::from([10, 32, 0, 5]), 12), ("fd00::5".parse().unwrap(), 64)];
-        let p = Port::new("vw00000000aa", [2, 0, 0, 0, 0, 0xaa], &addrs, "/run/netns/c \"x\" ethwe");
+        let p = Port::new("vw00000000aa", [2, 0, 0, 0, 0, 0xaa], &addrs, "/run/netns/c \"x\" ethwe", 0);
         assert_eq!(p.v4, vec![Ipv4Addr::new(10, 32, 0, 5)]);
         assert_eq!(p.v6, vec![link_local([2, 0, 0, 0, 0, 0xaa]), "fd00::5".parse::<Ipv6Addr>().unwrap()]);
         assert_eq!(p.label, "/run/netns/c x ethwe", "quotes cannot end the comment");
         let s = p.add_script();
         assert!(s.starts_with(&base_script()));
-        assert!(s.contains("add set bridge weft_guard vw00000000aa_mac { type ether_addr; comment \"/run/netns/c x ethwe\"; elements = { 02:00:00:00:00:aa } ; }"));
+        assert!(s.contains("add set bridge weft_guard vw00000000aa_mac { type ether_addr; comment \"0 /run/netns/c x ethwe\"; elements = { 02:00:00:00:00:aa } ; }"));
         assert!(s.contains("vw00000000aa_v4 { type ipv4_addr; elements = { 10.32.0.5 } ; }"));
         assert!(s.contains("0xfd000000000000000000000000000005"));
         let rules: Vec<&str> = s.lines().filter(|l| l.starts_with("add rule bridge weft_guard p_vw00000000aa")).collect();
@@ -364,7 +374,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_only_port_gets_an_empty_ipv4_set() {
-        let p = Port::new("vw00000000ab", [2, 0, 0, 0, 0, 0xab], &[], "");
+        let p = Port::new("vw00000000ab", [2, 0, 0, 0, 0, 0xab], &[], "", 7);
         assert!(p.add_script().contains("vw00000000ab_v4 { type ipv4_addr; }"));
     }
 
@@ -372,7 +382,7 @@ mod tests {
     fn the_listing_is_read_from_nft_json() {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
           {"table": {"family": "bridge", "name": "weft_guard", "handle": 1}},
-          {"set": {"family": "bridge", "name": "vw00000000aa_mac", "table": "weft_guard", "type": "ether_addr", "comment": "/run/netns/c ethwe", "elem": ["02:00:00:00:00:aa"]}},
+          {"set": {"family": "bridge", "name": "vw00000000aa_mac", "table": "weft_guard", "type": "ether_addr", "comment": "7 /run/netns/c ethwe", "elem": ["02:00:00:00:00:aa"]}},
           {"set": {"family": "bridge", "name": "vw00000000aa_v4", "table": "weft_guard", "type": "ipv4_addr", "elem": ["10.32.0.5"]}},
           {"set": {"family": "bridge", "name": "vw00000000aa_nd", "table": "weft_guard", "type": "integer", "elem": ["0xfe80"]}},
           {"set": {"family": "bridge", "name": "ports", "table": "weft_guard"}},
@@ -383,7 +393,7 @@ mod tests {
         assert_eq!(l.unruled, 3);
         assert_eq!(l.ports.len(), 1);
         let p = &l.ports[0];
-        assert_eq!((p.port.as_str(), p.mac.as_str(), p.label.as_str()), ("vw00000000aa", "02:00:00:00:00:aa", "/run/netns/c ethwe"));
+        assert_eq!((p.port.as_str(), p.mac.as_str(), p.label.as_str(), p.segment), ("vw00000000aa", "02:00:00:00:00:aa", "/run/netns/c ethwe", 7));
         assert_eq!(p.addresses, vec!["10.32.0.5".to_string()]);
         assert_eq!(p.dropped["arp"], 7);
         assert_eq!(p.dropped["mac"], 0);
