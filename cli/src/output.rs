@@ -173,7 +173,7 @@ fn guard_drops(dropped: &Value, unruled: u64) -> String {
 
 /// `weft status networks`: the networks on this host, and the hosts on each.
 fn networks(out: &mut impl Write, v: &Value) -> Result<()> {
-    writeln!(out, "Networks on this host (each its own L2 segment; named ones use the sleeve):")?;
+    writeln!(out, "Networks on this host (each its own L2 segment, on the sleeve and the fastpath):")?;
     let empty = Vec::new();
     for n in v["networks"].as_array().unwrap_or(&empty) {
         let members = match &n["members"] {

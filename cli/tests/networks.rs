@@ -94,6 +94,23 @@ fn red_and_blue_never_meet(test: &str, password: Option<&str>) {
     let human = String::from_utf8_lossy(&lab.weft(0, &["status", "networks"]).expect("status").stdout).to_string();
     assert!(human.contains("red") && human.contains("blue") && human.contains("weft"), "{human}");
 
+    // Without a password, red's unicast between hosts 0 and 1 takes red's own VXLAN device.
+    let vx = format!("{}-vx", red["bridge"].as_str().unwrap_or(""));
+    let tx = |lab: &Lab| -> Option<u64> {
+        let o = lab.exec(&lab.host(0).ns, &["ip", "-s", "-j", "link", "show", "dev", &vx]).ok()?;
+        let v: Value = serde_json::from_slice(&o.stdout).ok()?;
+        v[0]["stats64"]["tx"]["packets"].as_u64()
+    };
+    if password.is_none() {
+        let before = tx(&lab).unwrap_or_else(|| panic!("no device {vx} on host 0"));
+        let out = lab.exec(&red1.ns, &["ping", "-c", "20", "-i", "0.05", "-W", "1", "10.60.0.2"]).expect("ping");
+        assert!(out.status.success(), "red1 lost red2");
+        let sent = tx(&lab).unwrap_or(0) - before;
+        assert!(sent >= 15, "red's pings did not take its VXLAN device ({vx} sent {sent})");
+    } else {
+        assert!(tx(&lab).is_none(), "an encrypted mesh without trusted subnets made {vx}");
+    }
+
     // red2 leaves: host 1 leaves red, and host 0 stops counting it as a member.
     let out = lab.weft(1, &["detach", &red2.ns]).expect("detach");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -232,7 +232,7 @@ impl Start {
         let control = ControlHandle::new(inputs_tx.clone());
         let guard = crate::control::guard::start(netdev.clone(), stats.guard.clone(), control.clone()).await;
         let networks = Arc::new(crate::control::networks::Networks::new(
-            id_name, netdev.clone(), frames.clone(), &opts.bridge, opts.mtu, offload, &opts.state_dir,
+            id_name, netdev.clone(), frames.clone(), fastpath.clone(), &opts.bridge, opts.mtu, offload, &opts.state_dir,
         ));
         networks.restore().await;
         let api = Arc::new(ApiState {

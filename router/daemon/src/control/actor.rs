@@ -224,10 +224,9 @@ impl Actor {
                 owners.insert((*seg, weft_proto::Mac(bridge_mac(*p))), *p);
             }
         }
-        let fast: std::collections::HashMap<weft_proto::Mac, weft_proto::PeerName> =
-            owners.iter().filter(|((seg, _), _)| *seg == 0).map(|((_, mac), p)| (*mac, *p)).collect();
-        self.frames.set_owners(Arc::new(owners));
-        self.fastpath.set_announced(Arc::new(fast));
+        let owners = Arc::new(owners);
+        self.frames.set_owners(owners.clone());
+        self.fastpath.set_announced(owners);
         let topology = self.core.topology();
         let routes = members.iter().filter(|(seg, _)| **seg != 0).map(|(seg, m)| (*seg, topology.routes_for(m))).collect();
         self.frames.set_segment_routes(routes);

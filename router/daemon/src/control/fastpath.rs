@@ -133,9 +133,17 @@ enum Cmd {
     Deactivate { peer: PeerName, generation: u64 },
     /// The connection is gone.
     Close { peer: PeerName, generation: u64 },
-    /// The MACs each peer announced (its bridge MAC included): the source filter lets a peer's
-    /// datagrams in only with those inner source MACs.
-    Announced(Arc<HashMap<Mac, PeerName>>),
+    /// The MACs each peer announced on each network (its bridge MAC included): the source
+    /// filter lets a peer's datagrams in only with those inner source MACs, on that VNI.
+    Announced(Arc<HashMap<(u32, Mac), PeerName>>),
+    /// Named network `segment` got a VXLAN device (`Some(index)`) or lost it.
+    Network { segment: u32, vx: Option<u32> },
+}
+
+/// The VXLAN VNI of a network: the default network's is [`proto::VNI`], a named one's its
+/// segment.
+pub fn vni_of(segment: u32) -> u32 {
+    if segment == 0 { proto::VNI } else { segment }
 }
 
 /// See the module docs. Made once at start; [`Fastpath::stop`] removes the device.
@@ -144,7 +152,7 @@ pub struct Fastpath {
     device: std::result::Result<Device, String>,
     netdev: Arc<NetDev>,
     cmds: mpsc::UnboundedSender<Cmd>,
-    learned: mpsc::Sender<(Mac, PeerName)>,
+    learned: mpsc::Sender<(u32, Mac, PeerName)>,
     beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
     generations: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -193,7 +201,7 @@ impl Fastpath {
         if let Ok(d) = &device {
             let p = Programmer {
                 netdev: netdev.clone(),
-                vx: d.index,
+                devices: HashMap::from([(0, d.index)]),
                 name: d.name.clone(),
                 peers: HashMap::new(),
                 owners: HashMap::new(),
@@ -244,20 +252,48 @@ impl Fastpath {
         Ok(FastpathForwarder { fp: self.clone(), peer, generation, beat, ever_active: false })
     }
 
-    /// A hook for the frame path: `(mac, owner)` for each MAC it learns or sees move here.
-    pub fn learn_hook(self: &Arc<Self>) -> Box<dyn Fn(Mac, PeerName) + Send + Sync> {
+    /// A hook for the frame path: `(segment, mac, owner)` for each MAC it learns or sees move
+    /// here.
+    pub fn learn_hook(self: &Arc<Self>) -> Box<dyn Fn(u32, Mac, PeerName) + Send + Sync> {
         let learned = self.learned.clone();
         let stats = self.stats.clone();
         let on = self.device.is_ok();
-        Box::new(move |mac, owner| {
-            if on && learned.try_send((mac, owner)).is_err() {
+        Box::new(move |segment, mac, owner| {
+            if on && learned.try_send((segment, mac, owner)).is_err() {
                 stats.learn_lost.fetch_add(1, Relaxed);
             }
         })
     }
 
-    /// The MACs each peer announced, for the source filter.
-    pub fn set_announced(&self, owners: Arc<HashMap<Mac, PeerName>>) {
+    /// Gives named network `segment` (on `bridge`, beside its TAP `tap`) its own VXLAN device,
+    /// VNI = the segment, on the fastpath's port. Without a fastpath, or when the device cannot
+    /// be made, the network's frames take the sleeve (logged).
+    pub async fn add_network(&self, segment: u32, bridge: &str, tap: &str) {
+        if self.device.is_err() || segment == 0 {
+            return;
+        }
+        if segment == proto::VNI {
+            warn!(segment = %format!("{segment:06x}"), "this network's segment is the default network's VNI: it takes the sleeve");
+            return;
+        }
+        let name = vxlan_name(bridge);
+        match self.netdev.make_vxlan(&name, segment, self.settings.port, bridge, tap).await {
+            Ok(index) => self.send(Cmd::Network { segment, vx: Some(index) }),
+            Err(e) => warn!(device = %name, error = %format!("{e:#}"), "no fastpath for this network: its frames take the sleeve"),
+        }
+    }
+
+    /// Takes named network `segment`'s VXLAN device away (its entries go with it).
+    pub async fn remove_network(&self, segment: u32, bridge: &str) {
+        if self.device.is_err() || segment == 0 {
+            return;
+        }
+        self.send(Cmd::Network { segment, vx: None });
+        let _ = self.netdev.delete_link(&vxlan_name(bridge)).await;
+    }
+
+    /// The MACs each peer announced on each network, for the source filter.
+    pub fn set_announced(&self, owners: Arc<HashMap<(u32, Mac), PeerName>>) {
         if self.device.is_ok() {
             self.send(Cmd::Announced(owners));
         }
@@ -574,9 +610,10 @@ struct SourceFilter {
     table: String,
 }
 
-/// The inner source MAC's place in a VXLAN datagram, in bits from the UDP header: 8 bytes of
-/// UDP, 8 of VXLAN, 6 of destination MAC.
-const INNER_SOURCE: &str = "@th,176,48";
+/// The VNI and the inner source MAC's places in a VXLAN datagram, in bits from the UDP header:
+/// 8 bytes of UDP and 4 of VXLAN flags before the VNI; 8 of VXLAN and 6 of destination MAC
+/// before the source MAC.
+const INNER_SOURCE: &str = "@th,96,24 . @th,176,48";
 
 impl SourceFilter {
     /// Makes (or remakes) the table for UDP `port`; `Err` says why there is no filter.
@@ -603,14 +640,15 @@ impl SourceFilter {
         nft::run(&format!("{verb} element ip {} peers {{ {ip} }}", self.table)).await.map_err(anyhow::Error::msg)
     }
 
-    /// Lets (`yes`) or stops letting frames from `mac` in from `ip`, in one transaction.
-    async fn macs(&self, changes: &[(Ipv4Addr, Mac, bool)]) -> Result<()> {
+    /// Lets (`yes`) or stops letting frames from `mac` on VNI `vni` in from `ip`, in one
+    /// transaction.
+    async fn macs(&self, changes: &[(Ipv4Addr, u32, Mac, bool)]) -> Result<()> {
         let mut script = String::new();
-        for (ip, mac, yes) in changes {
+        for (ip, vni, mac, yes) in changes {
             let verb = if *yes { "add" } else { "delete" };
             let m = mac.0;
             script.push_str(&format!(
-                "{verb} element ip {} macs {{ {ip} . 0x{:02x}{:02x}{:02x}{:02x}{:02x}{:02x} }}\n",
+                "{verb} element ip {} macs {{ {ip} . 0x{vni:06x} . 0x{:02x}{:02x}{:02x}{:02x}{:02x}{:02x} }}\n",
                 self.table, m[0], m[1], m[2], m[3], m[4], m[5]
             ));
         }
@@ -655,29 +693,31 @@ struct PeerState {
     ip: IpAddr,
     port: u16,
     active: bool,
-    /// MACs with entries now.
-    programmed: BTreeSet<Mac>,
+    /// (segment, MAC)s with entries now.
+    programmed: BTreeSet<(u32, Mac)>,
 }
 
 /// The task that owns the forwarding entries. Everything goes through it in order, so entries
 /// never outlive the decision that made them.
 struct Programmer {
     netdev: Arc<NetDev>,
-    vx: u32,
+    /// The VXLAN device of each network with one: the default network's (0), and named ones'.
+    devices: HashMap<u32, u32>,
+    /// The default network's device, for its counters.
     name: String,
     peers: HashMap<PeerName, PeerState>,
-    /// The peer each remote MAC was last seen at.
-    owners: HashMap<Mac, PeerName>,
+    /// The peer each remote (segment, MAC) was last seen at.
+    owners: HashMap<(u32, Mac), PeerName>,
     stats: Arc<FastpathStats>,
     filter: Option<Arc<SourceFilter>>,
-    /// Which peer announced each MAC.
-    announced: Arc<HashMap<Mac, PeerName>>,
-    /// What the source filter lets in now: (peer address, MAC).
-    allowed: BTreeSet<(Ipv4Addr, Mac)>,
+    /// Which peer announced each (segment, MAC).
+    announced: Arc<HashMap<(u32, Mac), PeerName>>,
+    /// What the source filter lets in now: (peer address, VNI, MAC).
+    allowed: BTreeSet<(Ipv4Addr, u32, Mac)>,
 }
 
 impl Programmer {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut learned: mpsc::Receiver<(Mac, PeerName)>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, mut learned: mpsc::Receiver<(u32, Mac, PeerName)>) {
         let mut sweep = tokio::time::interval(SWEEP);
         let mut counters = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -688,7 +728,7 @@ impl Programmer {
                     Some(c) => self.handle(c).await,
                     None => break,
                 },
-                Some((mac, owner)) = learned.recv() => self.learned(mac, owner).await,
+                Some((segment, mac, owner)) = learned.recv() => self.learned(segment, mac, owner).await,
                 _ = sweep.tick() => self.sweep().await,
                 _ = counters.tick() => {
                     if let Ok(Some(c)) = self.netdev.counters(&self.name).await {
@@ -716,12 +756,12 @@ impl Programmer {
                     let r = f.allow(ip, true).await;
                     self.ok(r);
                 }
-                self.ok(self.netdev.vxlan_fdb_add(self.vx, bridge_mac(peer), ip, port).await);
+                self.ok(self.netdev.vxlan_fdb_add(self.devices[&0], bridge_mac(peer), ip, port).await);
             }
             Cmd::Activate { peer, generation } => {
                 let Some(st) = self.peers.get_mut(&peer).filter(|s| s.generation == generation) else { return };
                 st.active = true;
-                let macs: Vec<Mac> = self.owners.iter().filter(|(_, o)| **o == peer).map(|(m, _)| *m).collect();
+                let macs: Vec<(u32, Mac)> = self.owners.iter().filter(|(_, o)| **o == peer).map(|(m, _)| *m).collect();
                 for m in macs {
                     self.program(peer, m).await;
                 }
@@ -729,7 +769,7 @@ impl Programmer {
             Cmd::Deactivate { peer, generation } => {
                 let Some(st) = self.peers.get_mut(&peer).filter(|s| s.generation == generation) else { return };
                 st.active = false;
-                let macs: Vec<Mac> = std::mem::take(&mut st.programmed).into_iter().collect();
+                let macs: Vec<(u32, Mac)> = std::mem::take(&mut st.programmed).into_iter().collect();
                 for m in macs {
                     self.unprogram(peer, m).await;
                 }
@@ -742,6 +782,30 @@ impl Programmer {
                 }
             }
             Cmd::Announced(owners) => self.announced = owners,
+            Cmd::Network { segment, vx: Some(index) } => {
+                self.devices.insert(segment, index);
+                // Active peers' MACs on it get their entries now.
+                let macs: Vec<((u32, Mac), PeerName)> = self
+                    .owners
+                    .iter()
+                    .filter(|((s, _), p)| *s == segment && self.peers.get(p).is_some_and(|st| st.active))
+                    .map(|(m, p)| (*m, *p))
+                    .collect();
+                for (m, p) in macs {
+                    self.program(p, m).await;
+                }
+            }
+            Cmd::Network { segment, vx: None } => {
+                // The device goes, and its entries with it: forget them.
+                self.devices.remove(&segment);
+                for st in self.peers.values_mut() {
+                    let before = st.programmed.len();
+                    st.programmed.retain(|(s, _)| *s != segment);
+                    let gone = (before - st.programmed.len()) as u64;
+                    let _ = self.stats.entries.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(gone)));
+                }
+                self.owners.retain(|(s, _), _| *s != segment);
+            }
         }
         self.sync_filter().await;
     }
@@ -750,16 +814,17 @@ impl Programmer {
     /// the announcements: one transaction for all the changes.
     async fn sync_filter(&mut self) {
         let Some(f) = self.filter.clone() else { return };
-        let want: BTreeSet<(Ipv4Addr, Mac)> = self
+        let want: BTreeSet<(Ipv4Addr, u32, Mac)> = self
             .announced
             .iter()
-            .filter_map(|(mac, peer)| match self.peers.get(peer)?.ip.to_canonical() {
-                IpAddr::V4(ip) => Some((ip, *mac)),
+            .filter(|((seg, _), _)| self.devices.contains_key(seg))
+            .filter_map(|((seg, mac), peer)| match self.peers.get(peer)?.ip.to_canonical() {
+                IpAddr::V4(ip) => Some((ip, vni_of(*seg), *mac)),
                 IpAddr::V6(_) => None,
             })
             .collect();
-        let mut changes: Vec<(Ipv4Addr, Mac, bool)> = want.difference(&self.allowed).map(|(ip, m)| (*ip, *m, true)).collect();
-        changes.extend(self.allowed.difference(&want).map(|(ip, m)| (*ip, *m, false)));
+        let mut changes: Vec<(Ipv4Addr, u32, Mac, bool)> = want.difference(&self.allowed).map(|(ip, v, m)| (*ip, *v, *m, true)).collect();
+        changes.extend(self.allowed.difference(&want).map(|(ip, v, m)| (*ip, *v, *m, false)));
         if changes.is_empty() {
             return;
         }
@@ -770,7 +835,8 @@ impl Programmer {
         self.ok(r);
     }
 
-    async fn learned(&mut self, mac: Mac, owner: PeerName) {
+    async fn learned(&mut self, segment: u32, mac: Mac, owner: PeerName) {
+        let mac = (segment, mac);
         let before = self.owners.get(&mac).copied();
         if before == Some(owner) {
             return;
@@ -791,9 +857,11 @@ impl Programmer {
         }
     }
 
-    async fn program(&mut self, peer: PeerName, mac: Mac) {
+    async fn program(&mut self, peer: PeerName, (segment, mac): (u32, Mac)) {
+        // A network without a device of its own here keeps its frames on the sleeve.
+        let Some(&vx) = self.devices.get(&segment) else { return };
         let Some(st) = self.peers.get_mut(&peer) else { return };
-        if st.programmed.contains(&mac) {
+        if st.programmed.contains(&(segment, mac)) {
             return;
         }
         if st.programmed.len() >= MAX_PER_PEER {
@@ -801,26 +869,27 @@ impl Programmer {
             return;
         }
         let (ip, port) = (st.ip, st.port);
-        st.programmed.insert(mac);
+        st.programmed.insert((segment, mac));
         // The device's entry first: the bridge's then sends into a tunnel that knows the way.
-        let a = self.netdev.vxlan_fdb_add(self.vx, mac.0, ip, port).await;
+        let a = self.netdev.vxlan_fdb_add(vx, mac.0, ip, port).await;
         let ok = a.is_ok();
         self.ok(a);
         if ok {
-            let b = self.netdev.bridge_fdb_add(self.vx, mac.0).await;
+            let b = self.netdev.bridge_fdb_add(vx, mac.0).await;
             self.ok(b);
         }
         self.stats.entries.fetch_add(1, Relaxed);
     }
 
-    async fn unprogram(&mut self, peer: PeerName, mac: Mac) {
+    async fn unprogram(&mut self, peer: PeerName, (segment, mac): (u32, Mac)) {
+        let Some(&vx) = self.devices.get(&segment) else { return };
         // The bridge's entry first: from then on it sends the MAC to the TAP (or floods), never
         // into the tunnel.
-        let b = self.netdev.bridge_fdb_del(self.vx, mac.0).await;
+        let b = self.netdev.bridge_fdb_del(vx, mac.0).await;
         self.ok(b.map(|_| ()));
-        // The peer's bridge MAC keeps its device entry while the connection probes.
-        if mac.0 != bridge_mac(peer) || !self.peers.contains_key(&peer) {
-            let a = self.netdev.vxlan_fdb_del(self.vx, mac.0).await;
+        // The peer's bridge MAC keeps its default device entry while the connection probes.
+        if segment != 0 || mac.0 != bridge_mac(peer) || !self.peers.contains_key(&peer) {
+            let a = self.netdev.vxlan_fdb_del(vx, mac.0).await;
             self.ok(a.map(|_| ()));
         }
         let _ = self.stats.entries.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
@@ -830,7 +899,7 @@ impl Programmer {
         for m in &st.programmed {
             self.unprogram(peer, *m).await;
         }
-        let a = self.netdev.vxlan_fdb_del(self.vx, bridge_mac(peer)).await;
+        let a = self.netdev.vxlan_fdb_del(self.devices[&0], bridge_mac(peer)).await;
         self.ok(a.map(|_| ()));
         // Another live connection may share the address (two routers behind one NAT, later).
         if let Some(f) = &self.filter {
@@ -843,22 +912,25 @@ impl Programmer {
     /// Removes entries the kernel has not used for [`IDLE`] (containers that went away), and
     /// forgets owners of MACs no peer has.
     async fn sweep(&mut self) {
-        let idle = match self.netdev.bridge_fdb_idle(self.vx).await {
-            Ok(v) => v,
-            Err(e) => {
-                debug!(error = %format!("{e:#}"), "listing the fastpath's entries failed");
-                return;
-            }
-        };
-        for (mac, for_) in idle {
-            if for_ < IDLE {
-                continue;
-            }
-            let mac = Mac(mac);
-            let Some(owner) = self.owners.remove(&mac) else { continue };
-            if self.peers.get_mut(&owner).is_some_and(|s| s.programmed.remove(&mac)) {
-                debug!(%mac, peer = %owner, "removing an idle fastpath entry");
-                self.unprogram(owner, mac).await;
+        let devices: Vec<(u32, u32)> = self.devices.iter().map(|(s, v)| (*s, *v)).collect();
+        for (segment, vx) in devices {
+            let idle = match self.netdev.bridge_fdb_idle(vx).await {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), "listing the fastpath's entries failed");
+                    continue;
+                }
+            };
+            for (mac, for_) in idle {
+                if for_ < IDLE {
+                    continue;
+                }
+                let mac = (segment, Mac(mac));
+                let Some(owner) = self.owners.remove(&mac) else { continue };
+                if self.peers.get_mut(&owner).is_some_and(|s| s.programmed.remove(&mac)) {
+                    debug!(mac = %mac.1, segment, peer = %owner, "removing an idle fastpath entry");
+                    self.unprogram(owner, mac).await;
+                }
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Named networks on this host. Each is its own L2 segment: a bridge (`wn` + six hex digits of
-//! its segment) with a TAP the frame path reads, made when the network's first container is
-//! attached here and removed after its last one leaves. The default network (`weft`, segment
-//! 0) is the router's own bridge and is always there.
+//! its segment) with a TAP the frame path reads and, when there is a fastpath, a VXLAN device
+//! whose VNI is the segment, made when the network's first container is attached here and
+//! removed after its last one leaves. The default network (`weft`, segment 0) is the router's
+//! own bridge and is always there.
 //!
 //! A network's segment is a hash of its name, the same on every host, so nothing has to be
 //! agreed; two names with one segment cannot both be used on a host (the second is refused,
@@ -20,11 +21,13 @@ use tracing::{info, warn};
 use weft_proto::switch::Mac;
 use weft_proto::PeerName;
 
+use super::fastpath::Fastpath;
 use crate::frame::links::NetworkTap;
 use crate::frame::plane::FramePath;
 use crate::frame::tap::{tap_name, Tap, TAP_MTU};
 use crate::host::links::{bridge_mac, hw_addr};
 use crate::host::sysctl::disable_ipv6;
+use crate::host::vxlan::vxlan_name;
 use crate::host::NetDev;
 
 /// The default network's name.
@@ -97,6 +100,7 @@ pub struct Networks {
     me: PeerName,
     netdev: Arc<NetDev>,
     frames: Arc<FramePath>,
+    fastpath: Arc<Fastpath>,
     default_bridge: String,
     mtu: u32,
     offload: bool,
@@ -108,11 +112,22 @@ pub struct Networks {
 
 impl Networks {
     /// The manager; [`Networks::restore`] takes up the networks a previous run left.
-    pub fn new(me: PeerName, netdev: Arc<NetDev>, frames: Arc<FramePath>, default_bridge: &str, mtu: u32, offload: bool, state_dir: &std::path::Path) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: PeerName,
+        netdev: Arc<NetDev>,
+        frames: Arc<FramePath>,
+        fastpath: Arc<Fastpath>,
+        default_bridge: &str,
+        mtu: u32,
+        offload: bool,
+        state_dir: &std::path::Path,
+    ) -> Self {
         Networks {
             me,
             netdev,
             frames,
+            fastpath,
             default_bridge: default_bridge.to_owned(),
             mtu,
             offload,
@@ -180,6 +195,8 @@ impl Networks {
         self.netdev.enslave(&tap, bridge).await?;
         let mac = Mac(hw_addr(&tap)?);
         self.frames.set_network_tap(segment, Some(NetworkTap { tap: Arc::new(t), mac }));
+        // Its own VXLAN device beside the TAP, when there is a fastpath.
+        self.fastpath.add_network(segment, bridge, &tap).await;
         Ok(())
     }
 
@@ -190,12 +207,14 @@ impl Networks {
         }
         let mut nets = self.nets.lock().await;
         let Some(n) = nets.get(&segment).cloned() else { return };
-        let tap = tap_name(&n.bridge);
+        let (tap, vx) = (tap_name(&n.bridge), vxlan_name(&n.bridge));
+        // Empty: nothing on the bridge but the devices weft put there.
         match self.netdev.bridge_ports(&n.bridge).await {
-            Ok(ports) if ports.iter().all(|p| *p == tap) => {}
+            Ok(ports) if ports.iter().all(|p| *p == tap || *p == vx) => {}
             _ => return,
         }
         self.frames.set_network_tap(segment, None);
+        self.fastpath.remove_network(segment, &n.bridge).await;
         let _ = self.netdev.delete_link(&tap).await;
         if let Err(e) = self.netdev.delete_link(&n.bridge).await {
             warn!(network = %n.name, error = %format!("{e:#}"), "could not remove the network's bridge");

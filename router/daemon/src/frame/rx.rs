@@ -198,8 +198,8 @@ impl Rx<'_> {
         }
         // After the relays: the decision borrows `inbound`.
         if let Some((mac, peer)) = announce {
-            if let (0, Some(hook)) = (meta.segment, sh.learn_hook.get()) {
-                hook(mac, peer);
+            if let Some(hook) = sh.learn_hook.get() {
+                hook(meta.segment, mac, peer);
             }
             match self.learned.try_send((meta.segment, mac, peer)) {
                 Ok(()) => {}

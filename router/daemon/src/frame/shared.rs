@@ -36,13 +36,13 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// The frame path's start, the epoch of links' heartbeat times.
     pub epoch: Instant,
-    /// Told `(mac, owner)` for every MAC the UDP thread learns from a peer and every MAC the
-    /// TAP thread sees move here (owner: us); the fastpath programs its entries from it.
+    /// Told `(segment, mac, owner)` for every MAC the UDP thread learns from a peer and every
+    /// MAC the TAP thread sees move here (owner: us); the fastpath programs its entries from it.
     pub learn_hook: OnceLock<LearnHook>,
 }
 
 /// See [`Shared::learn_hook`].
-pub type LearnHook = Box<dyn Fn(Mac, PeerName) + Send + Sync>;
+pub type LearnHook = Box<dyn Fn(u32, Mac, PeerName) + Send + Sync>;
 
 impl Shared {
     /// Seals and sends one message on `link`, using `wire` as scratch space.

@@ -148,13 +148,12 @@ fn handle_frame(sh: &Shared, switch: &mut Switch, snap: &super::links::Snapshot,
             false
         }
     };
-    // The source MAC was a peer's and is here now: the fastpath (default network only) must
-    // stop sending it there.
-    if segment == 0 && switch.moves_to_local() != moves {
+    // The source MAC was a peer's and is here now: the fastpath must stop sending it there.
+    if switch.moves_to_local() != moves {
         if let (Some(hook), Some(src)) = (sh.learn_hook.get(), frame.get(6..12)) {
             let mut m = [0u8; 6];
             m.copy_from_slice(src);
-            hook(Mac(m), me);
+            hook(segment, Mac(m), me);
         }
     }
     if sent {
