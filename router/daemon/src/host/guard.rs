@@ -159,14 +159,22 @@ impl Port {
             let _ = writeln!(s, "add counter {t} {p}_{r}");
         }
         let c = format!("{t} p_{p}");
+        // The common case first and as plain compares (a container has one MAC and, nearly
+        // always, one IPv4 address): a TCP segment from its own address takes four compares.
+        let mac = mac_text(self.mac);
+        let v4 = match self.v4.as_slice() {
+            [one] => one.to_string(),
+            _ => format!("@{p}_v4"),
+        };
         let rules = [
-            format!("ether saddr != @{p}_mac counter name {p}_mac drop"),
-            format!("ether type arp arp saddr ether != @{p}_mac counter name {p}_arp drop"),
-            format!("ether type arp arp saddr ip != @{p}_v4 arp saddr ip != 0.0.0.0 counter name {p}_arp drop"),
-            "ether type arp accept".into(),
-            format!("ether type ip ip saddr != @{p}_v4 counter name {p}_ip4 drop"),
+            format!("ether saddr != {mac} counter name {p}_mac drop"),
+            format!("ether type ip ip saddr != {v4} counter name {p}_ip4 drop"),
+            "ether type ip meta l4proto != udp accept".into(),
             format!("ether type ip udp sport 67 counter name {p}_dhcp drop"),
             "ether type ip accept".into(),
+            format!("ether type arp arp saddr ether != {mac} counter name {p}_arp drop"),
+            format!("ether type arp arp saddr ip != @{p}_v4 arp saddr ip != 0.0.0.0 counter name {p}_arp drop"),
+            "ether type arp accept".into(),
             format!("ether type ip6 ip6 saddr :: icmpv6 type nd-neighbor-solicit @th,64,128 @{p}_nd accept"),
             "ether type ip6 ip6 saddr :: icmpv6 type mld2-listener-report accept".into(),
             format!("ether type ip6 ip6 saddr != @{p}_v6 counter name {p}_ip6 drop"),
@@ -361,7 +369,8 @@ mod tests {
         assert!(s.contains("vw00000000aa_v4 { type ipv4_addr; elements = { 10.32.0.5 } ; }"));
         assert!(s.contains("0xfd000000000000000000000000000005"));
         let rules: Vec<&str> = s.lines().filter(|l| l.starts_with("add rule bridge weft_guard p_vw00000000aa")).collect();
-        assert!(rules[0].ends_with("ether saddr != @vw00000000aa_mac counter name vw00000000aa_mac drop"));
+        assert!(rules[0].ends_with("ether saddr != 02:00:00:00:00:aa counter name vw00000000aa_mac drop"));
+        assert!(rules[1].ends_with("ether type ip ip saddr != 10.32.0.5 counter name vw00000000aa_ip4 drop"), "one address: a plain compare");
         assert!(rules.last().unwrap().ends_with("counter name vw00000000aa_proto drop"), "a whitelist: everything else drops");
         // The map entry comes last, after the chain it jumps to.
         assert!(s.trim_end().ends_with("add element bridge weft_guard ports { \"vw00000000aa\" : jump p_vw00000000aa }"));
@@ -376,6 +385,7 @@ mod tests {
     fn an_ipv6_only_port_gets_an_empty_ipv4_set() {
         let p = Port::new("vw00000000ab", [2, 0, 0, 0, 0, 0xab], &[], "", 7);
         assert!(p.add_script().contains("vw00000000ab_v4 { type ipv4_addr; }"));
+        assert!(p.add_script().contains("ip saddr != @vw00000000ab_v4 counter"), "no address or several: the set");
     }
 
     #[test]
