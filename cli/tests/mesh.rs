@@ -125,7 +125,10 @@ fn container_traffic_never_crosses_the_underlay_in_plaintext() {
         send_udp(&a, "10.50.0.2", 9999, MARKER, 20);
         std::thread::sleep(Duration::from_millis(300));
         let frames = cap.finish();
-        assert!(!udp_payloads(&frames, 6783).is_empty(), "the capture saw no sleeve traffic");
+        // Without a password the marker takes the fastpath (UDP 6784), and the sleeve carries
+        // only heartbeats, one a second: either port shows the capture works.
+        let seen = udp_payloads(&frames, 6783).len() + udp_payloads(&frames, 6784).len();
+        assert!(seen > 0, "the capture saw no traffic between the hosts");
         assert_eq!(contains(&frames, MARKER), expect_marker, "password={password:?}: marker visible on the underlay");
     }
 }

@@ -122,6 +122,10 @@ fn red_and_blue_never_meet(test: &str, password: Option<&str>) {
     );
     // Blue is untouched.
     assert!(ping_until(&lab, &blue1, "10.60.0.2", &[], UP), "blue1 lost blue2");
+    // A router that stops takes every VXLAN device it made with it (its source filter goes too).
+    lab.kill_router(0, libc::SIGTERM).expect("stop");
+    let o = lab.exec(&lab.host(0).ns, &["ip", "-o", "link", "show", "type", "vxlan"]).expect("ip link");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "", "VXLAN devices left after the router stopped");
 }
 
 #[test]

@@ -156,6 +156,9 @@ pub struct Fastpath {
     beats: Arc<Mutex<HashMap<PeerName, Arc<Mutex<Beat>>>>>,
     generations: AtomicU64,
     stop: Arc<AtomicBool>,
+    /// Named networks' VXLAN devices, by segment: removed with the default one at stop, so
+    /// nothing accepts VXLAN once the router (and its source filter) is gone.
+    named: Mutex<BTreeMap<u32, String>>,
     /// Counters.
     pub stats: Arc<FastpathStats>,
 }
@@ -212,7 +215,7 @@ impl Fastpath {
             };
             tokio::spawn(p.run(rx, learned_rx));
         }
-        Arc::new(Fastpath { settings, device, netdev, cmds, learned, beats, generations: AtomicU64::new(1), stop, stats })
+        Arc::new(Fastpath { settings, device, netdev, cmds, learned, beats, generations: AtomicU64::new(1), stop, named: Mutex::new(BTreeMap::new()), stats })
     }
 
     /// What we say to a new connection's peer at `peer_ip` about the fastpath towards it.
@@ -278,7 +281,10 @@ impl Fastpath {
         }
         let name = vxlan_name(bridge);
         match self.netdev.make_vxlan(&name, segment, self.settings.port, bridge, tap).await {
-            Ok(index) => self.send(Cmd::Network { segment, vx: Some(index) }),
+            Ok(index) => {
+                lock(&self.named).insert(segment, name);
+                self.send(Cmd::Network { segment, vx: Some(index) });
+            }
             Err(e) => warn!(device = %name, error = %format!("{e:#}"), "no fastpath for this network: its frames take the sleeve"),
         }
     }
@@ -289,6 +295,7 @@ impl Fastpath {
             return;
         }
         self.send(Cmd::Network { segment, vx: None });
+        lock(&self.named).remove(&segment);
         let _ = self.netdev.delete_link(&vxlan_name(bridge)).await;
     }
 
@@ -331,9 +338,13 @@ impl Fastpath {
         })
     }
 
-    /// Stops the heartbeat thread and removes the device (`weft stop`, SIGTERM).
+    /// Stops the heartbeat thread and removes the devices, the named networks' too (`weft stop`, SIGTERM).
     pub async fn stop(&self) {
         self.stop.store(true, Relaxed);
+        let named: Vec<String> = std::mem::take(&mut *lock(&self.named)).into_values().collect();
+        for name in named {
+            let _ = self.netdev.delete_link(&name).await;
+        }
         if let Ok(d) = &self.device {
             if let Ok(f) = &d.filter {
                 f.remove().await;

@@ -1,6 +1,6 @@
 //! The router's side of the port guard ([`crate::host::guard`]): the base table at start (so a
 //! weft port without rules carries nothing even before the first attach), the drop counters
-//! read every few seconds for metrics, the sweep of rules whose port is gone (a container
+//! read every few seconds for metrics, the sweep of rules whose port is gone for 30 s (a container
 //! that died without a detach, a CNI DEL without a namespace), and the list of this host's
 //! container MACs that the router announces to its peers (the guarded ports', and MACs handed
 //! out for attachments about to be made).
@@ -93,7 +93,7 @@ pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>, control: Control
     let g = Arc::new(Guard { pending: Mutex::new(HashMap::new()), wake: Notify::new() });
     let g2 = g.clone();
     tokio::spawn(async move {
-        let mut gone_once: BTreeSet<String> = BTreeSet::new();
+        let mut missing: BTreeMap<String, Instant> = BTreeMap::new();
         let mut last = BTreeMap::new();
         let mut announced: Option<Vec<(u32, Mac)>> = None;
         let mut tick = tokio::time::interval(EVERY);
@@ -104,7 +104,7 @@ pub async fn start(netdev: Arc<NetDev>, stats: Arc<GuardStats>, control: Control
             }
             let Ok(listing) = guard::list().await else { continue };
             stats.take(&listing, &mut last);
-            gone_once = sweep(&netdev, &listing, &gone_once, &stats).await;
+            sweep(&netdev, &listing, &mut missing, &stats).await;
             let macs = g2.local_macs(&listing);
             if announced.as_ref() != Some(&macs) {
                 if control.local_macs(macs.clone()).await.is_err() {
@@ -129,17 +129,21 @@ impl Guard {
     }
 }
 
-/// Removes the rules of ports that were absent in this pass and the one before (rules go in
-/// before their port is made, so one pass alone proves nothing). Returns this pass's absent
-/// ports.
-async fn sweep(netdev: &NetDev, listing: &Listing, before: &BTreeSet<String>, stats: &GuardStats) -> BTreeSet<String> {
-    let mut gone = BTreeSet::new();
+/// Rules whose port has been missing this long are removed. Rules go in before their port is
+/// made (milliseconds before, or longer on a loaded host), so absence alone proves nothing.
+const GONE_FOR: Duration = Duration::from_secs(30);
+
+/// Removes the rules of ports missing for [`GONE_FOR`]; `since` keeps when each missing port
+/// was first seen missing.
+async fn sweep(netdev: &NetDev, listing: &Listing, since: &mut BTreeMap<String, Instant>, stats: &GuardStats) {
+    let mut missing = BTreeMap::new();
     for p in &listing.ports {
         if !matches!(netdev.link_index(&p.port).await, Ok(None)) {
             continue;
         }
-        if !before.contains(&p.port) {
-            gone.insert(p.port.clone());
+        let first = since.get(&p.port).copied().unwrap_or_else(Instant::now);
+        if first.elapsed() < GONE_FOR {
+            missing.insert(p.port.clone(), first);
             continue;
         }
         match guard::remove(&p.port).await {
@@ -150,5 +154,5 @@ async fn sweep(netdev: &NetDev, listing: &Listing, before: &BTreeSet<String>, st
             Err(e) => warn!(port = %p.port, error = %format!("{e:#}"), "could not remove the guard of a port that is gone"),
         }
     }
-    gone
+    *since = missing;
 }
