@@ -40,19 +40,12 @@ fn link_local(m: [u8; 6]) -> [u8; 16] {
     [0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
 }
 
-/// A router advertisement from `mac` (its link-local as source) to all nodes, announcing
-/// itself as default router and the prefix fd66::/64 for autoconfiguration, with a correct
-/// checksum, so a host that received it would act on it.
-fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
+/// An ICMPv6 message `icmp` (its checksum field zero) from `mac`, with its link-local as
+/// source, to all nodes, hop limit 255, the checksum filled in: what a host on the link would
+/// act on.
+fn icmpv6_to_all_nodes(mac: [u8; 6], mut icmp: Vec<u8>) -> Vec<u8> {
     let src = link_local(mac);
     let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    let mut icmp = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
-    // Prefix information: /64, on-link and autonomous, valid 86400 s, preferred 14400 s.
-    icmp.extend_from_slice(&[3, 4, 64, 0xc0, 0, 1, 0x51, 0x80, 0, 0, 0x38, 0x40, 0, 0, 0, 0]);
-    icmp.extend_from_slice(&[0xfd, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    // Source link-layer address.
-    icmp.extend_from_slice(&[1, 1]);
-    icmp.extend_from_slice(&mac);
     let mut sum: u32 = 0;
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&src);
@@ -77,6 +70,19 @@ fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
     f.extend_from_slice(&dst);
     f.extend_from_slice(&icmp);
     f
+}
+
+/// A router advertisement from `mac`, announcing itself as default router and the prefix
+/// fd66::/64 for autoconfiguration.
+fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
+    let mut icmp = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    // Prefix information: /64, on-link and autonomous, valid 86400 s, preferred 14400 s.
+    icmp.extend_from_slice(&[3, 4, 64, 0xc0, 0, 1, 0x51, 0x80, 0, 0, 0x38, 0x40, 0, 0, 0, 0]);
+    icmp.extend_from_slice(&[0xfd, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // Source link-layer address.
+    icmp.extend_from_slice(&[1, 1]);
+    icmp.extend_from_slice(&mac);
+    icmpv6_to_all_nodes(mac, icmp)
 }
 
 /// Three hosts: the attacker x on host 0, the observer o on host 1, the victim v on host 2.
@@ -289,21 +295,11 @@ fn ipv6_passes_the_guard_and_nd_spoofing_does_not() {
 
     // p claims fd50::12 in an unsolicited neighbour advertisement (override flag set).
     let p_mac = mac_of(&lab, p);
-    let src = link_local(p_mac);
-    let dst: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let target: std::net::Ipv6Addr = "fd50::12".parse().expect("ip");
     let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
     icmp.extend_from_slice(&target.octets());
     icmp.extend_from_slice(&[2, 1]);
     icmp.extend_from_slice(&p_mac);
-    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
-    f.extend_from_slice(&p_mac);
-    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
-    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    f.extend_from_slice(&[58, 255]);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&icmp);
-    send_frames(p, vec![f; 3]);
+    send_frames(p, vec![icmpv6_to_all_nodes(p_mac, icmp); 3]);
     assert!(wait_for(Duration::from_secs(5), || dropped(&lab, 0, p, "nd") >= 3), "{}", port_of(&lab, 0, p));
 }

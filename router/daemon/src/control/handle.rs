@@ -55,12 +55,12 @@ impl ControlHandle {
         self.ask(|tx| Request::Dns(make(tx))).await
     }
 
-    /// Stops the router.
     /// The MACs of this host's container ports, to announce to the peers.
     pub async fn local_macs(&self, macs: Vec<(u32, weft_proto::Mac)>) -> Result<(), Stopping> {
         self.inputs.send(Input::LocalMacs(macs)).await.map_err(|_| Stopping)
     }
 
+    /// Stops the router.
     pub async fn stop(&self, why: &'static str) {
         let _ = self.inputs.send(Input::Stop(why)).await;
     }

@@ -143,13 +143,20 @@ impl Tap {
     }
 }
 
-/// Waits up to `timeout_ms` for input on any of `fds`; returns which are readable (all false on
-/// a time-out).
-pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> Vec<bool> {
-    let mut p: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+/// Waits up to `timeout_ms` for the events of any of `fds`; returns whether one is ready (each
+/// one's `revents` says which; all are cleared on a time-out or error).
+pub fn wait_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> bool {
+    for p in fds.iter_mut() {
+        p.revents = 0;
+    }
     // SAFETY: a valid array of pollfds of the given length.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    p.iter().map(|p| r > 0 && p.revents != 0).collect()
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r <= 0 {
+        for p in fds.iter_mut() {
+            p.revents = 0;
+        }
+    }
+    r > 0
 }
 
 /// Waits up to `timeout_ms` for `events` on `fd`. Returns whether it is ready.

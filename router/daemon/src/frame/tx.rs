@@ -20,7 +20,7 @@ use weft_proto::{PeerName, Routes};
 use super::batch::Batch;
 use super::shared::Shared;
 use super::stats::DropReason;
-use super::tap::{wait_readable, Tap};
+use super::tap::{wait_fds, Tap};
 
 /// Frames read from the TAP before the batches are flushed.
 const READ_BATCH: usize = 64;
@@ -39,6 +39,7 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
     switch.set_routes(view.get().routes.clone());
     // One switch per named network this host is a member of.
     let mut nets: HashMap<u32, Switch> = HashMap::new();
+    let mut polled = Polled::new(&sh, view.get());
     let mut buf = vec![0u8; 65536 + VNET_LEN + 256];
     let mut batch = Batch::default();
     let mut next_heartbeat = Instant::now();
@@ -46,13 +47,9 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
     while !sh.stop.load(Relaxed) {
         let now = Instant::now();
         let wait = next_heartbeat.saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
-        // The default network's TAP first, then the named networks' in segment order.
-        let mut taps: Vec<(u32, Arc<Tap>)> = view.get().taps.iter().map(|(s, t)| (*s, t.tap.clone())).collect();
-        taps.sort_by_key(|(s, _)| *s);
-        let mut fds = vec![sh.tap.raw_fd()];
-        fds.extend(taps.iter().map(|(_, t)| t.raw_fd()));
-        let ready = wait_readable(&fds, wait.max(1));
-        if view.refresh(&sh.snapshot) {
+        let ready = wait_fds(&mut polled.fds, wait.max(1));
+        let refreshed = view.refresh(&sh.snapshot);
+        if refreshed {
             let snap = view.get();
             let purged = switch.set_routes(snap.routes.clone());
             if purged > 0 {
@@ -71,13 +68,13 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
                 sh.stats.drop(DropReason::Switch(r));
             }
         }
-        if ready.iter().any(|r| *r) {
+        if ready {
             let snap = view.get();
-            for (i, _) in ready.iter().enumerate().filter(|(_, r)| **r) {
+            for (i, _) in polled.fds.iter().enumerate().filter(|(_, p)| p.revents != 0) {
                 let (seg, tap, sw) = if i == 0 {
                     (0, &sh.tap, &mut switch)
                 } else {
-                    let (seg, tap) = &taps[i - 1];
+                    let (seg, tap) = &polled.taps[i - 1];
                     let Some(sw) = nets.get_mut(seg) else { continue };
                     (*seg, &**tap, sw)
                 };
@@ -94,6 +91,10 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
                 }
             }
             batch.flush(&sh);
+        }
+        // The TAPs polled change only with the snapshot.
+        if refreshed {
+            polled = Polled::new(&sh, view.get());
         }
         if switch.moves_to_local() != moves {
             moves = switch.moves_to_local();
@@ -114,6 +115,25 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
             sh.stats.macs_local.store(local, Relaxed);
             sh.stats.macs_remote.store((switch.table().len() as u64).saturating_sub(local), Relaxed);
         }
+    }
+}
+
+/// The TAPs the thread polls: the default network's first, then the named networks' in segment
+/// order, with the `pollfd` array for them.
+struct Polled {
+    taps: Vec<(u32, Arc<Tap>)>,
+    fds: Vec<libc::pollfd>,
+}
+
+impl Polled {
+    fn new(sh: &Shared, snap: &super::links::Snapshot) -> Polled {
+        let mut taps: Vec<(u32, Arc<Tap>)> = snap.taps.iter().map(|(s, t)| (*s, t.tap.clone())).collect();
+        taps.sort_by_key(|(s, _)| *s);
+        let fds = std::iter::once(sh.tap.raw_fd())
+            .chain(taps.iter().map(|(_, t)| t.raw_fd()))
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        Polled { taps, fds }
     }
 }
 

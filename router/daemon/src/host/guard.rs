@@ -29,6 +29,8 @@ use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 use serde_json::Value;
 
+use weft_proto::switch::Mac;
+
 use super::nft;
 
 /// The nftables table (bridge family).
@@ -112,10 +114,6 @@ pub fn is_port_name(name: &str) -> bool {
         && name[2..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-fn mac_text(m: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-}
-
 /// An IPv6 address as the 128-bit integer nft compares the ND target with.
 fn nd_key(a: Ipv6Addr) -> String {
     format!("0x{:032x}", u128::from(a))
@@ -151,7 +149,7 @@ impl Port {
         let mut s = base_script();
         let list = |items: Vec<String>| if items.is_empty() { String::new() } else { format!(" elements = {{ {} }} ;", items.join(", ")) };
         // The comment holds the segment, then the label.
-        let _ = writeln!(s, "add set {t} {p}_mac {{ type ether_addr; comment \"{} {}\";{} }}", self.segment, self.label, list(vec![mac_text(self.mac)]));
+        let _ = writeln!(s, "add set {t} {p}_mac {{ type ether_addr; comment \"{} {}\";{} }}", self.segment, self.label, list(vec![Mac(self.mac).to_string()]));
         let _ = writeln!(s, "add set {t} {p}_v4 {{ type ipv4_addr;{} }}", list(self.v4.iter().map(ToString::to_string).collect()));
         let _ = writeln!(s, "add set {t} {p}_v6 {{ type ipv6_addr;{} }}", list(self.v6.iter().map(ToString::to_string).collect()));
         let _ = writeln!(s, "add set {t} {p}_nd {{ typeof @th,64,128;{} }}", list(self.v6.iter().map(|a| nd_key(*a)).collect()));
@@ -161,7 +159,7 @@ impl Port {
         let c = format!("{t} p_{p}");
         // The common case first and as plain compares (a container has one MAC and, nearly
         // always, one IPv4 address): a TCP segment from its own address takes four compares.
-        let mac = mac_text(self.mac);
+        let mac = Mac(self.mac);
         let v4 = match self.v4.as_slice() {
             [one] => one.to_string(),
             _ => format!("@{p}_v4"),
