@@ -15,6 +15,7 @@ use weft_router::api::client;
 mod ca;
 mod output;
 mod setup_cni;
+mod setup_docker;
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "weft: an encrypted mesh network for containers")]
@@ -45,6 +46,13 @@ enum Cmd {
     },
     /// Install the CNI plugin (weft-cni) and a network configuration for container runtimes.
     SetupCni(SetupCniArgs),
+    /// Point dockerd at weft DNS (its daemon.json), so containers resolve names on other hosts;
+    /// restart dockerd afterwards.
+    SetupDocker {
+        /// dockerd's configuration file.
+        #[arg(long, default_value = "/etc/docker/daemon.json")]
+        config: PathBuf,
+    },
     /// Everything the router knows, as JSON.
     Report,
     /// Connect to more peers (HOST, HOST:PORT or IP).
@@ -343,6 +351,16 @@ struct RouterArgs {
     /// TTL of DNS answers, seconds.
     #[arg(long, default_value_t = 1)]
     dns_ttl: u32,
+    /// The Docker Engine API socket the router follows (containers by name, restarts).
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    docker_socket: PathBuf,
+    /// Where dockerd looks for plugin sockets: the router serves its Docker network and IPAM
+    /// plugin there as weft.sock.
+    #[arg(long, default_value = "/run/docker/plugins")]
+    docker_plugin_dir: PathBuf,
+    /// No Docker plugin and no following of Docker's events.
+    #[arg(long)]
+    no_docker: bool,
     /// Upstream resolvers for other names (IP or IP:PORT, repeatable; default: /etc/resolv.conf).
     #[arg(long)]
     dns_upstream: Vec<String>,
@@ -402,6 +420,23 @@ fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "installed the CNI plugin {}", s("plugin"))?;
                 writeln!(out, "wrote network configuration {} (network {:?})", s("conflist"), a.network)?;
                 writeln!(out, "containers started on network {:?} now join weft (the router must be running)", a.network)?;
+            }
+            Ok(())
+        }
+        Cmd::SetupDocker { config } => {
+            let v = client::call(&sock, "POST", "/v1/docker/setup", Some(&json!({})))?;
+            let ns = v["nameserver"].as_str().unwrap_or_default().to_string();
+            let done = setup_docker::setup_docker(&config, &ns)?;
+            if cli.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&json!({ "setup": done, "router": v }))?)?;
+            } else if done["changed"] == true {
+                writeln!(out, "{}: \"dns\" was {}, is now {}", config.display(), done["dns_before"], done["dns"])?;
+                writeln!(out, "restart dockerd to read it (systemctl restart docker); containers started after that resolve weft names ({})", v["domain"].as_str().unwrap_or_default())?;
+            } else {
+                writeln!(out, "{} already has weft DNS ({ns}) first: nothing to change", config.display())?;
+            }
+            if let Some(p) = v["plugin"].as_str() {
+                writeln!(out, "the Docker plugin is served on {p}: docker network create -d weft --ipam-driver weft --subnet CIDR NAME")?;
             }
             Ok(())
         }
@@ -681,6 +716,10 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
         },
         ca: None,
         certificate: None,
+        docker: (!args.no_docker).then(|| weft_router::config::DockerOptions {
+            socket: args.docker_socket.clone(),
+            plugin_dir: args.docker_plugin_dir.clone(),
+        }),
     };
     let opts = weft_router::Options {
         ca: match &args.ca {
@@ -758,6 +797,10 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
         cmd.args(["--dns-listen", &l.to_string()]);
     }
     cmd.args(["--dns-domain", &a.dns_domain, "--dns-ttl", &a.dns_ttl.to_string()]);
+    if a.no_docker {
+        cmd.arg("--no-docker");
+    }
+    cmd.arg("--docker-socket").arg(&a.docker_socket).arg("--docker-plugin-dir").arg(&a.docker_plugin_dir);
     for u in &a.dns_upstream {
         cmd.args(["--dns-upstream", u]);
     }

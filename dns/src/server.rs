@@ -537,6 +537,16 @@ impl Handler {
             }
             return Route::Local(self.zone_answer(&rel, qname, qtype));
         }
+        // A single label that names a container (`web.`): answered from the zone, as if the
+        // zone's name followed. Docker's embedded resolver passes such names on as they are.
+        if name.num_labels() == 1 && matches!(qclass, DNSClass::IN | DNSClass::ANY) {
+            if let Some(label) = name.iter().next() {
+                let rel = String::from_utf8_lossy(label).to_ascii_lowercase();
+                if self.view.read().lookup(&rel).is_some() {
+                    return Route::Local(self.zone_answer(&rel, qname, qtype));
+                }
+            }
+        }
         if let Ok(net) = name.parse_arpa_name() {
             let addr = net.addr();
             let full = net.prefix_len() == net.max_prefix_len();

@@ -370,8 +370,19 @@ async fn forwards_outside_the_zone() {
     let r = udp(f.udp(), &query("nope.weft.local.", RecordType::A)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(up.seen(), before);
+    // A single label naming a container is answered here (Docker's resolver passes `web.` on
+    // as it is); one that names none still goes upstream.
+    let r = udp(f.udp(), &query("web.", RecordType::A)).await;
+    assert_eq!(addrs(&r), vec!["10.32.0.1".parse::<IpAddr>().unwrap()]);
+    assert!(r.metadata.authoritative);
+    let r = udp(f.udp(), &query("WEB.", RecordType::AAAA)).await;
+    assert!(addrs(&r).is_empty() && r.metadata.response_code == ResponseCode::NoError);
+    assert_eq!(up.seen(), before);
+    let r = udp(f.udp(), &query("elsewhere.", RecordType::A)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(up.seen(), before + 1);
     let s = f.stats.snapshot();
-    assert_eq!(s.forwarded, 3);
+    assert_eq!(s.forwarded, 4);
     assert_eq!(s.upstream_failures, 0);
     f.server.shutdown().await;
     up.stop();

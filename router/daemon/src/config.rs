@@ -62,4 +62,15 @@ pub struct Options {
     /// This router's certificate from the CA (`None`: `identity.cert` in the state directory,
     /// if there is one).
     pub certificate: Option<weft_proto::identity::Certificate>,
+    /// The Docker plugin and Docker's events (`None`: off).
+    pub docker: Option<DockerOptions>,
+}
+
+/// Where Docker is.
+#[derive(Clone, Debug)]
+pub struct DockerOptions {
+    /// The Engine API's socket.
+    pub socket: PathBuf,
+    /// Where dockerd looks for plugin sockets.
+    pub plugin_dir: PathBuf,
 }

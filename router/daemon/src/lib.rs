@@ -32,6 +32,7 @@
 pub mod api;
 pub mod config;
 pub mod control;
+pub mod docker;
 pub mod frame;
 pub mod host;
 pub mod metrics;

@@ -7,6 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -21,6 +23,7 @@ use super::request::{blocking, wait_time};
 use super::state::Shared;
 use crate::host::netns::{is_netns_name, netns_path, netns_ref};
 use crate::control::networks;
+use crate::docker::{book, Docker};
 use crate::host::AttachOpts;
 use crate::host::resolv::{remove_resolv_conf, write_resolv_conf};
 use crate::services::ipam::{want, EXPOSE_ID};
@@ -46,24 +49,30 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), ApiError> {
     Ok((ip, prefix))
 }
 
+/// An attach request.
 #[derive(Deserialize)]
-struct AttachReq {
-    netns: String,
+pub struct AttachReq {
+    /// A namespace (name, path or PID) or, when no namespace has that name, a Docker container.
+    pub netns: String,
     /// `IP/PREFIX` (claimed from IPAM when inside its range), `net:CIDR`
     /// (any free address in that subnet) or `net:default`. None: one address
     /// from the default subnet.
     #[serde(default)]
-    cidrs: Vec<String>,
+    pub cidrs: Vec<String>,
     #[serde(default = "default_ifname")]
-    ifname: String,
-    mtu: Option<u32>,
+    pub ifname: String,
+    pub mtu: Option<u32>,
     /// Container ID for IPAM; the namespace's inode when absent.
-    id: Option<String>,
-    timeout_seconds: Option<f64>,
+    pub id: Option<String>,
+    pub timeout_seconds: Option<f64>,
     /// A DNS name for the container (`web` or `web.weft.local`).
-    name: Option<String>,
+    pub name: Option<String>,
     /// The network to join; the default one when absent.
-    network: Option<String>,
+    pub network: Option<String>,
+    /// The addresses outlive the namespace (a Docker container's, kept while it is stopped):
+    /// not tied to it for IPAM's garbage collection.
+    #[serde(skip)]
+    pub outlives_netns: bool,
 }
 
 fn default_ifname() -> String {
@@ -102,6 +111,55 @@ fn addr_specs(sh: &Shared, cidrs: &[String], segment: u32) -> Result<Vec<AddrSpe
 }
 
 async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResult {
+    if let Some(docker) = docker_target(&sh, &req.netns).await? {
+        return docker_attach(&sh, &docker, req).await.map(Json);
+    }
+    attach_netns(&sh, req).await.map(Json)
+}
+
+/// The Docker integration when `target` names no namespace and Docker is there to ask.
+async fn docker_target(sh: &Shared, target: &str) -> Result<Option<Arc<Docker>>, ApiError> {
+    if !is_netns_name(target) || netns_path(target).exists() {
+        return Ok(None);
+    }
+    match sh.docker.get() {
+        Some(d) => Ok(Some(d.clone())),
+        None => Err(bad(format!("network namespace {target} does not exist (and the Docker integration is off, so it is not taken as a container name)"))),
+    }
+}
+
+/// `weft attach CONTAINER`: the container's namespace from the Engine API, addresses and name
+/// under its ID, and attached again whenever it starts again (see `crate::docker`).
+async fn docker_attach(sh: &Shared, docker: &Docker, mut req: AttachReq) -> Result<Value, ApiError> {
+    let target = req.netns.clone();
+    let info = docker
+        .inspect(&target, Duration::from_secs(10))
+        .await
+        .map_err(|e| bad(format!("{target:?} is not a network namespace, and Docker could not be asked about a container of that name: {e:#}")))?
+        .ok_or_else(|| bad(format!("no network namespace and no Docker container is called {target:?}")))?;
+    let pid = info.pid.ok_or_else(|| bad(format!("Docker container {} is not running: start it first (weft attaches it again by itself whenever it starts)", info.name)))?;
+    let entry = book::Attached {
+        name: info.name.clone(),
+        cidrs: req.cidrs.clone(),
+        network: req.network.clone(),
+        dns_name: req.name.clone().or_else(|| weft_dns::relative_name(&info.name, &sh.dns.domain).ok().map(|_| info.name.clone())),
+        ifname: req.ifname.clone(),
+        pid: Some(pid),
+    };
+    req.netns = pid.to_string();
+    req.id = Some(crate::docker::ipam_id(&info.id));
+    req.outlives_netns = true;
+    req.name = entry.dns_name.clone();
+    let mut v = attach_netns(sh, req).await?;
+    docker.remember_attached(&info.id, entry).await;
+    v["container"] = json!(info.name);
+    v["container_id"] = json!(info.id);
+    Ok(v)
+}
+
+/// Attaches a namespace (see the module docs).
+pub async fn attach_netns(sh: &Shared, req: AttachReq) -> Result<Value, ApiError> {
+    let sh = sh.clone();
     let network = req.network.clone().unwrap_or_else(|| networks::DEFAULT.to_owned());
     networks::check_name(&network).map_err(|e| bad(format!("{e:#}")))?;
     let specs = addr_specs(&sh, &req.cidrs, networks::segment_of(&network))?;
@@ -121,7 +179,7 @@ async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResu
     for spec in specs {
         match spec {
             AddrSpec::Fixed(ip, p) => addrs.push((ip, p)),
-            AddrSpec::Ipam(want) => match sh.control.allocate(id.clone(), want, Some(ns.clone()), timeout).await {
+            AddrSpec::Ipam(want) => match sh.control.allocate(id.clone(), want, (!req.outlives_netns).then(|| ns.clone()), timeout).await {
                 Ok(a) => {
                     any_ipam = true;
                     addrs.push((IpAddr::V4(a.addr.into()), a.subnet.prefix));
@@ -182,11 +240,11 @@ async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResu
             }
         }
     }
-    Ok(Json(json!({
+    Ok(json!({
         "netns": path.display().to_string(), "ifname": info.container_ifname, "host_ifname": info.host_ifname,
         "mac": Mac(info.container_mac).to_string(), "addresses": shown, "mtu": mtu, "id": id,
         "name": fqdn, "nameserver": resolver, "network": network,
-    })))
+    }))
 }
 
 /// An IPv4 address of the host on the bridge inside `subnet`: one it has, or a new one from
@@ -230,7 +288,43 @@ struct DetachReq {
     ifname: String,
 }
 
-async fn detach(State(sh): State<Shared>, Json(req): Json<DetachReq>) -> ApiResult {
+async fn detach(State(sh): State<Shared>, Json(mut req): Json<DetachReq>) -> ApiResult {
+    if let Some(docker) = docker_target(&sh, &req.netns).await? {
+        // A container attached with `weft attach CONTAINER`: forgotten, so not attached again.
+        let target = req.netns.clone();
+        let info = docker
+            .inspect(&target, Duration::from_secs(10))
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?
+            .ok_or_else(|| bad(format!("no network namespace and no Docker container is called {target:?}")))?;
+        let forgotten = docker.forget_attached(&info.id).await;
+        let id = crate::docker::ipam_id(&info.id);
+        let Some(pid) = info.pid else {
+            // Stopped: no port to remove; its addresses and name go.
+            let released = sh.control.release(id.clone(), None).await?;
+            sh.control.dns_remove(id, None, Vec::new()).await?;
+            if forgotten.is_none() && released.is_empty() {
+                return Err(bad(format!("Docker container {} is not attached to weft", info.name)));
+            }
+            let released: Vec<String> = released.iter().map(Allocation::cidr).collect();
+            return Ok(Json(json!({ "detached": info.name, "released": released })));
+        };
+        if let Some(f) = &forgotten {
+            req.ifname = f.ifname.clone();
+        }
+        req.netns = pid.to_string();
+        req.id = Some(id.clone());
+        let mut v = detach_netns(&sh, req).await?;
+        // Its addresses are kept under its ID, not its namespace.
+        let released: Vec<String> = sh.control.release(id, None).await?.iter().map(Allocation::cidr).collect();
+        v["released"] = json!(released);
+        v["detached"] = json!(info.name);
+        return Ok(Json(v));
+    }
+    detach_netns(&sh, req).await.map(Json)
+}
+
+async fn detach_netns(sh: &Shared, req: DetachReq) -> Result<Value, ApiError> {
     let path: PathBuf = netns_path(&req.netns);
     let p = path.clone();
     let inode = blocking(move || netns_ref(&p).ok().map(|n| n.inode)).await?;
@@ -269,7 +363,7 @@ async fn detach(State(sh): State<Shared>, Json(req): Json<DetachReq>) -> ApiResu
     }
     let released: Vec<String> = released.iter().map(Allocation::cidr).collect();
     info!(netns = %path.display(), ifname = %req.ifname, released = ?released, "detached");
-    Ok(Json(json!({ "detached": path.display().to_string(), "released": released })))
+    Ok(json!({ "detached": path.display().to_string(), "released": released }))
 }
 
 #[derive(Deserialize)]

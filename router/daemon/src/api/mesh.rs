@@ -73,6 +73,9 @@ pub async fn status(State(sh): State<Shared>) -> ApiResult {
         Err(e) => json!({ "error": format!("{e:#}") }),
     };
     v["cni"] = json!(cni_attachments(&sh).await?);
+    if let Some(d) = sh.docker.get() {
+        v["docker"] = d.status().await;
+    }
     Ok(Json(v))
 }
 

@@ -9,6 +9,7 @@ pub mod client;
 pub mod cni;
 pub mod containers;
 pub mod dns;
+pub mod docker;
 pub mod error;
 pub mod ipam;
 pub mod mesh;

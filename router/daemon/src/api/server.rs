@@ -14,14 +14,14 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::state::Shared;
-use super::{cni, containers, dns, ipam, mesh};
+use super::{cni, containers, dns, docker, ipam, mesh};
 use crate::control::stats::ControlStats;
 use crate::frame::FramePath;
 use crate::metrics;
 
 /// Accepts only connections from root (checked with SO_PEERCRED), on top of
 /// the socket file's 0600 mode.
-struct RootOnly(UnixListener);
+pub(crate) struct RootOnly(pub(crate) UnixListener);
 
 impl axum::serve::Listener for RootOnly {
     type Io = UnixStream;
@@ -69,6 +69,7 @@ pub async fn serve_api(state: Shared, path: &std::path::Path, mut stop: watch::R
         .merge(ipam::routes())
         .merge(dns::routes())
         .merge(cni::routes())
+        .merge(docker::routes())
         .with_state(state);
     Ok(tokio::spawn(async move {
         let shutdown = async move {

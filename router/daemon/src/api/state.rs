@@ -37,6 +37,8 @@ pub struct ApiState {
     /// Held while giving the host an address on the bridge, so that concurrent attachments do
     /// not each allocate one.
     pub host_addr_lock: tokio::sync::Mutex<()>,
+    /// The Docker integration, when it is on (set once, right after the state is made).
+    pub docker: std::sync::OnceLock<Arc<crate::docker::Docker>>,
 }
 
 /// The handlers' state.

@@ -7,8 +7,9 @@
 //! A network's segment is a hash of its name, the same on every host, so nothing has to be
 //! agreed; two names with one segment cannot both be used on a host (the second is refused,
 //! named). Membership reaches the peers through the MACs the router announces on the segment.
-//! The host has no address on a named network's bridge (IPv6 is off there too), so it neither
-//! routes between networks nor answers on them.
+//! The host has an address on a named network's bridge only when a Docker network puts its
+//! gateway there (IPv6 is off on these bridges); it never routes between networks: packets
+//! forwarded from one weft bridge to another are dropped (`host::isolate`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,6 +140,9 @@ impl Networks {
     /// The networks a previous run made (their bridges still hold containers): each gets its
     /// TAP again. A network whose bridge is gone is forgotten.
     pub async fn restore(&self) {
+        if let Err(e) = crate::host::isolate::init(&self.default_bridge).await {
+            warn!(error = %e, "could not keep networks apart at the IP layer (nftables table inet weft_isolate): a container with the host as its gateway could reach another network through it");
+        }
         let saved = std::fs::read_to_string(&self.file).unwrap_or_default();
         for line in saved.lines() {
             let Some(name) = line.split_whitespace().next() else { continue };
@@ -197,6 +201,7 @@ impl Networks {
         self.frames.set_network_tap(segment, Some(NetworkTap { tap: Arc::new(t), mac }));
         // Its own VXLAN device beside the TAP, when there is a fastpath.
         self.fastpath.add_network(segment, bridge, &tap).await;
+        crate::host::isolate::member(bridge, true).await.map_err(|e| anyhow::anyhow!("keeping the network apart from the others: {e}"))?;
         Ok(())
     }
 
@@ -216,6 +221,9 @@ impl Networks {
         self.frames.set_network_tap(segment, None);
         self.fastpath.remove_network(segment, &n.bridge).await;
         let _ = self.netdev.delete_link(&tap).await;
+        if let Err(e) = crate::host::isolate::member(&n.bridge, false).await {
+            warn!(network = %n.name, error = %e, "could not take the bridge out of the isolation table");
+        }
         if let Err(e) = self.netdev.delete_link(&n.bridge).await {
             warn!(network = %n.name, error = %format!("{e:#}"), "could not remove the network's bridge");
         }

@@ -188,6 +188,59 @@ impl NetDev {
         }
     }
 
+    /// A port for Docker's network driver protocol: a veth pair left in this namespace, host
+    /// end `host_ifname` on `bridge` and up, the other end `peer_ifname` down with `mac` and
+    /// `mtu`, for dockerd to move into the container and configure (it sets the address it got
+    /// from IPAM itself). The guard goes in first, as for [`NetDev::attach_netns_with`]; on a
+    /// failure nothing is left.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_docker_port(
+        &self,
+        bridge: &str,
+        host_ifname: &str,
+        peer_ifname: &str,
+        mac: [u8; 6],
+        addrs: &[(IpAddr, u8)],
+        mtu: u32,
+        segment: u32,
+        label: &str,
+    ) -> Result<()> {
+        check_ifname(host_ifname)?;
+        check_ifname(peer_ifname)?;
+        let bridge_index = self.require_bridge(bridge).await.with_context(|| format!("cannot make Docker port {host_ifname}"))?;
+        for name in [host_ifname, peer_ifname] {
+            if self.link_index(name).await?.is_some() {
+                bail!("interface {name} already exists: an earlier endpoint with the same ID is still in place");
+            }
+        }
+        let rules = guard::Port::new(host_ifname, mac, addrs, label, segment);
+        guard::install(&rules).await.with_context(|| format!("cannot make Docker port {host_ifname}"))?;
+        let peer = LinkUnspec::new_with_name(peer_ifname).mtu(mtu).address(mac.to_vec()).build();
+        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(host_ifname.to_owned())
+            .mtu(mtu)
+            .controller(bridge_index)
+            .up()
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        if let Err(e) = self.handle.link().add(message).execute().await {
+            remove_guard(host_ifname).await;
+            return Err(anyhow::Error::new(e).context(format!("creating veth pair {host_ifname} / {peer_ifname} failed")));
+        }
+        // The container end's IPv6 settings are made afresh in the container's namespace when
+        // dockerd moves it there (its link-local is EUI-64 under the kernel's default; another
+        // one is allowed once the container is known, see `crate::docker`).
+        Ok(())
+    }
+
+    /// Removes a port made by [`NetDev::create_docker_port`] (both ends, wherever the other
+    /// end is), then its guard. `Ok(false)` when it was not there.
+    pub async fn remove_docker_port(&self, host_ifname: &str) -> Result<bool> {
+        let removed = self.delete_link(host_ifname).await?;
+        remove_guard(host_ifname).await;
+        Ok(removed)
+    }
+
     /// Removes the veth created by [`NetDev::attach_netns`] (deleting the host end removes
     /// both). `Ok(false)` if absent. `netns_path` must be spelled as it was for the attach,
     /// since the host end's name is derived from it.

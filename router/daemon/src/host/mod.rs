@@ -8,6 +8,7 @@
 pub mod addrs;
 pub mod attach;
 pub mod identity;
+pub mod isolate;
 pub mod guard;
 pub mod links;
 pub mod netlink;
