@@ -125,6 +125,18 @@ impl<'de> Deserialize<'de> for Signature {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Signature, E> {
                 self.visit_bytes(&v)
             }
+            // Self-describing formats without a bytes type (JSON, in the state files) write
+            // bytes as a list of numbers.
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+                let mut b = [0u8; 64];
+                for (i, slot) in b.iter_mut().enumerate() {
+                    *slot = seq.next_element()?.ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(65, &self));
+                }
+                Ok(Signature(b))
+            }
         }
         d.deserialize_bytes(V)
     }
@@ -607,6 +619,12 @@ mod tests {
         let bytes = postcard::to_stdvec(&s).expect("encode");
         assert_eq!(postcard::from_bytes::<Signature>(&bytes).expect("decode"), s);
         assert!(postcard::from_bytes::<Signature>(&bytes[..40]).is_err());
+        // JSON (the state files) writes the bytes as a list and must read it back.
+        let json = serde_json::to_string(&s).expect("json");
+        assert_eq!(serde_json::from_str::<Signature>(&json).expect("from json"), s);
+        assert!(serde_json::from_str::<Signature>("[1,2,3]").is_err());
+        let long = format!("[{}]", vec!["7"; 65].join(","));
+        assert!(serde_json::from_str::<Signature>(&long).is_err());
         let text = k.public().to_string();
         assert_eq!(text.parse::<PublicKey>().expect("parse"), k.public());
         assert!("zz".parse::<PublicKey>().is_err());
