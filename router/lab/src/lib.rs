@@ -10,6 +10,9 @@
 //! the [`Lab`] stops the routers and deletes everything it made; [`cleanup_stale`] removes what a
 //! crashed run left behind. [`demo`] is `weft lab demo`.
 //!
+//! [`docker`] runs one `dockerd` per lab host ([`docker::Dockerd`], in the host's network
+//! namespace and a private mount namespace), for the Docker plugin tests; drop it before the lab.
+//!
 //! [`probe`] has what the demo checks with, done by weft itself from inside a namespace (on a
 //! thread that enters it): an ICMP echo ([`probe::icmp_echo`]) and a DNS A query
 //! ([`probe::dns_query_a`]), so the lab needs no `ping` or `dig`.
@@ -66,6 +69,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod docker;
 pub mod probe;
 
 const NETNS_DIR: &str = "/run/netns";
@@ -358,6 +362,11 @@ impl Lab {
         let host = &mut self.hosts[i];
         if !self.cfg.router_args.iter().chain(&host.extra_args).any(|a| a.starts_with("--ipalloc-init")) {
             cmd.arg(format!("--ipalloc-init=consensus={n_hosts}"));
+        }
+        // Docker's plugin directory and socket are the machine's: a lab host uses Docker only
+        // when it is given its own (see `docker::Dockerd::router_args`).
+        if !self.cfg.router_args.iter().chain(&host.extra_args).any(|a| a.starts_with("--docker")) {
+            cmd.arg("--no-docker");
         }
         cmd.args(&peer_ips);
         if std::env::var_os("RUST_LOG").is_none() {
@@ -1158,15 +1167,23 @@ fn pid_running(pid: u32) -> bool {
 }
 
 /// Kills (SIGKILL, by PID) every process in namespace `ns`, then deletes it.
+/// Also kills their descendants (by PID, from `/proc`), which may live in other namespaces: the
+/// processes of containers a lab dockerd ran (children of `containerd-shim`s in the host
+/// namespace, in their own network namespaces), e.g. of a crashed test's [`docker::Dockerd`].
 fn remove_netns(ns: &str) -> Result<()> {
     if let Ok(out) = run(Command::new("ip").args(["netns", "pids", ns]), CMD_TIMEOUT) {
-        for pid in String::from_utf8_lossy(&out.stdout)
+        let listed: Vec<i32> = String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
-        {
-            if pid > 1 && pid as u32 != std::process::id() {
-                // SAFETY: plain syscall; the PID was just listed as living in our namespace.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+            .collect();
+        // Descendants first looked up, then everything killed: the table is read before any kill,
+        // so children are still attached to their parents.
+        let table = proc_table();
+        let procs = with_descendants(&table, &listed);
+        let spared = own_ancestry(&table);
+        for p in procs {
+            if p.pid > 1 && !spared.contains(&p.pid) {
+                kill_same(p, libc::SIGKILL);
             }
         }
     }
@@ -1177,6 +1194,79 @@ fn remove_netns(ns: &str) -> Result<()> {
         let _ = fs::remove_dir(&etc);
     }
     ip(&["netns", "del", ns])
+}
+
+/// One process as `/proc/<pid>/stat` shows it. `start` (field 22, clock ticks since boot) makes
+/// `(pid, start)` name one process for good, so a recycled PID is never signalled by mistake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcInfo {
+    pub(crate) pid: i32,
+    pub(crate) ppid: i32,
+    pub(crate) start: u64,
+    pub(crate) zombie: bool,
+}
+
+/// `/proc/<pid>/stat` of one process, `None` if it is gone.
+pub(crate) fn proc_info(pid: i32) -> Option<ProcInfo> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+    let (_, rest) = s.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcInfo {
+        pid,
+        ppid: f.get(1)?.parse().ok()?,
+        start: f.get(19)?.parse().ok()?,
+        zombie: f.first()? == &"Z",
+    })
+}
+
+/// Every process in `/proc` (those that vanish while reading are left out).
+pub(crate) fn proc_table() -> Vec<ProcInfo> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_info)
+        .collect()
+}
+
+/// The processes `roots` (those in `table`) and all their descendants in `table`.
+pub(crate) fn with_descendants(table: &[ProcInfo], roots: &[i32]) -> Vec<ProcInfo> {
+    let mut found: Vec<ProcInfo> = table.iter().filter(|p| roots.contains(&p.pid)).copied().collect();
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i].pid;
+        for p in table {
+            if p.ppid == parent && !found.iter().any(|f| f.pid == p.pid) {
+                found.push(*p);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// This process and its ancestors, which cleanup must never signal.
+pub(crate) fn own_ancestry(table: &[ProcInfo]) -> Vec<i32> {
+    let mut out = vec![std::process::id() as i32];
+    let mut cur = std::process::id() as i32;
+    while let Some(p) = table.iter().find(|p| p.pid == cur) {
+        if p.ppid <= 0 || out.contains(&p.ppid) {
+            break;
+        }
+        out.push(p.ppid);
+        cur = p.ppid;
+    }
+    out
+}
+
+/// Sends `signal` to `p` if that PID still is the same process (same start time).
+pub(crate) fn kill_same(p: ProcInfo, signal: i32) {
+    if proc_info(p.pid).is_some_and(|now| now.start == p.start) {
+        // SAFETY: plain syscall on a PID just checked to be the process we recorded.
+        unsafe { libc::kill(p.pid, signal) };
+    }
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL and reap.

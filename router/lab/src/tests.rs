@@ -219,7 +219,7 @@ fn routers_and_containers_with_fake_weft() {
     for want in [
         "--nickname h1",
         "--password s3cret",
-        "--no-discovery --ipalloc-init=consensus=2 192.168.77.1",
+        "--no-discovery --ipalloc-init=consensus=2 --no-docker 192.168.77.1",
         "RUST_LOG=info",
         "--password ***",
     ] {

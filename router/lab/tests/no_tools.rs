@@ -140,3 +140,13 @@ fn lab_new_without_ip_or_nsenter_names_the_package() {
         "{err}"
     );
 }
+
+/// Docker tests skip (with a message naming the package) rather than fail where dockerd cannot
+/// be started in its own mount namespace (no `unshare`); needs no root.
+#[test]
+fn docker_without_unshare_is_unavailable() {
+    let turn = turn();
+    let _bare = BarePath::new(&turn, &["ip", "nsenter", "tar"]);
+    assert!(!weft_lab::docker::docker_available());
+    assert!(!weft_lab::docker::require_docker("docker_without_unshare_is_unavailable"));
+}
