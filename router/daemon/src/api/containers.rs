@@ -73,6 +73,9 @@ pub struct AttachReq {
     /// not tied to it for IPAM's garbage collection.
     #[serde(skip)]
     pub outlives_netns: bool,
+    /// The container end's MAC (one it had before); a fresh one when absent.
+    #[serde(skip)]
+    pub mac: Option<[u8; 6]>,
 }
 
 fn default_ifname() -> String {
@@ -145,12 +148,15 @@ async fn docker_attach(sh: &Shared, docker: &Docker, mut req: AttachReq) -> Resu
         dns_name: req.name.clone().or_else(|| weft_dns::relative_name(&info.name, &sh.dns.domain).ok().map(|_| info.name.clone())),
         ifname: req.ifname.clone(),
         pid: Some(pid),
+        mac: None,
     };
     req.netns = pid.to_string();
     req.id = Some(crate::docker::ipam_id(&info.id));
     req.outlives_netns = true;
     req.name = entry.dns_name.clone();
     let mut v = attach_netns(sh, req).await?;
+    let mut entry = entry;
+    entry.mac = v["mac"].as_str().and_then(|m| m.parse::<Mac>().ok()).map(|m| m.to_string());
     docker.remember_attached(&info.id, entry).await;
     v["container"] = json!(info.name);
     v["container_id"] = json!(info.id);
@@ -202,7 +208,10 @@ pub async fn attach_netns(sh: &Shared, req: AttachReq) -> Result<Value, ApiError
             return Err(bad(format!("{e:#}")));
         }
     };
-    let opts = AttachOpts { addrs: &addrs, mtu, routes: &[], hairpin: false, mac: Some(sh.guard.promise(segment)), segment };
+    let opts = AttachOpts { addrs: &addrs, mtu, routes: &[], hairpin: false, mac: Some(match req.mac {
+        Some(m) => sh.guard.promise_mac(segment, m),
+        None => sh.guard.promise(segment),
+    }), segment };
     let info = match sh.netdev.attach_netns_with(&bridge, &path, &req.ifname, &opts).await {
         Ok(i) => i,
         Err(e) => {

@@ -72,7 +72,12 @@ impl Guard {
     /// A fresh MAC for a container port on network `segment` that is about to be made,
     /// announced at once (so peers take the container's first frames).
     pub fn promise(&self, segment: u32) -> [u8; 6] {
-        let mac = guard::random_mac();
+        self.promise_mac(segment, guard::random_mac())
+    }
+
+    /// [`Guard::promise`] of a given MAC: a container attached again keeps its MAC, so that its
+    /// neighbours' ARP caches stay right.
+    pub fn promise_mac(&self, segment: u32, mac: [u8; 6]) -> [u8; 6] {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(mac, (segment, Instant::now()));
         self.wake.notify_one();
         mac

@@ -79,6 +79,9 @@ pub struct Attached {
     pub ifname: String,
     /// The PID it was attached at (its netns path is `/proc/PID/ns/net`).
     pub pid: Option<i64>,
+    /// Its MAC, kept across restarts.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// See the module docs.
@@ -233,7 +236,7 @@ mod tests {
         let path = dir.join("docker.json");
         let mut b = Book::default();
         b.pools.insert("10.40.7.0/24".into(), Pool { gateway: Ipv4Addr::new(10, 40, 7, 1) });
-        b.attached.insert("abc".into(), Attached { name: "web".into(), cidrs: vec![], network: None, dns_name: None, ifname: "ethwe".into(), pid: Some(7) });
+        b.attached.insert("abc".into(), Attached { name: "web".into(), cidrs: vec![], network: None, dns_name: None, ifname: "ethwe".into(), pid: Some(7), mac: None });
         b.save(&path).unwrap_or_default();
         assert_eq!(Book::load(&path), Ok(b));
         std::fs::write(&path, b"{not json").unwrap_or_default();

@@ -188,9 +188,17 @@ impl Docker {
     /// Which of these stopped containers is being started now, if exactly one is: dockerd
     /// holds a container's lock while it starts it (and asks IPAM for its address meanwhile),
     /// so an inspect of that one does not answer, while the others answer at once. A container
-    /// that is gone is said so, so that its address can go.
+    /// that is gone is said so, so that its address can go. When no one can be told apart, none
+    /// is named: the container gets a fresh address, never another container's.
     async fn starting_among(&self, candidates: &[String]) -> (Option<String>, Vec<String>) {
-        let Ok(c) = self.client().await else { return (None, Vec::new()) };
+        let c = match tokio::time::timeout(LOCK_PROBE * 2, self.client()).await {
+            Ok(Ok(c)) => c,
+            // dockerd does not serve its API while it starts the containers it had running
+            // (restart policies, after its own restart): no request of a person can be under
+            // way, so this one is dockerd's, for one of those. With one candidate, that is it.
+            _ if candidates.len() == 1 => return (candidates.first().cloned(), Vec::new()),
+            _ => return (None, Vec::new()),
+        };
         let probes = candidates.iter().map(|id| {
             let c = c.clone();
             async move {
@@ -200,14 +208,23 @@ impl Docker {
         });
         let mut starting = Vec::new();
         let mut gone = Vec::new();
+        let mut unanswered = Vec::new();
         for (id, r) in futures::future::join_all(probes).await {
             match r {
                 Err(_) => starting.push(id),
                 Ok(Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })) => gone.push(id),
-                Ok(_) => {}
+                Ok(Err(_)) => unanswered.push(id),
+                Ok(Ok(_)) => {}
             }
         }
-        (if starting.len() == 1 { starting.pop() } else { None }, gone)
+        if starting.len() == 1 {
+            return (starting.pop(), gone);
+        }
+        // As above, when the API takes the connection but does not answer.
+        if starting.is_empty() && unanswered.len() == candidates.len() && candidates.len() == 1 {
+            return (unanswered.pop(), gone);
+        }
+        (None, gone)
     }
 
     /// Status for `weft status` (`docker` block).
@@ -444,6 +461,7 @@ impl Docker {
             name: a.dns_name.clone(),
             network: a.network.clone(),
             outlives_netns: true,
+            mac: a.mac.as_deref().and_then(|m| m.parse::<weft_proto::Mac>().ok()).map(|m| m.0),
         };
         match crate::api::containers::attach_netns(&self.sh, req).await {
             Ok(v) => {

@@ -522,6 +522,7 @@ async fn request_address(d: &Docker, r: RequestAddressReq) -> CallResult {
         None if !parked.is_empty() => {
             let ids: Vec<String> = parked.iter().map(|(_, c)| c.clone()).collect();
             let (starting, gone) = d.starting_among(&ids).await;
+            info!(kept = parked.len(), starting = ?starting.as_deref().map(short), gone = gone.len(), "addresses kept for stopped containers: is one of them starting?");
             for cid in gone {
                 d.destroyed(&cid).await;
             }
@@ -571,6 +572,7 @@ async fn release_address(d: &Docker, r: ReleaseAddressReq) -> CallResult {
     if a.container.is_some() {
         // Its container may start again: kept for it until it is removed.
         a.parked = true;
+        info!(address = %ip, container = %a.container.as_deref().map(short).unwrap_or(""), "address kept for a stopped container");
         let b = book.clone();
         drop(book);
         d.save(&b).await;
