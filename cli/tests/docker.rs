@@ -298,3 +298,141 @@ fn diagnose(t: &DockerLab, name: &str) {
     let out = t.d[1].docker(&["run", "--rm", "--network", "app", IMG, "sh", "-c", &format!("cat /etc/resolv.conf; ip addr; ip route; nslookup {name}; ping -c 2 -W 1 {name}; ping -c 1 -W 1 10.40.7.1; arp -n; ping -c 1 -W 1 10.40.7.129")]);
     eprintln!("from host B: {:?}", out.map(|o| (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())));
 }
+
+/// One raw HTTP/1.1 POST on the plugin socket; the status and body.
+fn plugin_call(sock: &std::path::Path, method: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("plugin socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let head = format!("POST /{method} HTTP/1.1\r\nHost: plugin\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).expect("write");
+    // A server that refuses a body early may close before it is all written.
+    let _ = s.write_all(body);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn the_plugin_answers_the_protocol_and_refuses_bad_calls() {
+    // No dockerd needed: the calls are made here, as dockerd (or anyone root) would.
+    let Some(mut lab) = lab("the_plugin_answers_the_protocol_and_refuses_bad_calls", 1, None, &[]) else { return };
+    let args = router_args(&lab, 0);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.configure_host(0, None, &args).expect("configure");
+    start_star(&mut lab);
+    let sock = host_dir(&lab, 0).join("plugins/weft.sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()), "plugin socket");
+    let mode = std::fs::metadata(&sock).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777).unwrap_or(0);
+    assert_eq!(mode, 0o600, "the plugin socket is root-only");
+
+    let (code, body) = plugin_call(&sock, "Plugin.Activate", b"");
+    assert_eq!((code, body.contains("NetworkDriver") && body.contains("IpamDriver")), (200, true), "{body}");
+    let (code, body) = plugin_call(&sock, "NetworkDriver.GetCapabilities", b"");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"Scope\":\"local\""), "{body}");
+    let (code, body) = plugin_call(&sock, "IpamDriver.GetCapabilities", b"");
+    assert!(code == 200 && body.contains("\"RequiresMACAddress\":false"), "{body}");
+    // Unknown methods: 404, as the protocol asks (dockerd then knows it is not implemented).
+    let (code, _) = plugin_call(&sock, "NetworkDriver.NoSuchThing", b"{}");
+    assert_eq!(code, 404);
+    // Bad bodies, bad IDs, requests for things that do not exist: refused, named, and counted.
+    let bad: &[(&str, &[u8], &str)] = &[
+        ("NetworkDriver.CreateNetwork", b"{not json", "does not parse"),
+        ("NetworkDriver.CreateNetwork", b"{\"NetworkID\": 5}", "does not parse"),
+        ("NetworkDriver.CreateNetwork", b"{\"NetworkID\": \"../../etc\"}", "is not a Docker ID"),
+        ("NetworkDriver.CreateEndpoint", br#"{"NetworkID":"0123456789abcdef","EndpointID":"0123456789abcdef","Interface":{"Address":"10.40.7.9/24"}}"#, "weft does not know Docker network"),
+        ("NetworkDriver.Join", br#"{"NetworkID":"0123456789abcdef","EndpointID":"fedcba9876543210"}"#, "weft has no endpoint"),
+        ("IpamDriver.RequestPool", br#"{"AddressSpace":"weft","Pool":"10.40.7.0/24","V6":true}"#, "IPv4 only"),
+        ("IpamDriver.RequestPool", br#"{"AddressSpace":"weft","Pool":"10.40.7.0/24","SubPool":"10.40.7.0/25"}"#, "--ip-range"),
+        ("IpamDriver.RequestPool", br#"{"AddressSpace":"weft","Pool":"10.40.7.0/24","Options":{"x":"y"}}"#, "--ipam-opt x"),
+        ("IpamDriver.RequestAddress", br#"{"PoolID":"10.99.0.0/24","Address":""}"#, "no pool"),
+    ];
+    for (method, body, want) in bad {
+        let (code, answer) = plugin_call(&sock, method, body);
+        assert_eq!(code, 400, "{method} {}: {answer}", String::from_utf8_lossy(body));
+        let v: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
+        assert!(v["Err"].as_str().is_some_and(|e| e.contains(want)) && v["Err"] == v["Error"], "{method}: {answer}");
+    }
+    // A pool, an address in it, an address claimed twice, and release of what is unknown.
+    let (code, body) = plugin_call(&sock, "IpamDriver.RequestPool", br#"{"AddressSpace":"weft","Pool":"10.40.7.0/24"}"#);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    assert_eq!(v["PoolID"], "10.40.7.0/24");
+    let gw = v["Data"]["com.docker.network.gateway"].as_str().unwrap_or_default().to_owned();
+    assert!(gw.starts_with("10.40.7.") && gw.ends_with("/24"), "{body}");
+    let (_, body) = plugin_call(&sock, "IpamDriver.RequestAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.77"}"#);
+    assert!(body.contains("10.40.7.77/24"), "{body}");
+    let (code, body) = plugin_call(&sock, "IpamDriver.RequestAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.77"}"#);
+    assert_eq!(code, 400, "an address is never given twice: {body}");
+    let (code, _) = plugin_call(&sock, "IpamDriver.ReleaseAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.200"}"#);
+    assert_eq!(code, 200, "releasing what was never given is not an error (dockerd cleans up so)");
+    let (code, _) = plugin_call(&sock, "NetworkDriver.DeleteEndpoint", br#"{"NetworkID":"0123456789abcdef","EndpointID":"0123456789abcdef"}"#);
+    assert_eq!(code, 200);
+    // A body far larger than any request: refused by the HTTP layer, the router carries on.
+    let huge = vec![b'x'; 3 << 20];
+    let (code, _) = plugin_call(&sock, "IpamDriver.RequestPool", &huge);
+    assert!(code == 413 || code == 400 || code == 0, "huge body: {code}");
+    let (code, _) = plugin_call(&sock, "Plugin.Activate", b"");
+    assert_eq!(code, 200, "the router still serves");
+    let s = status(&lab, 0);
+    assert!(s["docker"]["refused"].as_u64().unwrap_or(0) >= bad.len() as u64 + 1, "{}", s["docker"]);
+    // The address given here survives a router restart: the plugin's book is on disk.
+    lab.kill_router(0, libc::SIGKILL).expect("kill");
+    lab.start_router(0, &[]).expect("start again");
+    assert!(wait_for(Duration::from_secs(10), || plugin_call(&sock, "Plugin.Activate", b"").0 == 200));
+    let (code, body) = plugin_call(&sock, "IpamDriver.RequestAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.77"}"#);
+    assert_eq!(code, 400, "still held after the restart: {body}");
+    let (code, _) = plugin_call(&sock, "IpamDriver.ReleaseAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.77"}"#);
+    assert_eq!(code, 200);
+    let (code, body) = plugin_call(&sock, "IpamDriver.RequestAddress", br#"{"PoolID":"10.40.7.0/24","Address":"10.40.7.77"}"#);
+    assert_eq!(code, 200, "free again once released: {body}");
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// The benchmark of docs/benchmarks.md ("Docker"): `docker run --rm` on a weft network against
+/// Docker's own bridge, on one dockerd, interleaved. Run it alone:
+/// `cargo test --release -p weft --test docker -- --ignored --nocapture bench_docker_run`
+#[test]
+#[ignore = "a benchmark: run it by hand, alone on the machine"]
+fn bench_docker_run() {
+    let Some(t) = docker_lab("bench_docker_run", 1, Some("docker-bench-pw")) else { return };
+    let d = &t.d[0];
+    create_network(d, "app", "10.40.7.0/24");
+    let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(50);
+    let time = |net: &str| {
+        let t0 = Instant::now();
+        ok(d, &["run", "--rm", "--network", net, IMG, "true"]);
+        t0.elapsed().as_secs_f64() * 1000.0
+    };
+    for _ in 0..3 {
+        time("app");
+        time("bridge");
+    }
+    let (mut weft, mut bridge) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        // Interleaved, and which goes first alternates.
+        if i % 2 == 0 {
+            weft.push(time("app"));
+            bridge.push(time("bridge"));
+        } else {
+            bridge.push(time("bridge"));
+            weft.push(time("app"));
+        }
+    }
+    weft.sort_by(f64::total_cmp);
+    bridge.sort_by(f64::total_cmp);
+    let (w50, w99, b50, b99) = (percentile(&weft, 0.5), percentile(&weft, 0.99), percentile(&bridge, 0.5), percentile(&bridge, 0.99));
+    println!("docker run --rm ... true, {runs} runs each, interleaved (ms):");
+    println!("| network | p50 | p99 |\n| --- | --- | --- |");
+    println!("| weft (plugin) | {w50:.0} | {w99:.0} |\n| bridge (Docker's) | {b50:.0} | {b99:.0} |");
+    println!("ratio weft/bridge: p50 {:.2}x, p99 {:.2}x", w50 / b50, w99 / b99);
+    let s = status(&t.lab, 0);
+    println!("plugin requests {}, refused {}, addresses now held {}", s["docker"]["requests"], s["docker"]["refused"], s["docker"]["addresses"]);
+}

@@ -230,6 +230,9 @@ async fn delete_network(d: &Docker, r: NetworkReq) -> CallResult {
         let b = book.clone();
         drop(book);
         d.save(&b).await;
+        if let Some(name) = n.name.as_deref().and_then(|n| weft_name(n).ok()) {
+            d.sh.networks.release_if_empty(networks::segment_of(&name)).await;
+        }
         info!(network = %short(&r.network_id), name = n.name.as_deref().unwrap_or(""), "Docker network on weft removed");
     }
     Ok(json!({}))
@@ -360,6 +363,9 @@ async fn delete_endpoint(d: &Docker, r: EndpointReq) -> CallResult {
     let mut book = d.book.lock().await;
     // Unknown: already gone (dockerd cleans up after a crash with calls like this).
     let Some(ep) = book.endpoints.remove(&r.endpoint_id) else { return Ok(json!({})) };
+    // The weft network stays on this host while the Docker network is here (no bridge, TAP
+    // and VXLAN device made again for every short-lived container).
+    let pinned = book.networks.contains_key(&ep.network);
     let b = book.clone();
     drop(book);
     d.save(&b).await;
@@ -367,7 +373,9 @@ async fn delete_endpoint(d: &Docker, r: EndpointReq) -> CallResult {
         warn!(port = %ep.port, error = %format!("{e:#}"), "could not remove a Docker endpoint's port");
     }
     d.sh.guard.changed();
-    d.sh.networks.release_if_empty(ep.segment).await;
+    if !pinned {
+        d.sh.networks.release_if_empty(ep.segment).await;
+    }
     info!(endpoint = %short(&r.endpoint_id), network = %ep.weft_network, port = %ep.port, "Docker endpoint removed");
     let _ = r.network_id;
     Ok(json!({}))
