@@ -67,6 +67,24 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             let ports = g["ports"].as_array().map_or(0, Vec::len);
             writeln!(out, "       Guard: {ports} container port(s), {}", guard_drops(&g["dropped"], g["unruled"].as_u64().unwrap_or(0)))?;
         }
+        let d = &v["docker"];
+        if !d.is_null() {
+            let engine = if d["engine"]["connected"] == true { "following dockerd's events" } else { "dockerd not reachable" };
+            let nets: Vec<String> = d["networks"]
+                .as_array()
+                .map(|a| a.iter().map(|n| format!("{} {}", n["name"].as_str().unwrap_or("?"), n["subnet"].as_str().unwrap_or(""))).collect())
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "      Docker: {engine}; {} network(s){}, {} endpoint(s), {} attached, {} address(es) kept for stopped containers, {} call(s) refused",
+                nets.len(),
+                if nets.is_empty() { String::new() } else { format!(" ({})", nets.join(", ")) },
+                d["endpoints"],
+                d["attached"].as_array().map_or(0, Vec::len),
+                d["kept_for_stopped"],
+                d["refused"]
+            )?;
+        }
         let drops: u64 = v["stats"]["drops"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
         writeln!(
             out,

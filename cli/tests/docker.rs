@@ -378,7 +378,7 @@ fn the_plugin_answers_the_protocol_and_refuses_bad_calls() {
     let (code, _) = plugin_call(&sock, "Plugin.Activate", b"");
     assert_eq!(code, 200, "the router still serves");
     let s = status(&lab, 0);
-    assert!(s["docker"]["refused"].as_u64().unwrap_or(0) >= bad.len() as u64 + 1, "{}", s["docker"]);
+    assert!(s["docker"]["refused"].as_u64().unwrap_or(0) > bad.len() as u64, "{}", s["docker"]);
     // The address given here survives a router restart: the plugin's book is on disk.
     lab.kill_router(0, libc::SIGKILL).expect("kill");
     lab.start_router(0, &[]).expect("start again");
@@ -401,6 +401,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// `cargo test --release -p weft --test docker -- --ignored --nocapture bench_docker_run`
 #[test]
 #[ignore = "a benchmark: run it by hand, alone on the machine"]
+#[allow(clippy::print_stdout)] // the benchmark prints its table
 fn bench_docker_run() {
     let Some(t) = docker_lab("bench_docker_run", 1, Some("docker-bench-pw")) else { return };
     let d = &t.d[0];
