@@ -435,8 +435,8 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 writeln!(out, "{} already has weft DNS ({ns}) first: nothing to change", config.display())?;
             }
-            if let Some(p) = v["plugin"].as_str() {
-                writeln!(out, "the Docker plugin is served on {p}: docker network create -d weft --ipam-driver weft --subnet CIDR NAME")?;
+            if v["docker_integration"] == true {
+                writeln!(out, "the router serves the Docker plugin: docker network create -d weft --ipam-driver weft --subnet CIDR NAME")?;
             }
             Ok(())
         }

@@ -248,13 +248,13 @@ impl Start {
             host_addr_lock: tokio::sync::Mutex::new(()),
             guard,
             networks,
-            docker: std::sync::OnceLock::new(),
+            engine: std::sync::OnceLock::new(),
         });
         let (stop_api, api_stopped) = watch::channel(false);
         let api_task = serve_api(api.clone(), &opts.api_socket, api_stopped.clone()).await?;
         if let Some(d) = &opts.docker {
             let docker = crate::docker::Docker::new(api.clone(), &opts.state_dir, d.socket.clone(), d.plugin_dir.clone());
-            let _ = api.docker.set(docker.clone());
+            let _ = api.engine.set(Arc::new(crate::docker::engine::DockerEngine(docker.clone())));
             if let Err(e) = crate::docker::plugin::serve(docker.clone(), api_stopped).await {
                 warn!(error = %format!("{e:#}"), "the Docker plugin is not served (docker network create -d weft will not find it)");
             }

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("metrics", &["frame", "control"]),
     ("config", &["services"]),
     ("api", &["control", "services", "host", "frame", "metrics"]),
+    ("docker", &["api", "control", "services", "host", "frame", "metrics"]),
 ];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;

@@ -8,7 +8,6 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -19,11 +18,12 @@ use tracing::{info, warn};
 use weft_ipam::{Allocation, Cidr, Want};
 
 use super::error::{bad, internal, ApiError, ApiResult};
+pub use super::request::{AttachReq, DetachReq};
 use super::request::{blocking, wait_time};
 use super::state::Shared;
 use crate::host::netns::{is_netns_name, netns_path, netns_ref};
 use crate::control::networks;
-use crate::docker::{book, Docker};
+use super::state::Engine;
 use crate::host::AttachOpts;
 use crate::host::resolv::{remove_resolv_conf, write_resolv_conf};
 use crate::services::ipam::{want, EXPOSE_ID};
@@ -49,38 +49,6 @@ fn parse_cidr(s: &str) -> Result<(IpAddr, u8), ApiError> {
     Ok((ip, prefix))
 }
 
-/// An attach request.
-#[derive(Deserialize)]
-pub struct AttachReq {
-    /// A namespace (name, path or PID) or, when no namespace has that name, a Docker container.
-    pub netns: String,
-    /// `IP/PREFIX` (claimed from IPAM when inside its range), `net:CIDR`
-    /// (any free address in that subnet) or `net:default`. None: one address
-    /// from the default subnet.
-    #[serde(default)]
-    pub cidrs: Vec<String>,
-    #[serde(default = "default_ifname")]
-    pub ifname: String,
-    pub mtu: Option<u32>,
-    /// Container ID for IPAM; the namespace's inode when absent.
-    pub id: Option<String>,
-    pub timeout_seconds: Option<f64>,
-    /// A DNS name for the container (`web` or `web.weft.local`).
-    pub name: Option<String>,
-    /// The network to join; the default one when absent.
-    pub network: Option<String>,
-    /// The addresses outlive the namespace (a Docker container's, kept while it is stopped):
-    /// not tied to it for IPAM's garbage collection.
-    #[serde(skip)]
-    pub outlives_netns: bool,
-    /// The container end's MAC (one it had before); a fresh one when absent.
-    #[serde(skip)]
-    pub mac: Option<[u8; 6]>,
-}
-
-fn default_ifname() -> String {
-    "ethwe".into()
-}
 
 /// What the user asked for, one address each.
 enum AddrSpec {
@@ -114,51 +82,19 @@ fn addr_specs(sh: &Shared, cidrs: &[String], segment: u32) -> Result<Vec<AddrSpe
 }
 
 async fn attach(State(sh): State<Shared>, Json(req): Json<AttachReq>) -> ApiResult {
-    if let Some(docker) = docker_target(&sh, &req.netns).await? {
-        return docker_attach(&sh, &docker, req).await.map(Json);
+    if let Some(engine) = engine_target(&sh, &req.netns) {
+        return engine.attach(&sh, req).await.map(Json);
     }
     attach_netns(&sh, req).await.map(Json)
 }
 
-/// The Docker integration when `target` names no namespace and Docker is there to ask.
-async fn docker_target(sh: &Shared, target: &str) -> Result<Option<Arc<Docker>>, ApiError> {
+/// The container engine, when `target` names no namespace and one is plugged in.
+fn engine_target(sh: &Shared, target: &str) -> Option<Arc<dyn Engine>> {
     if !is_netns_name(target) || netns_path(target).exists() {
-        return Ok(None);
+        return None;
     }
-    // Without the Docker integration, the namespace's own error says what is missing.
-    Ok(sh.docker.get().cloned())
-}
-
-/// `weft attach CONTAINER`: the container's namespace from the Engine API, addresses and name
-/// under its ID, and attached again whenever it starts again (see `crate::docker`).
-async fn docker_attach(sh: &Shared, docker: &Docker, mut req: AttachReq) -> Result<Value, ApiError> {
-    let target = req.netns.clone();
-    let info = docker
-        .inspect(&target, Duration::from_secs(10))
-        .await
-        .map_err(|e| bad(format!("{target:?} is not a network namespace, and Docker could not be asked about a container of that name: {e:#}")))?
-        .ok_or_else(|| bad(format!("no network namespace and no Docker container is called {target:?}")))?;
-    let pid = info.pid.ok_or_else(|| bad(format!("Docker container {} is not running: start it first (weft attaches it again by itself whenever it starts)", info.name)))?;
-    let entry = book::Attached {
-        name: info.name.clone(),
-        cidrs: req.cidrs.clone(),
-        network: req.network.clone(),
-        dns_name: req.name.clone().or_else(|| weft_dns::relative_name(&info.name, &sh.dns.domain).ok().map(|_| info.name.clone())),
-        ifname: req.ifname.clone(),
-        pid: Some(pid),
-        mac: None,
-    };
-    req.netns = pid.to_string();
-    req.id = Some(crate::docker::ipam_id(&info.id));
-    req.outlives_netns = true;
-    req.name = entry.dns_name.clone();
-    let mut v = attach_netns(sh, req).await?;
-    let mut entry = entry;
-    entry.mac = v["mac"].as_str().and_then(|m| m.parse::<Mac>().ok()).map(|m| m.to_string());
-    docker.remember_attached(&info.id, entry).await;
-    v["container"] = json!(info.name);
-    v["container_id"] = json!(info.id);
-    Ok(v)
+    // Without one, the namespace's own error says what is missing.
+    sh.engine.get().cloned()
 }
 
 /// Attaches a namespace (see the module docs).
@@ -286,52 +222,16 @@ pub async fn undo_allocations(sh: &Shared, allocated: &[Allocation]) {
     }
 }
 
-#[derive(Deserialize)]
-struct DetachReq {
-    netns: String,
-    /// The container ID given at attach, if one was.
-    id: Option<String>,
-    #[serde(default = "default_ifname")]
-    ifname: String,
-}
 
-async fn detach(State(sh): State<Shared>, Json(mut req): Json<DetachReq>) -> ApiResult {
-    if let Some(docker) = docker_target(&sh, &req.netns).await? {
-        // A container attached with `weft attach CONTAINER`: forgotten, so not attached again.
-        let target = req.netns.clone();
-        let info = docker
-            .inspect(&target, Duration::from_secs(10))
-            .await
-            .map_err(|e| bad(format!("{e:#}")))?
-            .ok_or_else(|| bad(format!("no network namespace and no Docker container is called {target:?}")))?;
-        let forgotten = docker.forget_attached(&info.id).await;
-        let id = crate::docker::ipam_id(&info.id);
-        let Some(pid) = info.pid else {
-            // Stopped: no port to remove; its addresses and name go.
-            let released = sh.control.release(id.clone(), None).await?;
-            sh.control.dns_remove(id, None, Vec::new()).await?;
-            if forgotten.is_none() && released.is_empty() {
-                return Err(bad(format!("Docker container {} is not attached to weft", info.name)));
-            }
-            let released: Vec<String> = released.iter().map(Allocation::cidr).collect();
-            return Ok(Json(json!({ "detached": info.name, "released": released })));
-        };
-        if let Some(f) = &forgotten {
-            req.ifname = f.ifname.clone();
-        }
-        req.netns = pid.to_string();
-        req.id = Some(id.clone());
-        let mut v = detach_netns(&sh, req).await?;
-        // Its addresses are kept under its ID, not its namespace.
-        let released: Vec<String> = sh.control.release(id, None).await?.iter().map(Allocation::cidr).collect();
-        v["released"] = json!(released);
-        v["detached"] = json!(info.name);
-        return Ok(Json(v));
+async fn detach(State(sh): State<Shared>, Json(req): Json<DetachReq>) -> ApiResult {
+    if let Some(engine) = engine_target(&sh, &req.netns) {
+        return engine.detach(&sh, req).await.map(Json);
     }
     detach_netns(&sh, req).await.map(Json)
 }
 
-async fn detach_netns(sh: &Shared, req: DetachReq) -> Result<Value, ApiError> {
+/// Detaches a namespace.
+pub async fn detach_netns(sh: &Shared, req: DetachReq) -> Result<Value, ApiError> {
     let path: PathBuf = netns_path(&req.netns);
     let p = path.clone();
     let inode = blocking(move || netns_ref(&p).ok().map(|n| n.inode)).await?;

@@ -33,10 +33,10 @@ async fn setup(State(sh): State<Shared>) -> ApiResult {
                 .ok_or_else(|| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "the DNS server did not come up; see the router's log"))?
         }
     };
-    let docker = sh.docker.get();
+    let engine = sh.engine.get().is_some();
     Ok(Json(json!({
         "nameserver": nameserver.to_string(),
         "domain": sh.dns.domain.trim_end_matches('.'),
-        "plugin": docker.map(|d| d.plugin_socket().display().to_string()),
+        "docker_integration": engine,
     })))
 }

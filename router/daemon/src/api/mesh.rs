@@ -73,8 +73,9 @@ pub async fn status(State(sh): State<Shared>) -> ApiResult {
         Err(e) => json!({ "error": format!("{e:#}") }),
     };
     v["cni"] = json!(cni_attachments(&sh).await?);
-    if let Some(d) = sh.docker.get() {
-        v["docker"] = d.status().await;
+    if let Some(e) = sh.engine.get() {
+        let (key, block) = e.status().await;
+        v[key] = block;
     }
     Ok(Json(v))
 }

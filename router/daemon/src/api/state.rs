@@ -3,7 +3,11 @@
 
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+use serde_json::Value;
 use weft_ipam::Cidr;
+
+use super::error::ApiError;
 
 use crate::control::ControlHandle;
 use crate::host::NetDev;
@@ -37,8 +41,21 @@ pub struct ApiState {
     /// Held while giving the host an address on the bridge, so that concurrent attachments do
     /// not each allocate one.
     pub host_addr_lock: tokio::sync::Mutex<()>,
-    /// The Docker integration, when it is on (set once, right after the state is made).
-    pub docker: std::sync::OnceLock<Arc<crate::docker::Docker>>,
+    /// A container engine plugged in from above (the Docker integration), when it is on: set
+    /// once, right after the state is made.
+    pub engine: std::sync::OnceLock<Arc<dyn Engine>>,
+}
+
+/// What a container engine integration gives the API: `weft attach`/`detach` of a target that
+/// names no namespace, and a block of the status. The API does not know the engine; the engine
+/// uses the API's attach.
+pub trait Engine: Send + Sync {
+    /// Attaches the engine's container `req.netns`.
+    fn attach<'a>(&'a self, sh: &'a Shared, req: super::request::AttachReq) -> BoxFuture<'a, Result<Value, ApiError>>;
+    /// Detaches it.
+    fn detach<'a>(&'a self, sh: &'a Shared, req: super::request::DetachReq) -> BoxFuture<'a, Result<Value, ApiError>>;
+    /// Its key in the status document and what goes there.
+    fn status(&self) -> BoxFuture<'_, (&'static str, Value)>;
 }
 
 /// The handlers' state.

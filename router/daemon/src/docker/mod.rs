@@ -10,6 +10,7 @@
 //! [`Docker::starting_among`]).
 
 pub mod book;
+pub mod engine;
 pub mod plugin;
 
 use std::collections::HashMap;
