@@ -10,6 +10,10 @@
 //! the [`Lab`] stops the routers and deletes everything it made; [`cleanup_stale`] removes what a
 //! crashed run left behind. [`demo`] is `weft lab demo`.
 //!
+//! [`nat`] puts hosts behind NAT routers of a [`Nat`] kind ([`LabConfig::behind_nat`]): a NAT
+//! router namespace `<id>-n<i>` between the switch and host `i`, which then has a private
+//! `underlay_ip` (`10.200.<i>.2`) and the NAT's outside address as [`Host::public_ip`].
+//!
 //! [`docker`] runs one `dockerd` per lab host ([`docker::Dockerd`], in the host's network
 //! namespace and a private mount namespace), for the Docker plugin tests; drop it before the lab.
 //!
@@ -24,14 +28,14 @@
 //! [`require_lab`] skips them with a message when something is missing.
 //!
 //! Names: every lab has an id `wl<pid>x<n>` (creator PID, per-process counter); its namespaces are
-//! `<id>-sw`, `<id>-h<i>` and `<id>-<container>`. Commands run in a namespace with
-//! `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, whose private mount namespace would hide
-//! namespaces created later).
+//! `<id>-sw`, `<id>-h<i>`, `<id>-n<i>` (NAT routers) and `<id>-<container>`. Commands run in a
+//! namespace with `nsenter --net=/run/netns/<ns>` (not `ip netns exec`, whose private mount
+//! namespace would hide namespaces created later).
 //!
 //! Left out: only network namespaces are used (containers share the machine's mount, PID and user
 //! namespaces and its filesystem); no impairment beyond a full block or a dropped UDP port (the
-//! kernel here has no netem); IPv4 underlay only; one flat L2 underlay (no routed/NATed hosts).
-//! Everything needs root.
+//! kernel here has no netem); IPv4 underlay only; one flat L2 underlay (apart from hosts behind
+//! NAT routers, no routed hosts). Everything needs root.
 //! Traffic only flows between the lab's own namespaces: [`Lab::exec`] refuses other namespaces.
 //!
 //! A test:
@@ -70,7 +74,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod docker;
+pub mod nat;
 pub mod probe;
+
+pub use nat::Nat;
 
 const NETNS_DIR: &str = "/run/netns";
 /// The tools every lab needs in PATH (see [`debian_package`]): `nft` because routers guard each
@@ -104,6 +111,9 @@ pub struct LabConfig {
     /// Leave namespaces, routers and the temp dir in place when the lab is dropped (for inspection;
     /// a later [`cleanup_stale`] removes them once this process has exited).
     pub keep: bool,
+    /// Hosts behind a NAT router: (host index, kind), each host at most once; see [`nat`] and
+    /// [`LabConfig::behind_nat`]. Empty: every host sits on the switch.
+    pub nat: Vec<(usize, Nat)>,
 }
 
 impl LabConfig {
@@ -116,6 +126,7 @@ impl LabConfig {
             router_args: Vec::new(),
             router_env: Vec::new(),
             keep: false,
+            nat: Vec::new(),
         }
     }
 }
@@ -127,8 +138,16 @@ pub struct Host {
     pub index: usize,
     /// Network namespace name (`/run/netns/<ns>`).
     pub ns: String,
-    /// Address of `ul0`, `192.168.77.<index+1>`.
+    /// Address of `ul0`, `192.168.77.<index+1>`; behind a NAT the private `10.200.<index>.2`
+    /// (see [`nat`]).
     pub underlay_ip: Ipv4Addr,
+    /// The address other hosts see this one as: `underlay_ip`, or behind a NAT the NAT
+    /// router's outside address `192.168.77.<index+1>`.
+    pub public_ip: Ipv4Addr,
+    /// The kind of NAT this host sits behind, if any.
+    pub nat: Option<Nat>,
+    /// The NAT router's namespace (`<id>-n<index>`), if behind a NAT.
+    pub nat_ns: Option<String>,
     /// The router's API socket (`--api-socket`).
     pub api_socket: PathBuf,
     /// The router's `--state-dir`.
@@ -184,6 +203,7 @@ impl Lab {
         if !(1..=250).contains(&cfg.hosts) {
             bail!("a lab needs 1 to 250 hosts, not {}", cfg.hosts);
         }
+        nat::check_config(&cfg)?;
         // Tools before root: this check makes nothing and needs no privilege, so it can be
         // tested (and a user can learn what to install) without root.
         for tool in LAB_TOOLS {
@@ -224,24 +244,17 @@ impl Lab {
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
         for i in 0..self.cfg.hosts {
             let ns = format!("{}-h{i}", self.id);
-            self.add_netns(&ns)?;
-            let port = format!("s{i}");
-            ip(&[
-                "link", "add", &port, "netns", &sw, "type", "veth", "peer", "name", "ul0", "netns",
-                &ns,
-            ])?;
-            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
-            let underlay_ip = Ipv4Addr::new(192, 168, 77, i as u8 + 1);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{underlay_ip}/24"),
-                "dev",
-                "ul0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "ul0", "up"])?;
+            let (underlay_ip, public_ip, nat_ns) = match self.cfg.nat_of(i) {
+                Some(kind) => {
+                    let nat_ns = format!("{}-n{i}", self.id);
+                    let (private, outside) = self.build_nat_host(i, kind, &nat_ns, &ns)?;
+                    (private, outside, Some(nat_ns))
+                }
+                None => {
+                    let underlay_ip = self.build_host(i, &ns)?;
+                    (underlay_ip, underlay_ip, None)
+                }
+            };
             let hdir = self.dir.join(format!("h{i}"));
             let state_dir = hdir.join("state");
             fs::create_dir_all(&state_dir)
@@ -250,6 +263,9 @@ impl Lab {
                 index: i,
                 ns,
                 underlay_ip,
+                public_ip,
+                nat: self.cfg.nat_of(i),
+                nat_ns,
                 api_socket: hdir.join("weft.sock"),
                 state_dir,
                 log: hdir.join("router.log"),
@@ -259,6 +275,31 @@ impl Lab {
             });
         }
         Ok(())
+    }
+
+    /// Creates host `i`'s namespace `ns` on the switch (port `s<i>`, `ul0` with
+    /// `192.168.77.<i+1>/24`); returns that address.
+    fn build_host(&mut self, i: usize, ns: &str) -> Result<Ipv4Addr> {
+        let sw = self.switch.clone();
+        self.add_netns(ns)?;
+        let port = format!("s{i}");
+        ip(&[
+            "link", "add", &port, "netns", &sw, "type", "veth", "peer", "name", "ul0", "netns",
+            ns,
+        ])?;
+        ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+        let underlay_ip = Ipv4Addr::new(192, 168, 77, i as u8 + 1);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{underlay_ip}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        ip(&["-n", ns, "link", "set", "ul0", "up"])?;
+        Ok(underlay_ip)
     }
 
     /// Creates namespace `name` with `lo` up and records it for cleanup.
@@ -321,6 +362,8 @@ impl Lab {
     }
 
     /// Starts `weft router` on host `i`, with the underlay IPs of hosts `peers` as PEER arguments.
+    /// A host behind a NAT has a private underlay IP nobody else can reach: name only public
+    /// hosts as peers (see [`nat`]).
     /// Returns once its API answers. Fails if a router is already running there, or if it exits
     /// before its API answers, or that takes over 30 s.
     pub fn start_router(&mut self, i: usize, peers: &[usize]) -> Result<()> {
