@@ -34,6 +34,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
     let now = Instant::now();
     let enc = info.encrypted;
     let unannounced = frames.unannounced();
+    let endpoints = frames.endpoints();
     let connections: Vec<Value> = core
         .connections()
         .iter()
@@ -56,6 +57,10 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
                 "up_seconds": now.duration_since(c.since).as_secs(),
                 "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
+                // Where the sleeve sends, and how often the peer's datagrams came from a new
+                // address (a NAT mapping it).
+                "udp_endpoint": endpoints.get(&c.peer).map(|(a, _)| a.to_string()),
+                "udp_endpoint_moves": endpoints.get(&c.peer).map_or(0, |(_, m)| *m),
             })
         })
         .collect();

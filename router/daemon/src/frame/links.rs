@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +18,18 @@ use weft_proto::{Mac, PeerName, Routes};
 pub struct Link {
     /// The peer.
     pub peer: PeerName,
-    /// Where its sleeve listens.
+    /// Where its sleeve listens, as it said (its control connection's address and its UDP
+    /// port).
     pub addr: SocketAddr,
+    /// Where its authenticated datagrams come from, when that is not `addr` (a NAT in between
+    /// mapped it elsewhere): we send there. An IPv4 address is kept packed in `seen_v4`
+    /// (`1 << 48 | ip << 16 | port`, 0 for none), read without a lock on every send and
+    /// receive; an IPv6 one in `seen_v6`, with `roamed_v6` set.
+    seen_v4: AtomicU64,
+    seen_v6: Mutex<Option<SocketAddr>>,
+    roamed_v6: AtomicBool,
+    /// How often the address its datagrams come from changed.
+    pub moves: AtomicU64,
     /// Our receive index for this link.
     pub index: u32,
     /// Holds `index` for this link while it lives.
@@ -45,6 +55,10 @@ impl Link {
         Link {
             peer,
             addr,
+            seen_v4: AtomicU64::new(0),
+            seen_v6: Mutex::new(None),
+            roamed_v6: AtomicBool::new(false),
+            moves: AtomicU64::new(0),
             index: lease.index(),
             _lease: lease,
             encrypted: sealer.encrypted(),
@@ -54,6 +68,40 @@ impl Link {
             epoch,
             unannounced: AtomicU64::new(0),
         }
+    }
+
+    /// Where to send: the address the peer's datagrams come from, once one came from
+    /// elsewhere than it said, else the address it said.
+    pub fn dest(&self) -> SocketAddr {
+        let v4 = self.seen_v4.load(Acquire);
+        if v4 != 0 {
+            let ip = std::net::Ipv4Addr::from((v4 >> 16) as u32);
+            return SocketAddr::new(ip.into(), v4 as u16);
+        }
+        if self.roamed_v6.load(Acquire) {
+            return lock(&self.seen_v6).unwrap_or(self.addr);
+        }
+        self.addr
+    }
+
+    /// An authenticated datagram of this link came from `from`: replies go there from now on
+    /// (a NAT mapped the peer's port, or mapped it anew). Only the UDP thread calls it, after
+    /// the datagram was opened (and passed the replay window), so nobody without the link's
+    /// keys can move it. Returns whether it moved.
+    pub fn came_from(&self, from: SocketAddr) -> bool {
+        if from == self.dest() {
+            return false;
+        }
+        match from {
+            SocketAddr::V4(a) => self.seen_v4.store(1 << 48 | u64::from(u32::from(*a.ip())) << 16 | u64::from(a.port()), Release),
+            SocketAddr::V6(_) => {
+                self.seen_v4.store(0, Release);
+                *lock(&self.seen_v6) = Some(from);
+                self.roamed_v6.store(true, Release);
+            }
+        }
+        self.moves.fetch_add(1, Relaxed);
+        true
     }
 
     /// A heartbeat arrived now.
@@ -282,5 +330,35 @@ mod tests {
         assert_eq!(l.heartbeat_age(), None);
         l.heard();
         assert!(l.heartbeat_age().is_some_and(|a| a < Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_destination_follows_where_datagrams_come_from() {
+        let said: SocketAddr = SocketAddr::from(([192, 0, 2, 7], 6783));
+        let l = Link::new(
+            PeerName::from_u64(1),
+            said,
+            Indices::new().lease(),
+            Sealer::new(weft_proto::sleeve::Cipher::Plain, 1),
+            Opener::new(weft_proto::sleeve::Cipher::Plain),
+            Instant::now(),
+        );
+        assert_eq!(l.dest(), said);
+        assert!(!l.came_from(said), "from where it said: nothing moves");
+        let nat = SocketAddr::from(([198, 51, 100, 1], 40_001));
+        assert!(l.came_from(nat));
+        assert_eq!(l.dest(), nat);
+        assert!(!l.came_from(nat));
+        // A new mapping (conntrack flushed, NAT rebooted), then an IPv6 path, then back.
+        let again = SocketAddr::from(([198, 51, 100, 1], 40_777));
+        assert!(l.came_from(again));
+        assert_eq!(l.dest(), again);
+        let v6: SocketAddr = SocketAddr::new(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9).into(), 6783);
+        assert!(l.came_from(v6));
+        assert_eq!(l.dest(), v6);
+        assert!(l.came_from(nat));
+        assert_eq!(l.dest(), nat);
+        assert_eq!(l.moves.load(Relaxed), 4);
+        assert_eq!(l.addr, said, "what the peer said is kept");
     }
 }

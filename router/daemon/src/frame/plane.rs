@@ -144,6 +144,12 @@ impl FramePath {
         });
     }
 
+    /// Where the sleeve sends to each linked peer, and how often that moved.
+    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64)> {
+        let snap = self.sh.snapshot.reader();
+        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed)))).collect()
+    }
+
     /// Frames from each linked peer dropped for an unannounced source MAC.
     pub fn unannounced(&self) -> HashMap<PeerName, u64> {
         let snap = self.sh.snapshot.reader();

@@ -6,6 +6,7 @@
 //! relay, or drop. What it learns about remote MACs goes to the TAP thread over a bounded queue;
 //! a full queue loses the announcement, which is repeated with the MAC's next frame.
 
+use std::net::SocketAddr;
 use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::sync::atomic::Ordering::Relaxed;
@@ -76,7 +77,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
-                    if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram) {
+                    if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram, meta.addr) {
                         rx.sh.stats.drop(DropReason::Sleeve(e));
                         tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
                     }
@@ -122,7 +123,7 @@ struct Rx<'a> {
 }
 
 impl Rx<'_> {
-    fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbounds, now: Instant, dgram: &[u8]) -> Result<(), SleeveError> {
+    fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbounds, now: Instant, dgram: &[u8], from: SocketAddr) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;
         let opened = {
@@ -134,6 +135,9 @@ impl Rx<'_> {
             r
         };
         let Some(msg) = opened? else { return Ok(()) };
+        if link.came_from(from) {
+            tracing::info!(peer = %link.peer, said = %link.addr, from = %from, "the peer's sleeve datagrams come from another address (a NAT between us?): sending there");
+        }
         for rec in records(&msg) {
             match rec? {
                 Record::Heartbeat => link.heard(),

@@ -48,6 +48,6 @@ impl Shared {
     /// Seals and sends one message on `link`, using `wire` as scratch space.
     pub fn seal_and_send(&self, link: &Arc<Link>, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
         let seg = super::links::lock(&link.sealer).seal(msg, self.udp.max_datagram(), wire);
-        self.udp.send_all(link.addr, wire, seg, &self.stats);
+        self.udp.send_all(link.dest(), wire, seg, &self.stats);
     }
 }

@@ -1,0 +1,66 @@
+//! Hosts behind NAT routers (lab namespaces with nftables masquerade; `weft_lab::nat`). The
+//! sleeve sends to the address a peer's authenticated datagrams come from, so a host behind any
+//! NAT carries traffic with a public peer, and hosts behind NATs reach each other through it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use weft_lab::{Lab, LabConfig, Nat};
+
+fn nat_lab(test: &str, nats: &[(usize, Nat)], hosts: usize) -> Option<Lab> {
+    if !weft_lab::require_root(test) {
+        return None;
+    }
+    let _ = weft_lab::cleanup_stale();
+    let mut cfg = LabConfig::new(hosts, env!("CARGO_BIN_EXE_weft"));
+    cfg.password = Some("nat-test-password".into());
+    for &(i, kind) in nats {
+        cfg = cfg.behind_nat(i, kind);
+    }
+    Some(Lab::new(cfg).expect("building the lab"))
+}
+
+#[test]
+fn hosts_behind_nats_carry_traffic_through_a_public_host() {
+    // Host 0 public; host 1 behind a masquerading NAT that filters by address and port (Linux's
+    // plain masquerade), host 2 behind one that picks a new port per destination.
+    let Some(mut lab) = nat_lab("hosts_behind_nats_carry_traffic_through_a_public_host", &[(1, Nat::Filtering), (2, Nat::Symmetric)], 3) else {
+        return;
+    };
+    start_star(&mut lab);
+    lab.wait_established(0, 2, Duration::from_secs(30)).expect("the public host has both");
+    for i in [1, 2] {
+        lab.wait_established(i, 1, Duration::from_secs(30)).expect("each NATed host has the public one");
+    }
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    let c2 = lab.add_container_auto(2, "c2").expect("c2");
+    let ip = |c: &weft_lab::Container| c.ip.to_string();
+    assert!(ping_until(&lab, &c1, &ip(&c0), &[], Duration::from_secs(20)), "behind a filtering NAT: reaches the public host");
+    assert!(ping_until(&lab, &c2, &ip(&c0), &[], Duration::from_secs(20)), "behind a symmetric NAT: reaches the public host");
+    assert!(ping_until(&lab, &c0, &ip(&c1), &[], Duration::from_secs(10)), "and is reached from it");
+    assert!(ping_until(&lab, &c1, &ip(&c2), &[], Duration::from_secs(20)), "two NATed hosts reach each other through the public one");
+    // The public host sends to where the NATs map them: their outside addresses.
+    let s = status(&lab, 0);
+    for i in [1, 2] {
+        let outside = lab.nat_outside(i).expect("outside").to_string();
+        let conn = s["connections"].as_array().and_then(|cs| cs.iter().find(|c| c["peer_nickname"] == format!("h{i}")).cloned()).unwrap_or_default();
+        let ep = conn["udp_endpoint"].as_str().unwrap_or_default();
+        assert!(ep.starts_with(&format!("{outside}:")), "h{i}: sleeve endpoint {ep}, NAT outside {outside}: {conn}");
+        assert_eq!(conn["state"], "established", "{conn}");
+    }
+    // The symmetric NAT gave the sleeve a port of its own: the public host followed it.
+    let h2 = s["connections"].as_array().and_then(|cs| cs.iter().find(|c| c["peer_nickname"] == "h2").cloned()).unwrap_or_default();
+    assert!(h2["udp_endpoint_moves"].as_u64().unwrap_or(0) >= 1 || !h2["udp_endpoint"].as_str().unwrap_or_default().ends_with(":6783"), "{h2}");
+
+    // The NATs forget every mapping (conntrack flushed, as after a NAT reboot): traffic comes
+    // back within 10 s, with no one doing anything.
+    for i in [1, 2] {
+        lab.nat_flush_conntrack(i).expect("conntrack -F");
+    }
+    assert!(ping_until(&lab, &c1, &ip(&c0), &[], Duration::from_secs(10)), "h1 recovers after its NAT forgot the mapping");
+    assert!(ping_until(&lab, &c2, &ip(&c0), &[], Duration::from_secs(10)), "h2 recovers after its NAT forgot the mapping");
+    assert!(ping_until(&lab, &c1, &ip(&c2), &[], Duration::from_secs(10)), "and through the public host again");
+}
