@@ -118,11 +118,14 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         for p in peers {
             let cs = p["connections"].as_array().map(|a| a.len()).unwrap_or(0);
             let reach = if p["name"] == v["name"] {
-                "  (this peer)"
+                "  (this peer)".to_owned()
             } else if p["reachable"] == true {
-                ""
+                match p["via"]["nickname"].as_str() {
+                    Some(n) => format!("  (relayed via {n}: no direct connection)"),
+                    None => String::new(),
+                }
             } else {
-                "  (unreachable)"
+                "  (unreachable)".to_owned()
             };
             writeln!(out, "  {} ({})  {} connections{}", s(&p["name"]), s(&p["nickname"]), cs, reach)?;
         }

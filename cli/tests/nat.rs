@@ -55,6 +55,14 @@ fn hosts_behind_nats_carry_traffic_through_a_public_host() {
     let h2 = s["connections"].as_array().and_then(|cs| cs.iter().find(|c| c["peer_nickname"] == "h2").cloned()).unwrap_or_default();
     assert!(h2["udp_endpoint_moves"].as_u64().unwrap_or(0) >= 1 || !h2["udp_endpoint"].as_str().unwrap_or_default().ends_with(":6783"), "{h2}");
 
+    // h1 and h2 have no direct connection (neither can dial the other): each says the other is
+    // relayed, and through whom.
+    let s1 = status(&lab, 1);
+    let h2_seen = s1["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["nickname"] == "h2").cloned()).unwrap_or_default();
+    assert_eq!(h2_seen["via"]["nickname"], "h0", "{h2_seen}");
+    let text = lab.weft(1, &["status", "peers"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(text.contains("relayed via h0"), "{text}");
+
     // The NATs forget every mapping (conntrack flushed, as after a NAT reboot): traffic comes
     // back within 10 s, with no one doing anything.
     for i in [1, 2] {

@@ -76,8 +76,15 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                     "address": ci.addr.map(|a| a.to_string())})
                 })
                 .collect();
+            // A peer whose traffic goes through another (no direct connection: behind a NAT,
+            // a firewall) is "relayed via" that next hop.
+            let hop = core.routes().next_hop(p.name);
+            let via = hop.filter(|h| *h != p.name).map(|h| {
+                let nick = core.topology().get(h).map(|i| i.nickname.clone()).unwrap_or_default();
+                json!({"name": h.to_string(), "nickname": nick})
+            });
             json!({"name": p.name.to_string(), "nickname": p.nickname, "uid": p.uid, "version": p.version,
-                "reachable": p.name == core.name() || core.routes().next_hop(p.name).is_some(),
+                "reachable": p.name == core.name() || hop.is_some(), "via": via,
                 "connections": cs})
         })
         .collect();
