@@ -72,3 +72,32 @@ fn hosts_behind_nats_carry_traffic_through_a_public_host() {
     assert!(ping_until(&lab, &c2, &ip(&c0), &[], Duration::from_secs(10)), "h2 recovers after its NAT forgot the mapping");
     assert!(ping_until(&lab, &c1, &ip(&c2), &[], Duration::from_secs(10)), "and through the public host again");
 }
+
+#[test]
+fn idle_connections_through_nats_stay_open() {
+    // NATs that forget a UDP mapping after 5 s of quiet (the 30 s, shortened): the
+    // sleeve's heartbeats (one a second each way) keep the mappings, so an idle mesh carries
+    // traffic again at once after 20 s without any.
+    let Some(mut lab) = nat_lab("idle_connections_through_nats_stay_open", &[(1, Nat::Filtering), (2, Nat::Symmetric)], 3) else {
+        return;
+    };
+    for i in [1, 2] {
+        lab.nat_set_udp_timeout(i, 5).expect("conntrack timeouts");
+    }
+    start_star(&mut lab);
+    lab.wait_established(0, 2, Duration::from_secs(30)).expect("mesh up");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    let c2 = lab.add_container_auto(2, "c2").expect("c2");
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(20)), "through the public host");
+    let moves = |lab: &Lab| -> u64 {
+        status(lab, 0)["connections"].as_array().map_or(0, |cs| cs.iter().filter_map(|c| c["udp_endpoint_moves"].as_u64()).sum())
+    };
+    let before = moves(&lab);
+    std::thread::sleep(Duration::from_secs(20));
+    // One try, no retries: the path must be there already.
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(2)), "after 20 s idle");
+    assert_eq!(moves(&lab), before, "no mapping was lost meanwhile (the public host never had to follow a new one)");
+    for i in 0..3 {
+        assert_eq!(established(&lab, i), if i == 0 { 2 } else { 1 }, "h{i} kept its connections");
+    }
+}
