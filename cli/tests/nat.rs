@@ -101,3 +101,39 @@ fn idle_connections_through_nats_stay_open() {
         assert_eq!(established(&lab, i), if i == 0 { 2 } else { 1 }, "h{i} kept its connections");
     }
 }
+
+#[test]
+fn a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through() {
+    // Host 1 sits behind a router whose inside link takes 1280-byte packets (a VPN link, a
+    // tunnel): the public host learns it from the router's ICMP "fragmentation needed", host 1
+    // from its own link, and both fit their sleeve datagrams to it, with no setting.
+    let Some(mut lab) = nat_lab("a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through", &[(1, Nat::Filtering)], 2) else {
+        return;
+    };
+    let (nat, host) = (lab.nat_ns(1).expect("nat ns").to_owned(), lab.host(1).ns.clone());
+    lab.set_mtu(&nat, weft_lab::nat::NAT_INSIDE_IF, 1280).expect("mtu");
+    lab.set_mtu(&host, "ul0", 1280).expect("mtu");
+    start_star(&mut lab);
+    lab.wait_established(0, 1, Duration::from_secs(30)).expect("mesh up");
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    assert!(ping_until(&lab, &c1, &c0.ip.to_string(), &[], Duration::from_secs(20)), "small pings");
+    // Full-size packets for the containers' MTU (1376): 1348 bytes of ICMP data, DF set.
+    for (from, to) in [(&c1, &c0), (&c0, &c1)] {
+        assert!(
+            ping_until(&lab, from, &to.ip.to_string(), &["-s", "1348", "-M", "do"], Duration::from_secs(15)),
+            "a full-size ping {} -> {} gets through the 1280-byte link",
+            from.ns,
+            to.ip
+        );
+    }
+    for i in [0, 1] {
+        let s = status(&lab, i);
+        let conn = s["connections"][0].clone();
+        assert_eq!(conn["path_mtu"], 1280, "h{i}: {conn}");
+    }
+    // And many of them in a row: nothing lost once the path is known.
+    let out = lab.exec(&c0.ns, &["ping", "-c", "20", "-i", "0.05", "-s", "1348", "-M", "do", "-W", "1", &c1.ip.to_string()]).expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+}

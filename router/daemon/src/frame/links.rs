@@ -30,6 +30,11 @@ pub struct Link {
     roamed_v6: AtomicBool,
     /// How often the address its datagrams come from changed.
     pub moves: AtomicU64,
+    /// The largest datagram the path to the peer takes, when smaller than the socket's
+    /// (0: the socket's); see `Shared::follow_path_mtu`.
+    max_datagram: AtomicU64,
+    /// Milliseconds after `epoch` when a smaller path MTU is looked at again.
+    path_recheck_at: AtomicU64,
     /// Our receive index for this link.
     pub index: u32,
     /// Holds `index` for this link while it lives.
@@ -59,6 +64,8 @@ impl Link {
             seen_v6: Mutex::new(None),
             roamed_v6: AtomicBool::new(false),
             moves: AtomicU64::new(0),
+            max_datagram: AtomicU64::new(0),
+            path_recheck_at: AtomicU64::new(0),
             index: lease.index(),
             _lease: lease,
             encrypted: sealer.encrypted(),
@@ -104,6 +111,30 @@ impl Link {
         true
     }
 
+    /// The largest datagram to send on this link: the path's, or `socket_max`.
+    pub fn max_datagram(&self, socket_max: usize) -> usize {
+        match self.max_datagram.load(Relaxed) {
+            0 => socket_max,
+            m => (m as usize).min(socket_max),
+        }
+    }
+
+    /// Sets the largest datagram the path takes; returns the one before if it changed.
+    pub fn set_max_datagram(&self, fits: usize, socket_max: usize) -> Option<usize> {
+        let was = self.max_datagram(socket_max);
+        let new = if fits >= socket_max { 0 } else { fits as u64 };
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.path_recheck_at.store(ms + PATH_RECHECK.as_millis() as u64, Relaxed);
+        self.max_datagram.store(new, Relaxed);
+        (self.max_datagram(socket_max) != was).then_some(was)
+    }
+
+    /// Whether the path's MTU is due to be looked at (at the first send, then once a second:
+    /// the kernel learns a smaller one from ICMP, or forgets it, at any time).
+    pub fn path_recheck_due(&self) -> bool {
+        self.epoch.elapsed().as_millis() as u64 >= self.path_recheck_at.load(Relaxed)
+    }
+
     /// A heartbeat arrived now.
     pub fn heard(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
@@ -116,6 +147,11 @@ impl Link {
         (at != 0).then(|| self.epoch.elapsed().saturating_sub(Duration::from_millis(at)))
     }
 }
+
+/// The smallest datagram a link is fitted to (an IPv4 path of 576 bytes).
+pub const MIN_DATAGRAM: usize = 548;
+/// How often a link looks at its path's MTU.
+const PATH_RECHECK: Duration = Duration::from_secs(1);
 
 /// Links and routes as the frame path's threads see them.
 #[derive(Default, Clone)]
@@ -360,5 +396,15 @@ mod tests {
         assert_eq!(l.dest(), nat);
         assert_eq!(l.moves.load(Relaxed), 4);
         assert_eq!(l.addr, said, "what the peer said is kept");
+        // The path's datagram size: smaller, the same (no change), back to the socket's.
+        assert!(l.path_recheck_due(), "looked at with the first send");
+        assert_eq!(l.max_datagram(1472), 1472);
+        assert_eq!(l.set_max_datagram(1252, 1472), Some(1472));
+        assert!(!l.path_recheck_due(), "then a second later");
+        assert_eq!(l.max_datagram(1472), 1252);
+        assert_eq!(l.set_max_datagram(1252, 1472), None);
+        assert_eq!(l.max_datagram(1400), 1252);
+        assert_eq!(l.set_max_datagram(9000, 1472), Some(1252));
+        assert_eq!(l.max_datagram(1472), 1472);
     }
 }

@@ -144,10 +144,12 @@ impl FramePath {
         });
     }
 
-    /// Where the sleeve sends to each linked peer, and how often that moved.
-    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64)> {
+    /// Where the sleeve sends to each linked peer, how often that moved, and the largest
+    /// datagram the path takes.
+    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64, usize)> {
         let snap = self.sh.snapshot.reader();
-        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed)))).collect()
+        let max = self.sh.udp.max_datagram();
+        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed), l.max_datagram(max)))).collect()
     }
 
     /// Frames from each linked peer dropped for an unannounced source MAC.

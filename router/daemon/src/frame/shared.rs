@@ -47,7 +47,29 @@ pub type LearnHook = Box<dyn Fn(u32, Mac, PeerName) + Send + Sync>;
 impl Shared {
     /// Seals and sends one message on `link`, using `wire` as scratch space.
     pub fn seal_and_send(&self, link: &Arc<Link>, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
-        let seg = super::links::lock(&link.sealer).seal(msg, self.udp.max_datagram(), wire);
-        self.udp.send_all(link.dest(), wire, seg, &self.stats);
+        let max = link.max_datagram(self.udp.max_datagram());
+        let seg = super::links::lock(&link.sealer).seal(msg, max, wire);
+        let to = link.dest();
+        let too_big = self.udp.send_all(to, wire, seg, &self.stats);
+        if too_big || link.path_recheck_due() {
+            self.follow_path_mtu(link, to);
+        }
+    }
+
+    /// Fits the link's datagrams to the path MTU the kernel knows towards `to` (its route's,
+    /// or one an ICMP "fragmentation needed" / "packet too big" taught it), looked at once a
+    /// second and whenever a send was too big: smaller when the path shrinks, larger again (up
+    /// to `--max-datagram`) once the kernel forgets a smaller MTU (its ICMP-learned entries
+    /// expire after 10 minutes). (quinn-udp drops a datagram too big for the known path
+    /// without an error, so the second is what finds most.)
+    fn follow_path_mtu(&self, link: &Link, to: std::net::SocketAddr) {
+        let Ok(mtu) = super::udp::path_mtu(to) else {
+            link.set_max_datagram(link.max_datagram(self.udp.max_datagram()), self.udp.max_datagram());
+            return;
+        };
+        let fits = super::udp::datagram_for_mtu(mtu, to).clamp(super::links::MIN_DATAGRAM, self.udp.max_datagram());
+        if let Some(was) = link.set_max_datagram(fits, self.udp.max_datagram()) {
+            tracing::info!(peer = %link.peer, %to, path_mtu = mtu, datagram = fits, was, "the path to the peer takes other datagrams: fitting the sleeve's to it");
+        }
     }
 }

@@ -73,8 +73,11 @@ impl SleeveSocket {
     }
 
     /// Sends `wire` (datagrams of `seg` bytes, the last maybe shorter) to `to`, in as few
-    /// segmented sends as the kernel takes. Failures are counted, not returned.
-    pub fn send_all(&self, to: SocketAddr, wire: &[u8], seg: usize, stats: &Stats) {
+    /// segmented sends as the kernel takes. Failures are counted, not returned; the answer says
+    /// whether a datagram was too big for the path (the kernel knows the path's MTU from an
+    /// ICMP "fragmentation needed", or from a local link: see [`path_mtu`]).
+    pub fn send_all(&self, to: SocketAddr, wire: &[u8], seg: usize, stats: &Stats) -> bool {
+        let mut too_big = false;
         for chunk in wire.chunks(seg * gso_batch(seg, self.state.max_gso_segments())) {
             if let Err(e) = self.send(to, chunk, seg, stats) {
                 if e.raw_os_error() == Some(libc::EMSGSIZE) && chunk.len() > seg {
@@ -82,14 +85,17 @@ impl SleeveSocket {
                     tracing::debug!(error = %e, %to, "GSO send refused; sending datagrams one by one");
                     for d in chunk.chunks(seg) {
                         if let Err(e) = self.send(to, d, seg, stats) {
+                            too_big |= e.raw_os_error() == Some(libc::EMSGSIZE);
                             send_failed(to, &e, stats);
                         }
                     }
                 } else {
+                    too_big |= e.raw_os_error() == Some(libc::EMSGSIZE);
                     send_failed(to, &e, stats);
                 }
             }
         }
+        too_big
     }
 
     /// One send of `contents` in datagrams of `seg` bytes, waiting briefly (at most
@@ -142,6 +148,29 @@ fn force_buffer(sock: &UdpSocket, opt: libc::c_int, size: usize) -> std::io::Res
     }
 }
 
+/// The path MTU the kernel knows towards `to` (from its routes and the ICMP "fragmentation
+/// needed" / "packet too big" messages it took in), read from a socket connected to it.
+pub fn path_mtu(to: SocketAddr) -> std::io::Result<usize> {
+    let local: SocketAddr = if to.is_ipv4() { SocketAddr::from(([0, 0, 0, 0], 0)) } else { SocketAddr::from(([0u16; 8], 0)) };
+    let s = UdpSocket::bind(local)?;
+    s.connect(to)?;
+    let (level, opt) = if to.is_ipv4() { (libc::IPPROTO_IP, libc::IP_MTU) } else { (libc::IPPROTO_IPV6, libc::IPV6_MTU) };
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int of the size given.
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), level, opt, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(v).unwrap_or(0))
+}
+
+/// The largest sleeve datagram (UDP payload) that fits a path MTU towards `to`.
+pub fn datagram_for_mtu(mtu: usize, to: SocketAddr) -> usize {
+    let headers = if to.is_ipv4() { 20 + 8 } else { 40 + 8 };
+    mtu.saturating_sub(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +183,17 @@ mod tests {
         assert_eq!(gso_batch(1000, 64), 64);
         assert_eq!(gso_batch(1472, 1), 1);
         assert_eq!(gso_batch(70_000, 64), 1);
+    }
+
+    #[test]
+    fn datagrams_fit_the_path_mtu() {
+        let v4: SocketAddr = SocketAddr::from(([192, 0, 2, 1], 6783));
+        let v6: SocketAddr = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 6783);
+        assert_eq!(datagram_for_mtu(1500, v4), 1472);
+        assert_eq!(datagram_for_mtu(1280, v4), 1252);
+        assert_eq!(datagram_for_mtu(1280, v6), 1232);
+        // The kernel's answer for loopback is its MTU (65536).
+        let lo = path_mtu(SocketAddr::from(([127, 0, 0, 1], 9))).unwrap_or(0);
+        assert!(lo >= 1500, "{lo}");
     }
 }
