@@ -1353,6 +1353,11 @@ fn ip(args: &[&str]) -> Result<()> {
 
 /// Runs `cmd`; fails with its stderr unless it exits 0.
 fn checked(cmd: &mut Command) -> Result<()> {
+    stdout_of(cmd).map(|_| ())
+}
+
+/// Runs `cmd`; its stdout if it exits 0, else an error with its stderr.
+fn stdout_of(cmd: &mut Command) -> Result<String> {
     let out = run(cmd, CMD_TIMEOUT)?;
     if !out.status.success() {
         bail!(
@@ -1362,7 +1367,7 @@ fn checked(cmd: &mut Command) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `cmd` with stdin closed, collecting output; kills it (by PID) after `limit`.

@@ -89,9 +89,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Command;
 
-use crate::{checked, describe, ip, need_tool, nsenter, probe, run, Lab, LabConfig, CMD_TIMEOUT};
+use crate::{checked, ip, need_tool, nsenter, probe, stdout_of, Lab, LabConfig};
 
 /// The NAT router's outside interface (on the underlay switch).
 pub const NAT_OUTSIDE_IF: &str = "ul0";
@@ -245,20 +244,6 @@ fn write_sysctl(netns: &Path, name: &str, value: u32) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Runs `cmd`; its stdout if it exits 0, else an error with its stderr.
-fn stdout_of(cmd: &mut Command) -> Result<String> {
-    let out = run(cmd, CMD_TIMEOUT)?;
-    if !out.status.success() {
-        bail!(
-            "command `{}` failed ({}): {}",
-            describe(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Lab {

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::{cleanup_stale, ip, nsenter, require_lab, require_root, wait_timeout, NETNS_DIR};
+use std::process::Command;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkFlags};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkFlags, LinkMessage};
 use netlink_packet_route::route::RouteMessage;
 use rtnetlink::{LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -216,13 +216,7 @@ impl NetDev {
         let rules = guard::Port::new(host_ifname, mac, addrs, label, segment);
         guard::install(&rules).await.with_context(|| format!("cannot make Docker port {host_ifname}"))?;
         let peer = LinkUnspec::new_with_name(peer_ifname).mtu(mtu).address(mac.to_vec()).build();
-        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_ifname.to_owned())
-            .mtu(mtu)
-            .controller(bridge_index)
-            .up()
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
+        let message = veth_on_bridge(host_ifname, peer, mtu, bridge_index);
         if let Err(e) = self.handle.link().add(message).execute().await {
             remove_guard(host_ifname).await;
             return Err(anyhow::Error::new(e).context(format!("creating veth pair {host_ifname} / {peer_ifname} failed")));
@@ -339,13 +333,7 @@ impl NetDev {
             .address(mac.to_vec())
             .setns_by_fd(ns.as_raw_fd())
             .build();
-        let message = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(host_ifname.to_owned())
-            .mtu(mtu)
-            .controller(bridge_index)
-            .up()
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
+        let message = veth_on_bridge(host_ifname, peer, mtu, bridge_index);
         self.handle.link().add(message).execute().await.map_err(|e| {
             let hint = match errno(&e) {
                 Some(libc::EEXIST) => format!(
@@ -428,6 +416,18 @@ impl NetDev {
             .ok_or_else(|| anyhow!("interface {host_ifname} has no Ethernet address"))?;
         Ok((mac, host_mac, other_link_locals))
     }
+}
+
+/// The request that makes a veth pair: host end `host_ifname` with `mtu`, on the bridge and up;
+/// the other end as `peer` says.
+fn veth_on_bridge(host_ifname: &str, peer: LinkMessage, mtu: u32, bridge_index: u32) -> LinkMessage {
+    LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host_ifname.to_owned())
+        .mtu(mtu)
+        .controller(bridge_index)
+        .up()
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build()
 }
 
 /// Takes a port's guard out, saying so when that fails (its rules then stay until the router's
