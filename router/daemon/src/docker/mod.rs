@@ -108,7 +108,9 @@ impl Docker {
         self.plugin_dir.join(format!("{DRIVER}.sock"))
     }
 
-    async fn save(&self, book: &Book) {
+    /// Writes the book while its lock is still held (so two changes reach the disk in the
+    /// order they were made), then lets the lock go.
+    async fn commit(&self, book: tokio::sync::MutexGuard<'_, Book>) {
         if let Err(e) = book.save(&self.file) {
             warn!(file = %self.file.display(), error = %e, "could not save the Docker plugin's book; a restart may forget Docker endpoints");
         }
@@ -176,14 +178,17 @@ impl Docker {
             .map_err(|_| anyhow!("the Engine API did not show network {nid} within {HANDLER_CALL:?}"))?
             .with_context(|| format!("asking the Engine API for network {nid}"))?;
         let name = n.name.ok_or_else(|| anyhow!("the Engine API shows network {nid} without a name"))?;
+        self.name_network(nid, &name).await;
+        Ok(name)
+    }
+
+    /// Keeps Docker's name of network `nid`, if the book has the network.
+    async fn name_network(&self, nid: &str, name: &str) {
         let mut book = self.book.lock().await;
         if let Some(net) = book.networks.get_mut(nid) {
-            net.name = Some(name.clone());
-            let b = book.clone();
-            drop(book);
-            self.save(&b).await;
+            net.name = Some(name.to_owned());
+            self.commit(book).await;
         }
-        Ok(name)
     }
 
     /// Which of these stopped containers is being started now, if exactly one is: dockerd
@@ -267,18 +272,14 @@ impl Docker {
             return;
         }
         book.attached.insert(id.to_owned(), entry);
-        let b = book.clone();
-        drop(book);
-        self.save(&b).await;
+        self.commit(book).await;
     }
 
     /// Forgets an attached container (`weft detach CONTAINER`).
     pub async fn forget_attached(&self, id: &str) -> Option<book::Attached> {
         let mut book = self.book.lock().await;
         let a = book.attached.remove(id);
-        let b = book.clone();
-        drop(book);
-        self.save(&b).await;
+        self.commit(book).await;
         a
     }
 
@@ -344,13 +345,7 @@ impl Docker {
             }
             ("network", "create") if attrs.get("type").map(String::as_str) == Some(DRIVER) => {
                 if let Some(name) = attrs.get("name") {
-                    let mut book = self.book.lock().await;
-                    if let Some(n) = book.networks.get_mut(id) {
-                        n.name = Some(name.clone());
-                        let b = book.clone();
-                        drop(book);
-                        self.save(&b).await;
-                    }
+                    self.name_network(id, name).await;
                 }
             }
             ("container", "start") => self.started(id).await,
@@ -418,9 +413,7 @@ impl Docker {
             if let Some(a) = ip.and_then(|ip| book.addresses.get_mut(&ip)) {
                 a.container = Some(info.id.clone());
             }
-            let b = book.clone();
-            drop(book);
-            self.save(&b).await;
+            self.commit(book).await;
         }
         let Some(ip) = ip else { return };
         let mut names = vec![info.name.clone()];
@@ -472,9 +465,7 @@ impl Docker {
                 if let Some(e) = book.attached.get_mut(cid) {
                     e.pid = Some(pid);
                 }
-                let b = book.clone();
-                drop(book);
-                self.save(&b).await;
+                self.commit(book).await;
             }
             Err(e) => warn!(container = %a.name, error = %e.message, "could not attach a container again after it started"),
         }
@@ -488,9 +479,7 @@ impl Docker {
         let pid = a.pid.take();
         let ifname = a.ifname.clone();
         let name = a.name.clone();
-        let b = book.clone();
-        drop(book);
-        self.save(&b).await;
+        self.commit(book).await;
         if let Some(pid) = pid {
             let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
             let _ = self.sh.netdev.detach_netns(&path, &ifname).await;
@@ -509,9 +498,7 @@ impl Docker {
             book.addresses.remove(ip);
         }
         let nets: Vec<String> = book.networks.keys().cloned().collect();
-        let b = book.clone();
-        drop(book);
-        self.save(&b).await;
+        self.commit(book).await;
         for (ip, id) in &parked {
             if let Err(e) = self.sh.control.release(id.clone(), Some(u32::from(*ip))).await {
                 warn!(address = %ip, error = %e, "could not release the address of a removed container");

@@ -211,9 +211,7 @@ async fn create_network(d: &Docker, r: CreateNetworkReq) -> CallResult {
         return Err(refuse("the Docker plugin's book is full: remove unused networks first"));
     }
     book.networks.insert(r.network_id.clone(), Network { subnet: data.pool.clone(), name: None });
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     info!(network = %short(&r.network_id), subnet = %data.pool, "Docker network on weft made");
     Ok(json!({}))
 }
@@ -227,9 +225,7 @@ struct NetworkReq {
 async fn delete_network(d: &Docker, r: NetworkReq) -> CallResult {
     let mut book = d.book.lock().await;
     if let Some(n) = book.networks.remove(&r.network_id) {
-        let b = book.clone();
-        drop(book);
-        d.save(&b).await;
+        d.commit(book).await;
         if let Some(name) = n.name.as_deref().and_then(|n| weft_name(n).ok()) {
             d.sh.networks.release_if_empty(networks::segment_of(&name)).await;
         }
@@ -260,8 +256,7 @@ struct CreateEndpointReq {
 
 /// The weft network of a Docker network name (weft's names are lower case).
 fn weft_name(docker_name: &str) -> Result<String, Refusal> {
-    let n = docker_name.to_ascii_lowercase();
-    networks::check_name(&n).map_err(|e| refuse(format!("Docker network {docker_name:?} cannot name a weft network: {e:#}; give it another name")))?;
+    let n = networks::of_runtime("Docker", docker_name).map_err(|e| refuse(format!("{e:#}; give it another name")))?;
     if n == networks::DEFAULT {
         return Err(refuse(format!("Docker network {docker_name:?}: that is the name of weft's default network; give it another name")));
     }
@@ -335,9 +330,7 @@ async fn create_endpoint(d: &Docker, r: CreateEndpointReq) -> CallResult {
     };
     let mut book = d.book.lock().await;
     book.endpoints.insert(r.endpoint_id.clone(), ep);
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     info!(endpoint = %short(&r.endpoint_id), network = %name, %port, address = %format!("{ip}/{prefix}"), mac = %Mac(mac), "Docker endpoint made");
     // The MAC is weft's only when Docker had none; Docker refuses to be told one it set.
     Ok(if chosen { json!({ "Interface": { "MacAddress": Mac(mac).to_string() } }) } else { json!({}) })
@@ -366,9 +359,7 @@ async fn delete_endpoint(d: &Docker, r: EndpointReq) -> CallResult {
     // The weft network stays on this host while the Docker network is here (no bridge, TAP
     // and VXLAN device made again for every short-lived container).
     let pinned = book.networks.contains_key(&ep.network);
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     if let Err(e) = d.sh.netdev.remove_docker_port(&ep.port).await {
         warn!(port = %ep.port, error = %format!("{e:#}"), "could not remove a Docker endpoint's port");
     }
@@ -448,9 +439,7 @@ async fn request_pool(d: &Docker, r: RequestPoolReq) -> CallResult {
     let gateway = Ipv4Addr::from(a.addr);
     let mut book = d.book.lock().await;
     book.pools.insert(key.clone(), Pool { gateway });
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     info!(subnet = %key, %gateway, "Docker pool given");
     Ok(json!({ "PoolID": key, "Pool": key, "Data": { GATEWAY_TYPE: format!("{gateway}/{}", subnet.prefix) } }))
 }
@@ -469,9 +458,7 @@ async fn release_pool(d: &Docker, r: ReleasePoolReq) -> CallResult {
     for (ip, _) in &left {
         book.addresses.remove(ip);
     }
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     for (ip, a) in left {
         let _ = d.sh.control.release(a.id, Some(u32::from(ip))).await;
     }
@@ -542,9 +529,7 @@ async fn request_address(d: &Docker, r: RequestAddressReq) -> CallResult {
         let mut book = d.book.lock().await;
         if let Some(a) = book.addresses.get_mut(&ip).filter(|a| a.parked) {
             a.parked = false;
-            let b = book.clone();
-            drop(book);
-            d.save(&b).await;
+            d.commit(book).await;
             d.stats.kept.fetch_add(1, Ordering::Relaxed);
             info!(address = %ip, "a stopped container started again: its address is given back");
             return Ok(with_prefix(ip));
@@ -559,9 +544,7 @@ async fn request_address(d: &Docker, r: RequestAddressReq) -> CallResult {
     let ip = Ipv4Addr::from(a.addr);
     let mut book = d.book.lock().await;
     book.addresses.insert(ip, Address { id, subnet: r.pool_id.clone(), container: None, parked: false });
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     Ok(with_prefix(ip))
 }
 
@@ -581,15 +564,11 @@ async fn release_address(d: &Docker, r: ReleaseAddressReq) -> CallResult {
         // Its container may start again: kept for it until it is removed.
         a.parked = true;
         info!(address = %ip, container = %a.container.as_deref().map(short).unwrap_or(""), "address kept for a stopped container");
-        let b = book.clone();
-        drop(book);
-        d.save(&b).await;
+        d.commit(book).await;
         return Ok(json!({}));
     }
     let a = book.addresses.remove(&ip);
-    let b = book.clone();
-    drop(book);
-    d.save(&b).await;
+    d.commit(book).await;
     if let Some(a) = a {
         if let Err(e) = d.sh.control.release(a.id, Some(u32::from(ip))).await {
             warn!(address = %ip, pool = %r.pool_id, error = %e, "could not release an address Docker gave back");
