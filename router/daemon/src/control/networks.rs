@@ -78,8 +78,14 @@ pub fn subnet(range: weft_ipam::Cidr, segment: u32) -> weft_ipam::Cidr {
 /// The weft network of a CNI network: the default one for `weft`, else the name in lower case
 /// (CNI allows upper case, weft's names do not).
 pub fn of_cni(name: &str) -> Result<String> {
+    of_runtime("CNI", name)
+}
+
+/// The weft network of a container runtime's network (`runtime` names it in errors): its
+/// name in lower case.
+pub fn of_runtime(runtime: &str, name: &str) -> Result<String> {
     let n = name.to_ascii_lowercase();
-    check_name(&n).with_context(|| format!("CNI network {name:?} cannot name a weft network"))?;
+    check_name(&n).with_context(|| format!("{runtime} network {name:?} cannot name a weft network"))?;
     Ok(n)
 }
 
