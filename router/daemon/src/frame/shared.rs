@@ -50,18 +50,18 @@ impl Shared {
         let max = link.max_datagram(self.udp.max_datagram());
         let seg = super::links::lock(&link.sealer).seal(msg, max, wire);
         let to = link.dest();
-        let too_big = self.udp.send_all(to, wire, seg, &self.stats);
-        if too_big || link.path_recheck_due() {
+        self.udp.send_all(to, wire, seg, &self.stats);
+        if link.path_recheck_due() {
             self.follow_path_mtu(link, to);
         }
     }
 
     /// Fits the link's datagrams to the path MTU the kernel knows towards `to` (its route's,
     /// or one an ICMP "fragmentation needed" / "packet too big" taught it), looked at once a
-    /// second and whenever a send was too big: smaller when the path shrinks, larger again (up
-    /// to `--max-datagram`) once the kernel forgets a smaller MTU (its ICMP-learned entries
-    /// expire after 10 minutes). (quinn-udp drops a datagram too big for the known path
-    /// without an error, so the second is what finds most.)
+    /// second: smaller when the path shrinks, larger again (up to `--max-datagram`) once the
+    /// kernel forgets a smaller MTU (its ICMP-learned entries expire after 10 minutes).
+    /// (quinn-udp drops a datagram too big for the known path without an error, so the path is
+    /// read rather than waited for.)
     fn follow_path_mtu(&self, link: &Link, to: std::net::SocketAddr) {
         let Ok(mtu) = super::udp::path_mtu(to) else {
             link.set_max_datagram(link.max_datagram(self.udp.max_datagram()), self.udp.max_datagram());

@@ -73,29 +73,16 @@ impl SleeveSocket {
     }
 
     /// Sends `wire` (datagrams of `seg` bytes, the last maybe shorter) to `to`, in as few
-    /// segmented sends as the kernel takes. Failures are counted, not returned; the answer says
-    /// whether a datagram was too big for the path (the kernel knows the path's MTU from an
-    /// ICMP "fragmentation needed", or from a local link: see [`path_mtu`]).
-    pub fn send_all(&self, to: SocketAddr, wire: &[u8], seg: usize, stats: &Stats) -> bool {
-        let mut too_big = false;
+    /// segmented sends as the kernel takes. Failures are counted, not returned. (quinn-udp's
+    /// `try_send` reports only a full socket buffer: it drops a datagram too big for the path
+    /// the kernel knows, and logs other errors itself. A path too small for our datagrams is
+    /// found by reading its MTU, see [`path_mtu`].)
+    pub fn send_all(&self, to: SocketAddr, wire: &[u8], seg: usize, stats: &Stats) {
         for chunk in wire.chunks(seg * gso_batch(seg, self.state.max_gso_segments())) {
             if let Err(e) = self.send(to, chunk, seg, stats) {
-                if e.raw_os_error() == Some(libc::EMSGSIZE) && chunk.len() > seg {
-                    // The kernel refused the segmented send after all: one datagram per call.
-                    tracing::debug!(error = %e, %to, "GSO send refused; sending datagrams one by one");
-                    for d in chunk.chunks(seg) {
-                        if let Err(e) = self.send(to, d, seg, stats) {
-                            too_big |= e.raw_os_error() == Some(libc::EMSGSIZE);
-                            send_failed(to, &e, stats);
-                        }
-                    }
-                } else {
-                    too_big |= e.raw_os_error() == Some(libc::EMSGSIZE);
-                    send_failed(to, &e, stats);
-                }
+                send_failed(to, &e, stats);
             }
         }
-        too_big
     }
 
     /// One send of `contents` in datagrams of `seg` bytes, waiting briefly (at most
