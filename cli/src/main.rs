@@ -304,6 +304,11 @@ struct RouterArgs {
     /// Largest sleeve UDP payload; lower it when the underlay MTU is below 1500.
     #[arg(long, default_value_t = weft_router::DEFAULT_MAX_DATAGRAM)]
     max_datagram: usize,
+    /// How control connections are dialled: auto (TCP, and QUIC on the UDP port when TCP does
+    /// not connect within a second), tcp (no QUIC at all), or udp (QUIC only, for a firewall
+    /// that passes only UDP 6783).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tcp", "udp"])]
+    transport: String,
     /// Do not connect to peers learned from other peers.
     #[arg(long)]
     no_discovery: bool,
@@ -677,6 +682,7 @@ fn router(args: RouterArgs, api_socket: PathBuf) -> Result<()> {
         discovery: !args.no_discovery,
         peers: args.peers,
         max_datagram: args.max_datagram,
+        transport: args.transport.parse().map_err(|e: String| anyhow::anyhow!("--transport: {e}"))?,
         offload: !args.no_offload,
         fastpath: !args.no_fastpath,
         fastpath_port: args.fastpath_port,
@@ -760,6 +766,7 @@ fn launch(args: RouterArgs, sock: &Path, as_json: bool, out: &mut impl Write) ->
     cmd.args(["--state-dir"]).arg(&a.state_dir).args(["--mesh", &a.mesh]);
     cmd.args(["--listen", &a.listen.to_string(), "--metrics-addr", &a.metrics_addr, "--bridge", &a.bridge]);
     cmd.args(["--mtu", &a.mtu.to_string(), "--max-datagram", &a.max_datagram.to_string(), "--log-format", &a.log_format]);
+    cmd.args(["--transport", &a.transport]);
     if let Some(n) = &a.nickname {
         cmd.args(["--nickname", n]);
     }

@@ -101,12 +101,14 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         for c in conns {
             writeln!(
                 out,
-                "  {} {:<21} {:<11} {:<11} {:<8} {} ({})  {}",
+                "  {} {:<21} {:<4} {:<11} {:<11} {:<8} mtu {:<5} {} ({})  {}",
                 if c["outbound"] == true { "->" } else { "<-" },
                 s(&c["address"]),
+                s(&c["transport"]),
                 s(&c["state"]),
                 if c["encrypted"] == true && c["path"] != "fastpath" { "encrypted" } else { "PLAINTEXT" },
                 s(&c["path"]),
+                c["path_mtu"],
                 s(&c["peer_name"]),
                 s(&c["peer_nickname"]),
                 s(&c["info"])
@@ -121,7 +123,7 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
                 "  (this peer)".to_owned()
             } else if p["reachable"] == true {
                 match p["via"]["nickname"].as_str() {
-                    Some(n) => format!("  (relayed via {n}: no direct connection)"),
+                    Some(n) => format!("  (relayed via {n}: {})", p["via"]["reason"].as_str().unwrap_or("no direct connection")),
                     None => String::new(),
                 }
             } else {

@@ -137,3 +137,130 @@ fn a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 0% packet loss"), "{text}");
 }
+
+/// Host `i`'s connection to the host nicknamed `peer`, if any.
+fn conn_to(lab: &Lab, i: usize, peer: &str) -> Option<serde_json::Value> {
+    status(lab, i)["connections"].as_array().and_then(|cs| cs.iter().find(|c| c["peer_nickname"] == peer).cloned())
+}
+
+/// Bytes received on the public host's underlay link.
+fn public_rx_bytes(lab: &Lab) -> u64 {
+    // /proc/net/dev is the reader's namespace's (sysfs would be the mount's).
+    let out = lab.exec(&lab.host(0).ns, &["cat", "/proc/net/dev"]).expect("/proc/net/dev");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().find(|l| l.trim_start().starts_with("ul0:")).unwrap_or_else(|| panic!("no ul0 in {text}"));
+    line.split_once(':').and_then(|(_, v)| v.split_whitespace().next()?.parse().ok()).expect("rx bytes")
+}
+
+#[test]
+fn hosts_behind_cone_nats_punch_a_direct_path_and_a_symmetric_nat_is_relayed() {
+    // h0 public; h1 behind a full-cone NAT, h2 behind a port-restricted one (Linux's plain
+    // masquerade), h3 behind a symmetric one. Each is given h0 only.
+    let nats = [(1, Nat::PortPreserving), (2, Nat::Filtering), (3, Nat::Symmetric)];
+    let Some(mut lab) = nat_lab("hosts_behind_cone_nats_punch_a_direct_path_and_a_symmetric_nat_is_relayed", &nats, 4) else {
+        return;
+    };
+    // NATs that forget a quiet UDP mapping after 5 s (the 30 s, shortened).
+    for (i, _) in nats {
+        lab.nat_set_udp_timeout(i, 5).expect("conntrack timeouts");
+    }
+    start_star(&mut lab);
+    lab.wait_established(0, 3, Duration::from_secs(30)).expect("the public host has all three");
+    // h1 and h2 learn each other's outside address from h0, dial it over QUIC, and each asks
+    // the other (through h0) to dial back at once: the port-restricted NAT lets h1 in once h2
+    // has sent to h1.
+    let direct = |lab: &Lab, i: usize, peer: usize| -> Option<serde_json::Value> {
+        conn_to(lab, i, &format!("h{peer}")).filter(|c| c["state"] == "established")
+    };
+    let up = wait_for(Duration::from_secs(45), || direct(&lab, 1, 2).is_some() && direct(&lab, 2, 1).is_some());
+    assert!(up, "h1-h2 direct: {:?} / {:?}\n{}", conn_to(&lab, 1, "h2"), conn_to(&lab, 2, "h1"), status(&lab, 1)["targets"]);
+    for (i, peer) in [(1, 2), (2, 1)] {
+        let c = direct(&lab, i, peer).expect("direct");
+        assert_eq!(c["transport"], "quic", "h{i}: {c}");
+        let outside = lab.nat_outside(peer).expect("outside").to_string();
+        assert!(c["udp_endpoint"].as_str().unwrap_or_default().starts_with(&format!("{outside}:")), "h{i} sends to h{peer}'s NAT: {c}");
+        let s = status(&lab, i);
+        assert!(s["outside"].as_array().is_some_and(|o| !o.is_empty()), "h{i} knows its outside address: {}", s["outside"]);
+    }
+    // The full cone takes anyone's datagrams, so h3 gets a direct path to h1 as well.
+    assert!(wait_for(Duration::from_secs(45), || direct(&lab, 3, 1).is_some()), "h3-h1 direct: {:?}", conn_to(&lab, 3, "h1"));
+
+    // Container traffic between h1 and h2 goes straight between their NATs, not through h0.
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    let c2 = lab.add_container_auto(2, "c2").expect("c2");
+    let c3 = lab.add_container_auto(3, "c3").expect("c3");
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(20)), "c1 -> c2");
+    let relayed = |lab: &Lab| status(lab, 0)["stats"]["frames_relayed"].as_u64().unwrap_or(0);
+    let (rx0, relayed0) = (public_rx_bytes(&lab), relayed(&lab));
+    let out = lab.exec(&c1.ns, &["ping", "-c", "400", "-i", "0.005", "-s", "1300", "-W", "1", &c2.ip.to_string()]).expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+    let (rx1, relayed1) = (public_rx_bytes(&lab), relayed(&lab));
+    // 400 × 1328-byte packets each way is over 1 MB; h0 hears only heartbeats and gossip.
+    assert!(rx1 - rx0 < 200_000, "h0 received {} bytes during a 1 MB exchange between h1 and h2", rx1 - rx0);
+    // (Broadcasts, such as the new containers' IPv6 chatter, still go along h0's trees.)
+    assert!(relayed1 - relayed0 < 80, "h0 relayed {} frames during 800 pings between h1 and h2", relayed1 - relayed0);
+
+    // h2 and h3: h3's NAT gives each destination a new port, and h2's lets in only what h2
+    // sent to: no hole can be punched. They stay relayed (through h0 or h1, both connected to
+    // each), and say why; h3's two neighbours saw it on two ports, which h2 reads as symmetric.
+    std::thread::sleep(Duration::from_secs(3));
+    let s2 = status(&lab, 2);
+    let h3 = s2["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["nickname"] == "h3").cloned()).unwrap_or_default();
+    let via = h3["via"]["nickname"].as_str().unwrap_or_default().to_owned();
+    assert!(via == "h0" || via == "h1", "{h3}");
+    assert!(conn_to(&lab, 2, "h3").is_none(), "no direct connection h2-h3");
+    assert_eq!(h3["outside"].as_array().map_or(0, Vec::len), 2, "{h3}");
+    let reason = h3["via"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no direct path") && reason.contains("symmetric NAT"), "{reason}");
+    let text = lab.weft(2, &["status", "peers"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(text.contains(&format!("relayed via {via}: no direct path")), "{text}");
+    assert!(ping_until(&lab, &c3, &c2.ip.to_string(), &[], Duration::from_secs(20)), "c3 -> c2, relayed");
+    assert!(status(&lab, 2)["stats"]["punches_sent"].as_u64().unwrap_or(0) >= 1);
+
+    // A NAT that forgets its mappings (conntrack flushed): the direct connection comes back
+    // by itself within 10 s (the sleeve follows; QUIC carries on from the new mapping).
+    lab.nat_flush_conntrack(2).expect("conntrack -F");
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(10)), "c1 -> c2 after h2's NAT forgot everything");
+
+    // Quiet for four times the NATs' timeout: the sleeve's heartbeats keep the punched
+    // mappings open, so the same direct connection carries traffic at once.
+    let before = direct(&lab, 1, 2).and_then(|c| c["up_seconds"].as_u64()).expect("direct");
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(2)), "after 20 s idle");
+    let after = direct(&lab, 1, 2).and_then(|c| c["up_seconds"].as_u64()).expect("still direct");
+    assert!(after >= before + 20, "the same connection: up {before} s, then {after} s");
+}
+
+#[test]
+fn a_host_whose_firewall_drops_tcp_joins_over_udp() {
+    // h1's firewall drops TCP on 6783 both ways (a site that lets only UDP 6783 through): its
+    // control connection to h0 goes over QUIC on the UDP port, and containers reach each other.
+    let Some(mut lab) = nat_lab("a_host_whose_firewall_drops_tcp_joins_over_udp", &[], 2) else {
+        return;
+    };
+    let ns = lab.host(1).ns.clone();
+    for cmd in [
+        "add table inet weft_test_fw",
+        "add chain inet weft_test_fw input { type filter hook input priority 0; policy accept; }",
+        "add chain inet weft_test_fw output { type filter hook output priority 0; policy accept; }",
+        "add rule inet weft_test_fw input tcp dport 6783 counter drop",
+        "add rule inet weft_test_fw output tcp dport 6783 counter drop",
+    ] {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        let out = lab.exec(&ns, &args).expect("nft");
+        assert!(out.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    start_star(&mut lab);
+    lab.wait_established(1, 1, Duration::from_secs(30)).expect("h1 joins");
+    let c = conn_to(&lab, 1, "h0").expect("h1's connection");
+    assert_eq!(c["transport"], "quic", "{c}");
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    assert!(ping_until(&lab, &c1, &c0.ip.to_string(), &[], Duration::from_secs(20)), "c1 -> c0");
+    assert!(ping_until(&lab, &c0, &c1.ip.to_string(), &[], Duration::from_secs(20)), "c0 -> c1");
+    let rules = lab.exec(&ns, &["nft", "list", "table", "inet", "weft_test_fw"]).expect("nft list");
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    let dropped: u64 = rules.split("packets ").skip(1).filter_map(|r| r.split(' ').next()?.parse::<u64>().ok()).sum();
+    assert!(dropped > 0, "the firewall did drop TCP: {rules}");
+}

@@ -142,6 +142,7 @@ fn forged_gossip_is_dropped_counted_and_changes_nothing() {
         version: u64::MAX,
         connections: [(rogue_name, ConnectionInfo { addr: None, outbound: true, established: true })].into(),
         addrs: vec!["192.168.77.99:6783".parse().expect("addr")],
+        udp: Vec::new(),
         sig: Signature([0; 64]),
     };
     forged.sign(&rk);

@@ -44,6 +44,8 @@ pub struct Options {
     pub peers: Vec<String>,
     /// Largest sleeve UDP payload.
     pub max_datagram: usize,
+    /// How control connections are dialled (`--transport`).
+    pub transport: crate::control::conn::TransportChoice,
     /// Ask the kernel for TAP segmentation offload.
     pub offload: bool,
     /// Use the kernel VXLAN fastpath where it works and the policy allows it.

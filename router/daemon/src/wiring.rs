@@ -18,7 +18,8 @@ use crate::api::server::{serve_api, serve_metrics};
 use crate::config::Options;
 use crate::control::actor::{forward_signals, Actor};
 use crate::control::fastpath::{Fastpath, Settings};
-use crate::control::conn::{accept_loop, dial_on_request, resolve, Dialer, Introduction};
+use crate::control::conn::{accept_loop, accept_quic, dial_on_request, resolve, Dialer, Introduction, TransportChoice};
+use crate::control::quic::Quic;
 use crate::control::handshake::{generate_keypair, Handshaker};
 use crate::control::stats::ControlStats;
 use crate::control::status::StatusInfo;
@@ -224,8 +225,20 @@ impl Start {
 
         // Connections.
         let me = Introduction { key: signing, claim, nickname: nickname.clone(), uid, listen_port };
-        let dialer = Arc::new(Dialer::new(keys, me, udp_port, Indices::new(), stats.clone(), inputs_tx.clone()).with_fastpath(fastpath.clone()));
+        // QUIC on the sleeve port: control connections where TCP does not get through.
+        let quic = match opts.transport {
+            TransportChoice::Tcp => None,
+            _ => Some(Quic::start(frames.clone()).context("starting the control channel over UDP (QUIC)")?),
+        };
+        let dialer = Arc::new(
+            Dialer::new(keys, me, udp_port, Indices::new(), stats.clone(), inputs_tx.clone())
+                .with_fastpath(fastpath.clone())
+                .with_transport(opts.transport, quic.clone()),
+        );
         let dials = dial_on_request(dialer.clone());
+        if let Some(q) = &quic {
+            tokio::spawn(accept_quic(dialer.clone(), q.clone()));
+        }
         tokio::spawn(accept_loop(dialer, listener));
 
         // The API, and the port guard beside it.
@@ -271,9 +284,12 @@ impl Start {
             name = %id_name, %nickname, uid, encryption = encrypted, bridge = %opts.bridge, tap = %tap_name,
             offload, gso_segments = frames.gso_segments(), port = listen_port, "router started"
         );
-        let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now };
+        let info = StatusInfo { bridge: opts.bridge.clone(), mtu: opts.mtu, udp_port, encrypted, started: now, transport: opts.transport };
         let actor = Actor::new(core, frames.clone(), dials, ipam, dns, writer, stats, info, inputs_tx, identities, fastpath.clone());
         let result = actor.run(inputs_rx, saves_rx).await;
+        if let Some(q) = &quic {
+            q.close();
+        }
 
         // Down: answers under way go out, then the threads stop.
         let _ = stop_api.send(true);

@@ -18,7 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("services", &["host"]),
     ("control", &["frame", "services", "host"]),
     ("metrics", &["frame", "control"]),
-    ("config", &["services"]),
+    ("config", &["services", "control"]),
     ("api", &["control", "services", "host", "frame", "metrics"]),
     ("docker", &["api", "control", "services", "host", "frame", "metrics"]),
 ];

@@ -23,6 +23,6 @@ pub mod vnet;
 
 pub use identity::{Keys, PublicKey, Signature, SigningKey, Trust};
 pub use name::PeerName;
-pub use router::{ConnId, ControlMsg, Event, GossipChannel, Hello, Refusal, Router, RouterConfig, Transmit};
+pub use router::{ConnId, ControlMsg, Event, GossipChannel, Hello, Refusal, Router, RouterConfig, Transmit, Transport};
 pub use switch::{Inbound, Mac, MacTable, Owner, Switch};
 pub use topology::{PeerInfo, Routes, Topology};

@@ -33,6 +33,8 @@ const MAX_REKEYS: usize = 4096;
 const MAX_FORGERS: usize = 1024;
 /// Hops a unicast gossip message may take.
 const UNICAST_TTL: u8 = 32;
+/// The unicast channel of hole punching: "I am dialling you over UDP now; dial me back".
+pub const PUNCH_CHANNEL: &str = "punch";
 
 /// A connection handle, allocated by the shell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -86,6 +88,23 @@ pub enum ControlMsg {
         /// True when heartbeats arrive, enough of them in a row.
         receiving: bool,
     },
+    /// Where the sender sees our sleeve datagrams come from (what a STUN server would say):
+    /// behind a NAT, its outside address and port for us.
+    Observed {
+        /// The source address of our authenticated datagrams, as the sender receives them.
+        udp: SocketAddr,
+    },
+}
+
+/// How an address may be dialled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Transport {
+    /// An address a peer listens on, or one the operator gave: TCP, or QUIC over UDP where TCP
+    /// does not get through (the shell's `--transport` decides).
+    Any,
+    /// A peer's outside UDP address as its neighbours see it (a NAT's): QUIC only, dialled by
+    /// both ends at once (see [`PUNCH_CHANNEL`]).
+    Udp,
 }
 
 /// A piece of replicated state that rides on gossip (IPAM, DNS, ...).
@@ -237,6 +256,8 @@ pub enum Event {
     Connect {
         /// Where to dial.
         addr: SocketAddr,
+        /// How.
+        transport: Transport,
     },
     /// Close this connection.
     Disconnect {
@@ -322,6 +343,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Given by the operator (vs. learned from gossip).
     pub configured: bool,
+    /// How it is dialled.
+    pub transport: Transport,
     /// The peer behind it, once known.
     pub peer: Option<PeerName>,
     /// What is happening with it.
@@ -348,6 +371,12 @@ pub struct Stats {
     pub forged_by: BTreeMap<PeerName, u64>,
     /// Entries held back because no key was bound to their origin yet.
     pub unverified: u64,
+    /// Hole punches: peers asked to dial us back over UDP, and asks from peers that made us dial.
+    pub punches_sent: u64,
+    /// See `punches_sent`.
+    pub punches_answered: u64,
+    /// `Observed` messages refused (an address no datagram can come from).
+    pub observed_refused: u64,
 }
 
 impl Stats {
@@ -383,6 +412,8 @@ pub struct Router {
     keys: Keys,
     rekeys: BTreeMap<PeerName, (Rekey, Claim)>,
     claim: Claim,
+    /// Where each neighbour sees our sleeve datagrams come from (its last `Observed`).
+    observed: BTreeMap<ConnId, SocketAddr>,
 }
 
 impl Router {
@@ -395,6 +426,7 @@ impl Router {
             version: cfg.initial_version,
             connections: BTreeMap::new(),
             addrs: Vec::new(),
+            udp: Vec::new(),
             sig: Signature([0; 64]),
         };
         let topology = Topology::new(me, cfg.key.clone());
@@ -425,6 +457,7 @@ impl Router {
             keys,
             rekeys: BTreeMap::new(),
             claim,
+            observed: BTreeMap::new(),
         }
     }
 
@@ -668,12 +701,14 @@ impl Router {
         let t = self.targets.entry(addr).or_insert_with(|| Target {
             addr,
             configured: true,
+            transport: Transport::Any,
             peer: None,
             state: TargetState::Waiting(now),
             attempts: 0,
             last_error: None,
         });
         t.configured = true;
+        t.transport = Transport::Any;
         if t.state == TargetState::Idle && t.peer != Some(self.cfg.name) {
             t.state = TargetState::Waiting(now);
         }
@@ -833,6 +868,7 @@ impl Router {
 
     fn drop_conn(&mut self, now: Instant, conn: ConnId, retry: bool) {
         let Some(c) = self.conns.remove(&conn) else { return };
+        self.observed.remove(&conn);
         let (initial, max) = (self.cfg.retry_initial, self.cfg.retry_max);
         for t in self.targets.values_mut() {
             let ours = t.state == TargetState::Connected(conn);
@@ -852,6 +888,17 @@ impl Router {
         let Some(from) = self.conns.get(&conn).map(|c| c.peer) else { return Ok(()) };
         match msg {
             ControlMsg::Heartbeat | ControlMsg::SleeveState { .. } | ControlMsg::FastpathState { .. } => Ok(()),
+            ControlMsg::Observed { udp } => {
+                let ip = udp.ip();
+                if udp.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+                    self.stats.observed_refused += 1;
+                    return Err(format!("observed address {udp} cannot be a datagram's source"));
+                }
+                if self.observed.insert(conn, udp) != Some(udp) {
+                    self.own_entry_changed(now);
+                }
+                Ok(())
+            }
             ControlMsg::Digest { channel, payload, reply } => {
                 if channel == IDENTITY_CHANNEL {
                     // A hash of the sender's claims, re-keys and revocations: when ours
@@ -972,7 +1019,10 @@ impl Router {
                     }
                     return Ok(());
                 }
-                if let Some(ch) = self.channels.get_mut(&channel) {
+                if channel == PUNCH_CHANNEL {
+                    self.punched(now, src);
+                    Ok(())
+                } else if let Some(ch) = self.channels.get_mut(&channel) {
                     ch.handle_unicast(src, &payload, &self.keys).map_err(|e| format!("channel {channel}: {e}"))
                 } else {
                     self.events.push_back(Event::Unicast { from: src, channel, payload });
@@ -999,13 +1049,50 @@ impl Router {
                 self.send_channels(conn);
             }
         }
+        self.handle_targets(now);
+    }
+
+    fn handle_targets(&mut self, now: Instant) {
+        let mut punch = Vec::new();
         for t in self.targets.values_mut() {
             if let TargetState::Waiting(at) = t.state {
                 if at <= now {
                     t.state = TargetState::Connecting;
-                    self.events.push_back(Event::Connect { addr: t.addr });
+                    self.events.push_back(Event::Connect { addr: t.addr, transport: t.transport });
+                    if let (Transport::Udp, Some(p)) = (t.transport, t.peer) {
+                        punch.push(p);
+                    }
                 }
             }
+        }
+        // A NAT lets a peer's datagrams in only after we sent to it (most do): the peer is
+        // asked, through the mesh, to dial us now too, so both ends' first packets cross.
+        punch.dedup();
+        for p in punch {
+            if self.send_unicast(p, PUNCH_CHANNEL, Vec::new()) {
+                self.stats.punches_sent += 1;
+            }
+        }
+    }
+
+    /// `from` is dialling us over UDP: dial it back now on its outside addresses (only those
+    /// waiting for their next try; one under way or connected is left alone, so a peer cannot
+    /// make us dial faster than one attempt at a time).
+    fn punched(&mut self, now: Instant, from: PeerName) {
+        if self.conns.values().any(|c| c.peer == from) {
+            return;
+        }
+        let mut answered = false;
+        for t in self.targets.values_mut() {
+            if t.peer == Some(from) && t.transport == Transport::Udp && matches!(t.state, TargetState::Waiting(_)) {
+                t.state = TargetState::Waiting(now);
+                answered = true;
+            }
+        }
+        if answered {
+            self.stats.punches_answered += 1;
+            // Dial in this same step: the peer's packets are on their way.
+            self.handle_targets(now);
         }
     }
 
@@ -1082,7 +1169,11 @@ impl Router {
             .collect();
         let port = self.cfg.listen_port;
         let addrs: Vec<SocketAddr> = self.conns.values().map(|c| SocketAddr::new(c.local.ip(), port)).collect();
-        let addrs_changed = self.topology.set_my_addrs(addrs);
+        let mut addrs_changed = self.topology.set_my_addrs(addrs);
+        // What our neighbours see, where it is not our own address (a NAT in between).
+        let udp: Vec<SocketAddr> =
+            self.observed.values().filter(|o| !self.conns.values().any(|c| c.local.ip() == o.ip())).copied().collect();
+        addrs_changed |= self.topology.set_my_udp(udp);
         let old = self.topology.my_info().connections.clone();
         let changed: Vec<PeerName> = conns
             .iter()
@@ -1129,15 +1220,18 @@ impl Router {
     /// learned targets whose peer is gone.
     fn discover(&mut self, now: Instant) {
         let connected: Vec<PeerName> = self.conns.values().map(|c| c.peer).collect();
-        let mut wanted: BTreeMap<SocketAddr, PeerName> = BTreeMap::new();
+        let mut wanted: BTreeMap<SocketAddr, (PeerName, Transport)> = BTreeMap::new();
         // Only addresses a peer announced for itself, in its own signed entry: a peer cannot
         // make us dial an address on another's behalf.
         for p in self.topology.peers() {
             if p.name == self.cfg.name || connected.contains(&p.name) {
                 continue;
             }
+            for addr in &p.udp {
+                wanted.insert(*addr, (p.name, Transport::Udp));
+            }
             for addr in &p.addrs {
-                wanted.insert(*addr, p.name);
+                wanted.insert(*addr, (p.name, Transport::Any));
             }
         }
         let me = self.cfg.name;
@@ -1147,18 +1241,23 @@ impl Router {
         self.targets.retain(|addr, t| {
             t.configured || wanted.contains_key(addr) || matches!(t.state, TargetState::Connected(_) | TargetState::Connecting)
         });
-        for (addr, peer) in wanted {
+        for (addr, (peer, transport)) in wanted {
             if self.topology.get(peer).is_none() || peer == me {
                 continue;
             }
             let t = self.targets.entry(addr).or_insert_with(|| Target {
                 addr,
                 configured: false,
+                transport,
                 peer: Some(peer),
                 state: TargetState::Idle,
                 attempts: 0,
                 last_error: None,
             });
+            if transport == Transport::Any {
+                // Announced by the peer as where it listens: TCP may reach it too.
+                t.transport = Transport::Any;
+            }
             if t.state == TargetState::Idle && t.peer != Some(me) {
                 // Immediate first try; later ones back off in handle_connect_failed.
                 t.state = TargetState::Waiting(now);
@@ -1279,7 +1378,7 @@ mod tests {
         let mut a = router(1, t0);
         a.add_target(t0, addr(2));
         a.handle_timeout(t0);
-        assert_eq!(drain(&mut a).1, vec![Event::Connect { addr: addr(2) }]);
+        assert_eq!(drain(&mut a).1, vec![Event::Connect { addr: addr(2), transport: Transport::Any }]);
         let mut delays = Vec::new();
         let mut now = t0;
         for _ in 0..8 {
@@ -1385,6 +1484,7 @@ mod tests {
             version: u64::MAX,
             connections: BTreeMap::from([(n(2), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true })]),
             addrs: vec![addr(77)],
+            udp: Vec::new(),
             sig: Signature([0; 64]),
         };
         forged.sign(&key(2));
@@ -1392,7 +1492,7 @@ mod tests {
         assert!(a.topology().get(n(3)).is_none());
         assert_eq!(a.stats().forged_by.get(&n(2)), Some(&1));
         a.handle_timeout(now + Duration::from_secs(60));
-        assert!(!drain(&mut a).1.contains(&Event::Connect { addr: addr(77) }));
+        assert!(!drain(&mut a).1.contains(&Event::Connect { addr: addr(77), transport: Transport::Any }));
         // Peer 2's own entry may name any address for its connection to 3, but discovery
         // dials 3 only where 3 says it listens.
         let mut honest3 = PeerInfo {
@@ -1402,6 +1502,7 @@ mod tests {
             version: 1,
             connections: BTreeMap::from([(n(2), ConnectionInfo { addr: None, outbound: false, established: true })]),
             addrs: vec![addr(3)],
+            udp: Vec::new(),
             sig: Signature([0; 64]),
         };
         honest3.sign(&key(3));
@@ -1415,6 +1516,7 @@ mod tests {
                 (n(3), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true }),
             ]),
             addrs: vec![addr(2)],
+            udp: Vec::new(),
             sig: Signature([0; 64]),
         };
         p2.sign(&key(2));
@@ -1423,7 +1525,92 @@ mod tests {
         a.handle_timeout(now + Duration::from_secs(60));
         let (_, ev2) = drain(&mut a);
         let connects: Vec<&Event> = ev.iter().chain(&ev2).filter(|e| matches!(e, Event::Connect { .. })).collect();
-        assert_eq!(connects, vec![&Event::Connect { addr: addr(3) }]);
+        assert_eq!(connects, vec![&Event::Connect { addr: addr(3), transport: Transport::Any }]);
+    }
+
+    /// Peers 1 and 3 sit behind NATs, each connected to peer 2 only. Peer 2 tells each where
+    /// its datagrams come from; each announces that; each then dials the other there over UDP and
+    /// asks it, through 2, to dial back at once.
+    #[test]
+    fn outside_addresses_are_learned_announced_and_punched_from_both_ends() {
+        let now = Instant::now();
+        let outside = |i: u8| SocketAddr::from(([203, 0, 113, i], 40000 + u16::from(i)));
+        let mut a = router(1, now);
+        let mut c = router(3, now);
+        a.handle_connection_up(now, ConnId(1), addr(2), Some(addr(2)), hello(2, 200), session()).expect("1-2");
+        c.handle_connection_up(now, ConnId(1), addr(2), Some(addr(2)), hello(2, 200), session()).expect("3-2");
+        a.handle_sleeve_state(now, ConnId(1), true);
+        c.handle_sleeve_state(now, ConnId(1), true);
+        drain(&mut a);
+        drain(&mut c);
+        // What 2 sees: not our own address, so it is announced.
+        a.handle_message(now, ConnId(1), ControlMsg::Observed { udp: outside(1) }).expect("observed");
+        c.handle_message(now, ConnId(1), ControlMsg::Observed { udp: outside(3) }).expect("observed");
+        assert_eq!(a.topology().my_info().udp, vec![outside(1)]);
+        // An address no datagram comes from is refused and counted.
+        let bad = SocketAddr::from(([0, 0, 0, 0], 6783));
+        assert!(a.handle_message(now, ConnId(1), ControlMsg::Observed { udp: bad }).is_err());
+        assert_eq!(a.stats().observed_refused, 1);
+        assert_eq!(a.topology().my_info().udp, vec![outside(1)]);
+        // Each gets the other's claim and entry (as 2 passes them on).
+        let claims = |i: u64| IdentityState { claims: vec![Claim::self_signed(&key(i), n(i))], ..IdentityState::default() };
+        let gossip = |channel: &str, payload: Vec<u8>| ControlMsg::Gossip { channel: channel.into(), payload };
+        let entry_a = a.topology().my_info().clone();
+        let entry_c = c.topology().my_info().clone();
+        let entry_2 = |conns: &[u64]| {
+            let mut p = PeerInfo {
+                name: n(2),
+                nickname: "p2".into(),
+                uid: 200,
+                version: 3,
+                connections: conns.iter().map(|i| (n(*i), ConnectionInfo { addr: None, outbound: false, established: true })).collect(),
+                addrs: vec![addr(2)],
+                udp: Vec::new(),
+                sig: Signature([0; 64]),
+            };
+            p.sign(&key(2));
+            p
+        };
+        for (r, other, entry) in [(&mut a, 3, &entry_c), (&mut c, 1, &entry_a)] {
+            r.handle_message(now, ConnId(1), gossip(IDENTITY_CHANNEL, postcard::to_stdvec(&claims(2)).expect("enc"))).expect("claims");
+            r.handle_message(now, ConnId(1), gossip(IDENTITY_CHANNEL, postcard::to_stdvec(&claims(other)).expect("enc"))).expect("claims");
+            r.handle_message(now, ConnId(1), gossip(TOPOLOGY_CHANNEL, Topology::encode(&[entry_2(&[1, 3]), entry.clone()]))).expect("merge");
+        }
+        // Peer 1's timer fires first: it dials 3's outside address over UDP and asks 3 to dial back.
+        a.handle_timeout(now);
+        let (sent, ev) = drain(&mut a);
+        assert!(ev.contains(&Event::Connect { addr: outside(3), transport: Transport::Udp }), "{ev:?}");
+        assert_eq!(a.targets()[&outside(3)].state, TargetState::Connecting);
+        let punch = sent
+            .into_iter()
+            .find(|t| matches!(&t.msg, ControlMsg::Unicast { channel, dst, .. } if channel == PUNCH_CHANNEL && *dst == n(3)))
+            .expect("a punch request for peer 3, sent through peer 2");
+        assert_eq!(a.stats().punches_sent, 1);
+        // Peer 3 had backed off after a failed try; the request makes it dial at once.
+        c.handle_timeout(now);
+        drain(&mut c);
+        c.handle_connect_failed(now, outside(1), "timed out".into());
+        assert!(matches!(c.targets()[&outside(1)].state, TargetState::Waiting(at) if at > now));
+        c.handle_message(now, ConnId(1), punch.msg.clone()).expect("punch");
+        let (_, ev) = drain(&mut c);
+        assert!(ev.contains(&Event::Connect { addr: outside(1), transport: Transport::Udp }), "{ev:?}");
+        assert_eq!(c.stats().punches_answered, 1);
+        // While that dial is under way, more requests change nothing.
+        c.handle_message(now, ConnId(1), punch.msg.clone()).expect("punch");
+        let (_, ev) = drain(&mut c);
+        assert!(!ev.iter().any(|e| matches!(e, Event::Connect { .. })), "{ev:?}");
+        // A punch request forged in peer 1's name by peer 2 is dropped on arrival.
+        if let ControlMsg::Unicast { src, dst, channel, payload, ttl, .. } = punch.msg {
+            let sig = key(2).sign(DOMAIN_UNICAST, &signed_bytes(&(src, dst, &channel, &payload)));
+            c.handle_connect_failed(now, outside(1), "timed out".into());
+            c.handle_message(now, ConnId(1), ControlMsg::Unicast { src, dst, channel, payload, ttl, sig }).expect("handled");
+            let (_, ev) = drain(&mut c);
+            assert!(!ev.iter().any(|e| matches!(e, Event::Connect { .. })), "{ev:?}");
+            assert_eq!(c.stats().punches_answered, 1);
+        }
+        // When 2's connection to 1 goes, so does what 2 saw.
+        a.handle_connection_down(now, ConnId(1), "gone");
+        assert!(a.topology().my_info().udp.is_empty());
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct PeerInfo {
     pub connections: BTreeMap<PeerName, ConnectionInfo>,
     /// Where this peer says it can be dialled: the only addresses discovery dials for it.
     pub addrs: Vec<SocketAddr>,
+    /// Where its peers see its sleeve datagrams come from, when that is not one of `addrs`
+    /// (the outside of a NAT): dialled over UDP only (QUIC), for a hole punched by both ends.
+    pub udp: Vec<SocketAddr>,
     /// The peer's signature of all the fields above.
     pub sig: Signature,
 }
@@ -59,7 +62,7 @@ impl PeerInfo {
     }
 
     fn signed_part(&self) -> Vec<u8> {
-        signed_bytes(&(self.name, &self.nickname, self.uid, self.version, &self.connections, &self.addrs))
+        signed_bytes(&(self.name, &self.nickname, self.uid, self.version, &self.connections, &self.addrs, &self.udp))
     }
 
     /// Signs the entry with its owner's key.
@@ -92,6 +95,13 @@ impl PeerInfo {
                 "peer {} announces {} addresses (max {MAX_ADDRS})",
                 self.name,
                 self.addrs.len()
+            )));
+        }
+        if self.udp.len() > MAX_ADDRS {
+            return Err(TopologyError::Invalid(format!(
+                "peer {} announces {} outside UDP addresses (max {MAX_ADDRS})",
+                self.name,
+                self.udp.len()
             )));
         }
         if self.connections.contains_key(&self.name) {
@@ -214,6 +224,21 @@ impl Topology {
             return false;
         }
         me.addrs = addrs;
+        self.bump_mine();
+        true
+    }
+
+    /// Replaces the outside UDP addresses we announce (see [`PeerInfo::udp`]; at most
+    /// [`MAX_ADDRS`]). Returns whether anything changed.
+    pub fn set_my_udp(&mut self, mut udp: Vec<SocketAddr>) -> bool {
+        udp.sort();
+        udp.dedup();
+        udp.truncate(MAX_ADDRS);
+        let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
+        if me.udp == udp {
+            return false;
+        }
+        me.udp = udp;
         self.bump_mine();
         true
     }
@@ -453,6 +478,7 @@ fn unreachable_entry(name: PeerName) -> PeerInfo {
         version: 0,
         connections: BTreeMap::new(),
         addrs: Vec::new(),
+        udp: Vec::new(),
         sig: Signature([0; 64]),
     }
 }
@@ -525,6 +551,7 @@ mod tests {
                 .map(|c| (n(*c), ConnectionInfo { addr: None, outbound: true, established: true }))
                 .collect(),
             addrs: Vec::new(),
+            udp: Vec::new(),
             sig: Signature([0; 64]),
         }
     }

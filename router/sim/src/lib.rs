@@ -363,7 +363,7 @@ impl Sim {
             }
             let Some(ev) = r.poll_event() else { break };
             match ev {
-                Event::Connect { addr } => {
+                Event::Connect { addr, .. } => {
                     let l = match self.by_addr.get(&addr) {
                         Some(&j) => self.latency(i, j),
                         None => Duration::from_millis(1),

@@ -24,7 +24,7 @@ use weft_proto::{ConnId, ControlMsg, Event, Router};
 
 
 use super::conns::{Conn, Conns};
-use super::input::{ConnUp, Input, Request};
+use super::input::{Carrier, ConnUp, Input, Request};
 use super::stats::ControlStats;
 use super::status::{status, StatusInfo};
 use super::fastpath::Fastpath;
@@ -52,7 +52,7 @@ pub struct Actor {
     /// The frame path, to install links and routes.
     pub frames: Arc<FramePath>,
     /// Where to send the addresses the core asks us to dial (the dialing task holds the keys).
-    pub dials: mpsc::UnboundedSender<SocketAddr>,
+    pub dials: mpsc::UnboundedSender<(SocketAddr, weft_proto::Transport)>,
     /// Address allocation.
     pub ipam: IpamService,
     /// Container DNS.
@@ -83,7 +83,7 @@ impl Actor {
     pub fn new(
         core: Router,
         frames: Arc<FramePath>,
-        dials: mpsc::UnboundedSender<SocketAddr>,
+        dials: mpsc::UnboundedSender<(SocketAddr, weft_proto::Transport)>,
         ipam: IpamService,
         dns: DnsService,
         writer: Writer,
@@ -255,7 +255,7 @@ impl Actor {
     }
 
     fn conn_up(&mut self, now: Instant, up: ConnUp) {
-        let ConnUp { id, remote, target, hello, our_fastpath, session, ciphers, our_index: lease, tx, close, reply } = up;
+        let ConnUp { id, remote, target, carrier, hello, our_fastpath, session, ciphers, our_index: lease, tx, close, reply } = up;
         let our_index = lease.index();
         let peer = hello.hello.name;
         let nick = hello.hello.nickname.clone();
@@ -263,7 +263,12 @@ impl Actor {
         match self.core.handle_connection_up(now, id, remote, target, hello.hello, session) {
             Ok(()) => {
                 let encrypted = matches!(ciphers.0, Cipher::Aes256Gcm(_));
-                let udp = SocketAddr::new(remote.ip(), hello.udp_port);
+                // Over QUIC the peer's UDP address is the connection's own (a NAT's mapping
+                // included); over TCP it is the peer's IP and the port it said.
+                let udp = match carrier {
+                    Carrier::Quic => remote,
+                    Carrier::Tcp => SocketAddr::new(remote.ip(), hello.udp_port),
+                };
                 let link = self.frames.add_link(
                     peer,
                     udp,
@@ -271,7 +276,7 @@ impl Actor {
                     Sealer::new(ciphers.0, hello.sleeve_index),
                     Opener::new(ciphers.1),
                 );
-                info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, "connection up");
+                info!(%peer, nickname = %nick, %remote, outbound = target.is_some(), encrypted, transport = carrier.label(), "connection up");
                 let sleeve: Box<dyn Forwarder> = Box::new(SleeveForwarder::new(link.clone(), self.info.udp_port));
                 let paths = match self.fastpath.forwarder(peer, remote.ip(), &our_fastpath, &hello.fastpath, &binding) {
                     Ok(fast) => Paths::new(vec![Box::new(fast), sleeve]),
@@ -280,7 +285,7 @@ impl Actor {
                         Paths::new(vec![sleeve]).with_note(bounded(why))
                     }
                 };
-                self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths });
+                self.conns.insert(id, Conn { tx, close: Some(close), peer, index: our_index, encrypted, paths, carrier, link: link.clone(), told: None });
                 let _ = reply.send(Some(link));
             }
             Err(Refusal::Identity(e)) => {
@@ -380,6 +385,12 @@ impl Actor {
             let (reports, changed) = c.paths.tick();
             for r in reports {
                 let _ = c.tx.try_send(r);
+            }
+            // Tell the peer where its sleeve datagrams come from, once they have been heard
+            // (so the address is one an authenticated datagram came from) and when it moves.
+            let seen = c.link.dest();
+            if c.link.heartbeat_age().is_some() && c.told != Some(seen) && c.tx.try_send(ControlMsg::Observed { udp: seen }).is_ok() {
+                c.told = Some(seen);
             }
             if changed {
                 self.path_changed(id);
@@ -491,8 +502,8 @@ impl Actor {
             }
             let Some(ev) = self.core.poll_event() else { break };
             match ev {
-                Event::Connect { addr } => {
-                    if self.dials.send(addr).is_err() {
+                Event::Connect { addr, transport } => {
+                    if self.dials.send((addr, transport)).is_err() {
                         self.core.handle_connect_failed(Instant::now(), addr, "the router is stopping".into());
                     }
                 }

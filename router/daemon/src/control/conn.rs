@@ -9,18 +9,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use weft_proto::fastpath::Offer;
 use weft_proto::identity::Claim;
 use weft_proto::router::Session;
-use weft_proto::{ConnId, ControlMsg, Hello, SigningKey};
+use weft_proto::{ConnId, ControlMsg, Hello, SigningKey, Transport};
 
 use super::fastpath::Fastpath;
 use super::admission::{Gate, Limits, Refusal, Ticket, Verdict};
 use super::handshake::{HandshakeError, Handshaker, SessionHello};
-use super::input::{ConnUp, Input};
+use super::input::{Carrier, ConnUp, Input};
+use super::quic::{self, Quic, QuicStream};
 use super::records::{ReadError, RecordReader, RecordWriter, MAX_HELLO};
 use super::rekey::{self, Incoming, RekeyMsg, Rekeyer};
 use super::stats::ControlStats;
@@ -34,6 +36,8 @@ const CONTROL_IDLE: Duration = Duration::from_secs(35);
 /// How long a connection has for its handshake and hello together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// With `--transport auto`, how long a TCP dial goes alone before QUIC is tried beside it.
+const TCP_HEAD_START: Duration = Duration::from_secs(1);
 /// Messages queued for one connection before it counts as stuck.
 pub const SEND_QUEUE: usize = 1024;
 
@@ -50,6 +54,73 @@ pub struct Dialer {
     rekey_interval: Duration,
     /// The kernel fastpath, whose offer each hello carries.
     fastpath: Option<Arc<Fastpath>>,
+    /// The QUIC endpoint on the sleeve port (none with `--transport tcp`).
+    quic: Option<Arc<Quic>>,
+    /// How we dial.
+    choice: TransportChoice,
+}
+
+/// How control connections are dialled (`--transport`). Connections from peers are taken
+/// either way, except that without QUIC (`tcp`) UDP ones are not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// TCP, and QUIC beside it when TCP has not connected within a second; QUIC only to a
+    /// peer's outside UDP address.
+    #[default]
+    Auto,
+    /// TCP only; no QUIC endpoint.
+    Tcp,
+    /// QUIC only (a firewall that passes only UDP).
+    Udp,
+}
+
+impl TransportChoice {
+    /// Its name, as `--transport` takes it.
+    pub fn label(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Tcp => "tcp",
+            TransportChoice::Udp => "udp",
+        }
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TransportChoice::Auto),
+            "tcp" => Ok(TransportChoice::Tcp),
+            "udp" | "quic" => Ok(TransportChoice::Udp),
+            _ => Err(format!("unknown transport {s:?}: use auto, tcp or udp")),
+        }
+    }
+}
+
+/// A control connection's bytes, over TCP or a QUIC stream.
+struct Stream {
+    rd: Box<dyn AsyncRead + Unpin + Send>,
+    wr: Box<dyn AsyncWrite + Unpin + Send>,
+    /// Our end's address.
+    local: SocketAddr,
+    carrier: Carrier,
+    /// The QUIC connection, held while its stream is used; closed when the task ends.
+    quic: Option<quinn::Connection>,
+}
+
+impl Stream {
+    fn tcp(s: TcpStream) -> Result<Stream, String> {
+        let _ = s.set_nodelay(true);
+        let local = s.local_addr().map_err(|e| format!("reading the connection's local address: {e}"))?;
+        let (rd, wr) = s.into_split();
+        Ok(Stream { rd: Box::new(rd), wr: Box::new(wr), local, carrier: Carrier::Tcp, quic: None })
+    }
+
+    fn quic(q: QuicStream, remote: SocketAddr, port: u16) -> Result<Stream, String> {
+        let local = quic::source_towards(remote, port).map_err(|e| format!("finding our address towards {remote}: {e}"))?;
+        Ok(Stream { rd: Box::new(q.recv), wr: Box::new(q.send), local, carrier: Carrier::Quic, quic: Some(q.conn) })
+    }
 }
 
 impl Dialer {
@@ -63,7 +134,26 @@ impl Dialer {
         inputs: mpsc::Sender<Input>,
     ) -> Self {
         let rekey_interval = rekey::interval_from_env();
-        Dialer { keys, me, udp_port, indices, stats, inputs, next_conn: AtomicU64::new(1), rekey_interval, fastpath: None }
+        Dialer {
+            keys,
+            me,
+            udp_port,
+            indices,
+            stats,
+            inputs,
+            next_conn: AtomicU64::new(1),
+            rekey_interval,
+            fastpath: None,
+            quic: None,
+            choice: TransportChoice::Auto,
+        }
+    }
+
+    /// Dials as `choice` says, with QUIC on `quic` (none for `--transport tcp`).
+    pub(crate) fn with_transport(mut self, choice: TransportChoice, quic: Option<Arc<Quic>>) -> Self {
+        self.choice = choice;
+        self.quic = quic;
+        self
     }
 
     /// Offers `fastpath` on every connection.
@@ -118,7 +208,11 @@ async fn accept_within(dialer: Arc<Dialer>, listener: TcpListener, limits: Limit
                 };
                 let d = dialer.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(d, s, remote, None, Some(permit)).await {
+                    let r = match Stream::tcp(s) {
+                        Ok(s) => connection(d, s, remote, None, Some(permit)).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
                         debug!(%remote, error = %e, "inbound connection ended");
                     }
                 });
@@ -128,6 +222,35 @@ async fn accept_within(dialer: Arc<Dialer>, listener: TcpListener, limits: Limit
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Accepts control connections over QUIC for ever, through the same kind of admission gate as
+/// TCP: an attempt over its source's bounds is refused before QUIC's handshake.
+pub async fn accept_quic(dialer: Arc<Dialer>, quic: Arc<Quic>) {
+    let admission = Arc::new(Mutex::new(Admission { gate: Gate::new(Limits::default()), evict: HashMap::new(), crowded: false }));
+    while let Some(incoming) = quic.accept().await {
+        let remote = incoming.remote_address();
+        let Some(mut permit) = Permit::ask(&admission, &dialer.stats, remote) else {
+            incoming.refuse();
+            continue;
+        };
+        let d = dialer.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+            let r = match in_time(deadline, Some(&mut permit), quic::answer(incoming)).await {
+                Ok(Ok(q)) => match Stream::quic(q, remote, d.me.listen_port) {
+                    Ok(s) => connection(d, s, remote, None, Some(permit)).await,
+                    Err(e) => Err(e),
+                },
+                Ok(Err(e)) => Err(e),
+                Err(Cut::Timeout) => Err("QUIC handshake timed out".into()),
+                Err(Cut::Evicted) => Err("closed during its handshake to make room for a newer one".into()),
+            };
+            if let Err(e) = r {
+                debug!(%remote, error = %e, "inbound QUIC connection ended");
+            }
+        });
     }
 }
 
@@ -240,25 +363,78 @@ async fn in_time<F: std::future::Future>(deadline: tokio::time::Instant, permit:
 /// Starts the task that dials the addresses the actor asks for, each in a task of its own. The
 /// actor holds only the sender: the keys stay with the connection tasks. Unbounded, because the
 /// router core asks for each target once until it hears how the dial went.
-pub fn dial_on_request(dialer: Arc<Dialer>) -> mpsc::UnboundedSender<SocketAddr> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<SocketAddr>();
+pub fn dial_on_request(dialer: Arc<Dialer>) -> mpsc::UnboundedSender<(SocketAddr, Transport)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(SocketAddr, Transport)>();
     tokio::spawn(async move {
-        while let Some(addr) = rx.recv().await {
-            tokio::spawn(dial(dialer.clone(), addr));
+        while let Some((addr, transport)) = rx.recv().await {
+            tokio::spawn(dial(dialer.clone(), addr, transport));
         }
     });
     tx
 }
 
 /// Dials `addr` and runs the connection; a failure before it is up is reported to the actor.
-async fn dial(dialer: Arc<Dialer>, addr: SocketAddr) {
-    let s = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(&dialer, addr, format!("connect: {e}")).await,
-        Err(_) => return fail(&dialer, addr, "connect: timed out".into()).await,
+async fn dial(dialer: Arc<Dialer>, addr: SocketAddr, transport: Transport) {
+    let s = match open(&dialer, addr, transport).await {
+        Ok(s) => s,
+        Err(e) => return fail(&dialer, addr, e).await,
     };
     if let Err(e) = connection(dialer.clone(), s, addr, Some(addr), None).await {
         fail(&dialer, addr, e).await;
+    }
+}
+
+/// Opens a stream to `addr`: over TCP, over QUIC, or (`--transport auto`, an address the peer
+/// listens on) TCP first and QUIC beside it once TCP has had [`TCP_HEAD_START`], the first to
+/// connect winning (a firewall that drops TCP costs a second, not a time-out).
+async fn open(d: &Dialer, addr: SocketAddr, transport: Transport) -> Result<Stream, String> {
+    let tcp_allowed = transport == Transport::Any && d.choice != TransportChoice::Udp;
+    let quic = d.quic.as_ref().filter(|_| d.choice != TransportChoice::Tcp);
+    let port = d.me.listen_port;
+    let over_quic = |q: Arc<Quic>| async move {
+        let s = tokio::time::timeout(DIAL_TIMEOUT, q.dial(addr)).await.map_err(|_| "QUIC: no answer".to_string())??;
+        Stream::quic(s, addr, port)
+    };
+    let over_tcp = async {
+        match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Stream::tcp(s),
+            Ok(Err(e)) => Err(format!("TCP: {e}")),
+            Err(_) => Err("TCP: connect timed out".to_string()),
+        }
+    };
+    match (tcp_allowed, quic) {
+        (true, None) => over_tcp.await,
+        (false, Some(q)) => over_quic(q.clone()).await,
+        (false, None) => Err("this address takes only UDP, and QUIC is off (--transport tcp)".into()),
+        (true, Some(q)) => {
+            tokio::pin!(over_tcp);
+            let head = tokio::time::sleep(TCP_HEAD_START);
+            let tcp_error = tokio::select! {
+                r = &mut over_tcp => match r {
+                    Ok(s) => return Ok(s),
+                    Err(e) => Some(e),
+                },
+                _ = head => None,
+            };
+            let over_quic = over_quic(q.clone());
+            tokio::pin!(over_quic);
+            if let Some(t) = tcp_error {
+                return over_quic.await.map_err(|q| format!("{t}; {q}"));
+            }
+            tokio::select! {
+                r = &mut over_tcp => match r {
+                    Ok(s) => Ok(s),
+                    Err(t) => over_quic.await.map_err(|q| format!("{t}; {q}")),
+                },
+                r = &mut over_quic => match r {
+                    Ok(s) => {
+                        info!(%addr, "TCP has not connected; the control connection goes over QUIC");
+                        Ok(s)
+                    }
+                    Err(q) => over_tcp.await.map_err(|t| format!("{t}; {q}")),
+                },
+            }
+        }
     }
 }
 
@@ -271,15 +447,18 @@ async fn fail(dialer: &Dialer, addr: SocketAddr, error: String) {
 /// until the peer's hello is in.
 async fn connection(
     d: Arc<Dialer>,
-    mut s: TcpStream,
+    mut s: Stream,
     remote: SocketAddr,
     target: Option<SocketAddr>,
     mut permit: Option<Permit>,
 ) -> Result<(), String> {
-    let _ = s.set_nodelay(true);
     let outbound = target.is_some();
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let secured = match in_time(deadline, permit.as_mut(), d.keys.run(&mut s, outbound)).await {
+    let carrier = s.carrier;
+    // Held until the task ends; dropping it closes a QUIC connection.
+    let _quic = s.quic.take();
+    let mut both = tokio::io::join(&mut s.rd, &mut s.wr);
+    let secured = match in_time(deadline, permit.as_mut(), d.keys.run(&mut both, outbound)).await {
         Ok(Ok(sec)) => sec,
         Ok(Err(e)) => {
             d.stats.handshake_failed(e.label());
@@ -297,9 +476,8 @@ async fn connection(
         }
         Err(Cut::Evicted) => return Err("closed during its handshake to make room for a newer one".into()),
     };
-    let local = s.local_addr().map_err(|e| format!("reading the connection's local address: {e}"))?;
-    let session = Session { local, binding: secured.binding };
-    let (rd, wr) = s.into_split();
+    let session = Session { local: s.local, binding: secured.binding };
+    let Stream { rd, wr, .. } = s;
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
     let lease = d.indices.lease();
@@ -339,6 +517,7 @@ async fn connection(
         id,
         remote,
         target,
+        carrier,
         hello: theirs,
         our_fastpath: fastpath,
         session,

@@ -22,6 +22,12 @@ pub struct Conn {
     pub encrypted: bool,
     /// Its data paths.
     pub paths: Paths,
+    /// What carries it.
+    pub carrier: super::input::Carrier,
+    /// Its sleeve link.
+    pub link: std::sync::Arc<crate::frame::links::Link>,
+    /// The sleeve address of the peer we last told it we see (`ControlMsg::Observed`).
+    pub told: Option<std::net::SocketAddr>,
 }
 
 /// The table of live connections.

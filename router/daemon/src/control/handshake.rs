@@ -10,8 +10,7 @@ use aws_lc_rs::hkdf;
 use serde::{Deserialize, Serialize};
 use snow::resolvers::{DefaultResolver, FallbackResolver};
 use snow::{Builder, StatelessTransportState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_proto::sleeve::Cipher;
 use weft_proto::Hello;
 
@@ -77,7 +76,7 @@ impl Handshaker {
     }
 
     /// Runs [`handshake`] with these keys.
-    pub async fn run(&self, s: &mut TcpStream, initiator: bool) -> Result<Secured, HandshakeError> {
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(&self, s: &mut S, initiator: bool) -> Result<Secured, HandshakeError> {
         handshake(s, initiator, self.psk.as_ref(), &self.private_key).await
     }
 }
@@ -161,7 +160,7 @@ pub struct SessionHello {
     pub fastpath: weft_proto::fastpath::Offer,
 }
 
-async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, HandshakeError> {
+async fn read_frame<S: AsyncRead + Unpin>(s: &mut S, max: usize) -> Result<Vec<u8>, HandshakeError> {
     let len = s.read_u16().await? as usize;
     // A refusal (zero length) only ever follows the last handshake message,
     // which the record layer reads; here an empty message is just malformed.
@@ -176,7 +175,7 @@ async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, HandshakeE
     Ok(b)
 }
 
-async fn write_frame(s: &mut TcpStream, b: &[u8]) -> Result<(), HandshakeError> {
+async fn write_frame<S: AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> Result<(), HandshakeError> {
     let mut out = Vec::with_capacity(b.len() + 2);
     out.extend_from_slice(&(b.len() as u16).to_be_bytes());
     out.extend_from_slice(b);
@@ -223,8 +222,8 @@ fn plaintext_binding(prologue: &[u8]) -> [u8; 32] {
 /// Both preambles, the initiator's first, are the Noise prologue: a byte changed on the way
 /// (a version, the encryption flag, the nonce) makes the two ends' handshake hashes differ, and
 /// the second message fails to decrypt.
-pub async fn handshake(
-    s: &mut TcpStream,
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     initiator: bool,
     psk: Option<&[u8; 32]>,
     private_key: &[u8; 32],
@@ -366,7 +365,7 @@ pub(super) async fn test_responder(
 mod tests {
     use super::*;
     use std::time::Duration;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn key() -> [u8; 32] {
         generate_keypair().expect("key pair").0

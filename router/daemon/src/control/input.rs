@@ -24,6 +24,8 @@ pub struct ConnUp {
     pub remote: SocketAddr,
     /// The address we dialed, for an outbound connection.
     pub target: Option<SocketAddr>,
+    /// What carries it (over QUIC, `remote` is also where the sleeve sends).
+    pub carrier: Carrier,
     /// What the peer said about itself.
     pub hello: SessionHello,
     /// What we offered the peer about the fastpath in our hello.
@@ -41,6 +43,25 @@ pub struct ConnUp {
     /// The connection's sleeve link when the actor took it (`None`: refused, e.g. a duplicate);
     /// the connection task rotates its keys.
     pub reply: oneshot::Sender<Option<Arc<Link>>>,
+}
+
+/// What carries a control connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Carrier {
+    /// A TCP connection to the peer's control port.
+    Tcp,
+    /// A QUIC connection on the sleeve's UDP port.
+    Quic,
+}
+
+impl Carrier {
+    /// Its name, for status and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Carrier::Tcp => "tcp",
+            Carrier::Quic => "quic",
+        }
+    }
 }
 
 /// One input for the actor.

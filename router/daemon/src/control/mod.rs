@@ -14,6 +14,7 @@ pub mod handle;
 pub mod handshake;
 pub mod input;
 pub mod networks;
+pub mod quic;
 pub mod records;
 pub mod rekey;
 pub mod stats;

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use snow::StatelessTransportState;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use super::handshake::REFUSE_HANDSHAKE;
 
@@ -62,7 +61,7 @@ impl ReadError {
 /// Reads control messages: Noise records of at most 64 KiB, each `[u16 len][ciphertext]`,
 /// carrying a stream of `[u32 len][postcard message]`.
 pub struct RecordReader {
-    rd: BufReader<OwnedReadHalf>,
+    rd: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
     transport: Option<Arc<StatelessTransportState>>,
     nonce: u64,
     plain: Vec<u8>,
@@ -70,11 +69,11 @@ pub struct RecordReader {
 }
 
 impl RecordReader {
-    /// Wraps the read half.
-    pub fn new(rd: OwnedReadHalf, transport: Option<Arc<StatelessTransportState>>) -> Self {
+    /// Wraps the read half (of a TCP connection or a QUIC stream).
+    pub fn new(rd: impl AsyncRead + Unpin + Send + 'static, transport: Option<Arc<StatelessTransportState>>) -> Self {
         // The record buffer grows to the largest record seen, so a connection that sends only a
         // small hello never costs 64 KiB here.
-        RecordReader { rd: BufReader::with_capacity(1 << 16, rd), transport, nonce: 0, plain: Vec::new(), record: Vec::new() }
+        RecordReader { rd: BufReader::with_capacity(1 << 16, Box::new(rd)), transport, nonce: 0, plain: Vec::new(), record: Vec::new() }
     }
 
     async fn fill(&mut self) -> Result<(), ReadError> {
@@ -151,15 +150,15 @@ impl RecordReader {
 
 /// Writes control messages; see [`RecordReader`].
 pub struct RecordWriter {
-    wr: BufWriter<OwnedWriteHalf>,
+    wr: BufWriter<Box<dyn AsyncWrite + Unpin + Send>>,
     transport: Option<Arc<StatelessTransportState>>,
     nonce: u64,
 }
 
 impl RecordWriter {
-    /// Wraps the write half.
-    pub fn new(wr: OwnedWriteHalf, transport: Option<Arc<StatelessTransportState>>) -> Self {
-        RecordWriter { wr: BufWriter::with_capacity(1 << 16, wr), transport, nonce: 0 }
+    /// Wraps the write half (of a TCP connection or a QUIC stream).
+    pub fn new(wr: impl AsyncWrite + Unpin + Send + 'static, transport: Option<Arc<StatelessTransportState>>) -> Self {
+        RecordWriter { wr: BufWriter::with_capacity(1 << 16, Box::new(wr)), transport, nonce: 0 }
     }
 
     /// Encodes and sends one message, then flushes.

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 use weft_proto::identity::{Proof, Trust};
-use weft_proto::router::TargetState;
-use weft_proto::Router;
+use weft_proto::router::{Target, TargetState};
+use weft_proto::{PeerInfo, Router, Transport};
 
 use super::conns::Conns;
 use super::stats::{ControlStats, HANDSHAKE_LABELS, READ_LABELS, REFUSAL_LABELS};
@@ -23,6 +23,8 @@ pub struct StatusInfo {
     pub mtu: u32,
     /// Sleeve UDP port.
     pub udp_port: u16,
+    /// How control connections are dialled.
+    pub transport: super::conn::TransportChoice,
     /// Whether a password is set.
     pub encrypted: bool,
     /// When the router started.
@@ -43,6 +45,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             let h = conns.get(*id);
             let encrypted = h.is_some_and(|h| h.encrypted);
             let path = h.and_then(|h| h.paths.active()).unwrap_or("none");
+            let transport = h.map_or("tcp", |h| h.carrier.label());
             let paths: Vec<Value> = h
                 .map(|h| h.paths.report())
                 .unwrap_or_default()
@@ -54,7 +57,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 .collect();
             json!({
                 "peer_name": c.peer.to_string(), "peer_nickname": c.nickname, "address": c.remote.to_string(),
-                "outbound": c.outbound, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
+                "outbound": c.outbound, "transport": transport, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
                 "up_seconds": now.duration_since(c.since).as_secs(),
                 "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
                 // Where the sleeve sends, and how often the peer's datagrams came from a new
@@ -84,10 +87,11 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             let hop = core.routes().next_hop(p.name);
             let via = hop.filter(|h| *h != p.name).map(|h| {
                 let nick = core.topology().get(h).map(|i| i.nickname.clone()).unwrap_or_default();
-                json!({"name": h.to_string(), "nickname": nick})
+                json!({"name": h.to_string(), "nickname": nick, "reason": relay_reason(core, p, info.udp_port)})
             });
             json!({"name": p.name.to_string(), "nickname": p.nickname, "uid": p.uid, "version": p.version,
                 "reachable": p.name == core.name() || hop.is_some(), "via": via,
+                "outside": p.udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "connections": cs})
         })
         .collect();
@@ -102,6 +106,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 TargetState::Idle => ("idle", None),
             };
             json!({"address": t.addr.to_string(), "configured": t.configured, "peer": t.peer.map(|p| p.to_string()),
+                "transport": match t.transport { Transport::Any => "any", Transport::Udp => "udp" },
                 "state": state, "retry_in_seconds": retry, "attempts": t.attempts, "last_error": t.last_error})
         })
         .collect();
@@ -143,6 +148,9 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
         "bridge": info.bridge, "mtu": info.mtu,
         "sleeve": {"port": info.udp_port, "offload": frames.offload(),
             "gso_segments": frames.gso_segments(), "max_datagram": frames.max_datagram()},
+        // How we dial, and where our peers see our datagrams come from (a NAT's outside).
+        "transport": info.transport.label(),
+        "outside": core.topology().my_info().udp.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "connections": connections,
         "peers": peers,
         "targets": targets,
@@ -164,6 +172,39 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "control_read_errors": as_map(labelled(&READ_LABELS, &ctl.read_errors)),
             "sleeve_rekeys": ctl.sleeve_rekeys.load(Relaxed),
             "sleeve_rekey_failures": ctl.sleeve_rekey_failures.load(Relaxed),
+            "quic_in": s.quic_in.load(Relaxed), "quic_dropped": s.quic_dropped.load(Relaxed),
+            "punches_sent": st.punches_sent, "punches_answered": st.punches_answered,
+            "observed_refused": st.observed_refused,
         },
     })
+}
+
+/// Why a peer is relayed rather than connected directly, from what this end tried and what the
+/// two ends' NATs are seen to do.
+fn relay_reason(core: &Router, peer: &PeerInfo, our_udp_port: u16) -> String {
+    let tried: Vec<&Target> = core.targets().values().filter(|t| t.peer == Some(peer.name)).collect();
+    if tried.is_empty() {
+        return "no direct connection: no address of it to dial".into();
+    }
+    // A NAT that gives our datagrams another port than the one we send from likely maps each
+    // destination anew (symmetric): no hole punched towards one peer serves another.
+    let theirs = peer.addrs.first().map(|a| a.port());
+    let their_nat_moves = peer.udp.iter().any(|o| Some(o.port()) != theirs);
+    let our_nat_moves = core.topology().my_info().udp.iter().any(|o| o.port() != our_udp_port);
+    let punched = tried.iter().any(|t| t.transport == Transport::Udp);
+    let mut why = if punched {
+        "no direct path: both ends sent to each other's outside address and nothing came through".to_string()
+    } else {
+        "no direct connection".to_string()
+    };
+    match (our_nat_moves, their_nat_moves) {
+        (true, true) => why.push_str(", both ends behind NATs that change ports (symmetric NAT)"),
+        (true, false) => why.push_str(", this host is behind a NAT that changes ports (symmetric NAT)"),
+        (false, true) => why.push_str(", the peer is behind a NAT that changes ports (symmetric NAT)"),
+        (false, false) => {}
+    }
+    if let Some(e) = tried.iter().filter_map(|t| t.last_error.as_deref()).next_back() {
+        why.push_str(&format!("; last try: {e}"));
+    }
+    why
 }

@@ -44,6 +44,7 @@ impl FramePath {
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
             learn_hook: std::sync::OnceLock::new(),
+            quic_hook: std::sync::OnceLock::new(),
         });
         let (learn_tx, learn_rx) = std::sync::mpsc::sync_channel(LEARN_QUEUE);
         let a = sh.clone();
@@ -63,6 +64,21 @@ impl FramePath {
     /// Installs the hook told about learned and moved MACs (once; later calls are ignored).
     pub fn set_learn_hook(&self, hook: super::shared::LearnHook) {
         let _ = self.sh.learn_hook.set(hook);
+    }
+
+    /// Installs the hook given the QUIC packets that arrive on the sleeve port (once).
+    pub fn set_quic_hook(&self, hook: super::shared::QuicHook) {
+        let _ = self.sh.quic_hook.set(hook);
+    }
+
+    /// Sends one datagram from the sleeve port without waiting (see [`SleeveSocket::send_one`]).
+    pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<usize> {
+        self.sh.udp.send_one(to, datagram)
+    }
+
+    /// The sleeve socket's address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.sh.udp.local_addr()
     }
 
     /// Counters.

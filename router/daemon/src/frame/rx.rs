@@ -77,6 +77,10 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
+                    if super::shared::is_quic(dgram) {
+                        rx.quic(dgram, meta.addr);
+                        continue;
+                    }
                     if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram, meta.addr) {
                         rx.sh.stats.drop(DropReason::Sleeve(e));
                         tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
@@ -123,6 +127,12 @@ struct Rx<'a> {
 }
 
 impl Rx<'_> {
+    fn quic(&self, dgram: &[u8], from: SocketAddr) {
+        let taken = self.sh.quic_hook.get().is_some_and(|hook| hook(dgram, from));
+        let counter = if taken { &self.sh.stats.quic_in } else { &self.sh.stats.quic_dropped };
+        counter.fetch_add(1, Relaxed);
+    }
+
     fn datagram(&mut self, snap: &Snapshot, inbound: &mut Inbounds, now: Instant, dgram: &[u8], from: SocketAddr) -> Result<(), SleeveError> {
         let (head, body) = Header::parse(dgram)?;
         let link = snap.by_index.get(&head.receiver).ok_or(SleeveError::UnknownSession)?;

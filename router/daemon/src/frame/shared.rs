@@ -39,6 +39,19 @@ pub struct Shared {
     /// Told `(segment, mac, owner)` for every MAC the UDP thread learns from a peer and every
     /// MAC the TAP thread sees move here (owner: us); the fastpath programs its entries from it.
     pub learn_hook: OnceLock<LearnHook>,
+    /// Given every datagram that is a QUIC packet rather than a sleeve fragment (the control
+    /// channel over UDP shares the sleeve's port); returns false when it could not take it.
+    pub quic_hook: OnceLock<QuicHook>,
+}
+
+/// See [`Shared::quic_hook`].
+pub type QuicHook = Box<dyn Fn(&[u8], std::net::SocketAddr) -> bool + Send + Sync>;
+
+/// Whether a datagram on the sleeve port is a QUIC packet: QUIC sets the "fixed bit" (0x40) of
+/// its first byte in every packet (RFC 9000 §17; weft never agrees to grease it), and a sleeve
+/// fragment starts with its version, 1.
+pub fn is_quic(datagram: &[u8]) -> bool {
+    datagram.first().is_some_and(|b| b & 0x40 != 0)
 }
 
 /// See [`Shared::learn_hook`].

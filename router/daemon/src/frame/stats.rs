@@ -106,6 +106,10 @@ pub struct Stats {
     /// MAC announcements from the UDP thread to the TAP thread lost to a full queue (each is
     /// repeated with the MAC's next frame).
     pub announce_lost: AtomicU64,
+    /// QUIC packets (the control channel over UDP) received on the sleeve port and handed on.
+    pub quic_in: AtomicU64,
+    /// QUIC packets dropped: no QUIC endpoint (`--transport tcp`), or its queue was full.
+    pub quic_dropped: AtomicU64,
 }
 
 impl Stats {

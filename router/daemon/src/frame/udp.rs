@@ -63,6 +63,17 @@ impl SleeveSocket {
         self.sock.as_raw_fd()
     }
 
+    /// Our address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Sends one datagram now, never waiting (the socket does not block): for the control
+    /// channel's QUIC packets, whose losses QUIC repairs.
+    pub fn send_one(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<usize> {
+        self.sock.send_to(datagram, to)
+    }
+
     /// Receives a batch; `Ok(0)` when nothing is waiting.
     pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], metas: &mut [RecvMeta]) -> std::io::Result<usize> {
         match self.state.recv((&self.sock).into(), bufs, metas) {
