@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use serde_json::Value;
 use weft_lab::{Lab, LabConfig, Nat};
 
 fn nat_lab(test: &str, nats: &[(usize, Nat)], hosts: usize) -> Option<Lab> {
@@ -136,6 +137,73 @@ fn a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through() {
     let out = lab.exec(&c0.ns, &["ping", "-c", "20", "-i", "0.05", "-s", "1348", "-M", "do", "-W", "1", &c1.ip.to_string()]).expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 0% packet loss"), "{text}");
+    // Bulk TCP both ways with default settings: it flows, and the sleeve drops nothing.
+    let before: Vec<Value> = (0..2).map(|i| status(&lab, i)["stats"]["drops"].clone()).collect();
+    for (from, to) in [(&c1, &c0), (&c0, &c1)] {
+        let bytes = iperf3(&lab, from, to, 3);
+        assert!(bytes > 5 << 20, "{} -> {}: only {bytes} bytes", from.ns, to.ip);
+    }
+    for (i, before) in before.iter().enumerate() {
+        let after = status(&lab, i)["stats"]["drops"].clone();
+        for reason in ["udp_send", "path_mtu", "tap_write", "partial_expired"] {
+            assert_eq!(after[reason], before[reason], "h{i} dropped ({reason}) during the transfers: {after}");
+        }
+    }
+}
+
+/// Bytes an iperf3 TCP run of `secs` seconds from `from` to `to` got across.
+fn iperf3(lab: &Lab, from: &weft_lab::Container, to: &weft_lab::Container, secs: u32) -> u64 {
+    let _server = spawn_in(&to.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = lab.exec(&from.ns, &["iperf3", "-c", &to.ip.to_string(), "-p", "5201", "-t", &secs.to_string(), "-J"]).expect("iperf3");
+    assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
+    let j: Value = serde_json::from_slice(&o.stdout).expect("iperf3 json");
+    j["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_path_mtu_that_shrinks_during_a_transfer_is_followed() {
+    // The link between host 1 and its router drops from 1500 to 1400 bytes while a bulk
+    // transfer runs (a VPN renegotiated, a tunnel added): the router's ICMP teaches the public
+    // host, host 1 learns from its own link, both sleeves fit their datagrams within seconds,
+    // and the transfer carries on.
+    let Some(mut lab) = nat_lab("a_path_mtu_that_shrinks_during_a_transfer_is_followed", &[(1, Nat::Filtering)], 2) else {
+        return;
+    };
+    start_star(&mut lab);
+    lab.wait_established(0, 1, Duration::from_secs(30)).expect("mesh up");
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    assert!(ping_until(&lab, &c1, &c0.ip.to_string(), &[], Duration::from_secs(20)), "c1 -> c0");
+    let mtu = |lab: &Lab, i: usize| status(lab, i)["connections"][0]["path_mtu"].as_u64().unwrap_or(0);
+    assert_eq!((mtu(&lab, 0), mtu(&lab, 1)), (1500, 1500));
+    let _server = spawn_in(&c0.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let client = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", c1.ns))
+        .args(["iperf3", "-c", &c0.ip.to_string(), "-p", "5201", "-t", "14", "-i", "1", "-J", "--bidir"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 client");
+    std::thread::sleep(Duration::from_secs(3));
+    let (nat, host) = (lab.nat_ns(1).expect("nat ns").to_owned(), lab.host(1).ns.clone());
+    lab.set_mtu(&nat, weft_lab::nat::NAT_INSIDE_IF, 1400).expect("mtu");
+    lab.set_mtu(&host, "ul0", 1400).expect("mtu");
+    let t0 = std::time::Instant::now();
+    assert!(wait_for(Duration::from_secs(30), || mtu(&lab, 0) == 1400 && mtu(&lab, 1) == 1400), "path MTU seen: h0 {}, h1 {}", mtu(&lab, 0), mtu(&lab, 1));
+    eprintln!("the smaller path MTU was in use on both ends {:.1} s after the change", t0.elapsed().as_secs_f64());
+    let out = client.wait_with_output().expect("iperf3 client");
+    let j: Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    // Both directions kept moving after the change: each of the last five seconds carried data.
+    let intervals = j["intervals"].as_array().cloned().unwrap_or_default();
+    assert!(intervals.len() >= 12, "{} intervals", intervals.len());
+    for iv in &intervals[intervals.len() - 5..] {
+        for key in ["sum", "sum_bidir_reverse"] {
+            let bytes = iv[key]["bytes"].as_u64().unwrap_or(0);
+            assert!(bytes > 100_000, "a late second carried {bytes} bytes ({key}): {iv}");
+        }
+    }
 }
 
 /// Host `i`'s connection to the host nicknamed `peer`, if any.

@@ -62,11 +62,13 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
                 // Where the sleeve sends, and how often the peer's datagrams came from a new
                 // address (a NAT mapping it).
-                "udp_endpoint": endpoints.get(&c.peer).map(|(a, _, _)| a.to_string()),
-                "udp_endpoint_moves": endpoints.get(&c.peer).map_or(0, |(_, m, _)| *m),
+                "udp_endpoint": endpoints.get(&c.peer).map(|(a, _, _, _)| a.to_string()),
+                "udp_endpoint_moves": endpoints.get(&c.peer).map_or(0, |(_, m, _, _)| *m),
                 // The largest sleeve datagram the path takes, and the path MTU that makes.
-                "max_datagram": endpoints.get(&c.peer).map(|(_, _, d)| *d),
-                "path_mtu": endpoints.get(&c.peer).map(|(a, _, d)| d + if a.is_ipv4() { 28 } else { 48 }),
+                "max_datagram": endpoints.get(&c.peer).map(|(_, _, d, _)| *d),
+                "path_mtu": endpoints.get(&c.peer).map(|(a, _, d, _)| d + if a.is_ipv4() { 28 } else { 48 }),
+                // Whether the sleeve's sends to it use GSO (off for this peer alone after a failure).
+                "gso": endpoints.get(&c.peer).is_some_and(|(_, _, _, g)| *g),
             })
         })
         .collect();

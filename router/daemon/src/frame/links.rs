@@ -35,6 +35,8 @@ pub struct Link {
     max_datagram: AtomicU64,
     /// Milliseconds after `epoch` when a smaller path MTU is looked at again.
     path_recheck_at: AtomicU64,
+    /// Whether sends to this peer use GSO (turned off for this link alone when it fails).
+    pub gso: AtomicBool,
     /// Our receive index for this link.
     pub index: u32,
     /// Holds `index` for this link while it lives.
@@ -66,6 +68,7 @@ impl Link {
             moves: AtomicU64::new(0),
             max_datagram: AtomicU64::new(0),
             path_recheck_at: AtomicU64::new(0),
+            gso: AtomicBool::new(true),
             index: lease.index(),
             _lease: lease,
             encrypted: sealer.encrypted(),

@@ -160,12 +160,12 @@ impl FramePath {
         });
     }
 
-    /// Where the sleeve sends to each linked peer, how often that moved, and the largest
-    /// datagram the path takes.
-    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64, usize)> {
+    /// Where the sleeve sends to each linked peer, how often that moved, the largest datagram
+    /// the path takes, and whether sends to it use GSO.
+    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64, usize, bool)> {
         let snap = self.sh.snapshot.reader();
         let max = self.sh.udp.max_datagram();
-        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed), l.max_datagram(max)))).collect()
+        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed), l.max_datagram(max), l.gso.load(Relaxed)))).collect()
     }
 
     /// Frames from each linked peer dropped for an unannounced source MAC.

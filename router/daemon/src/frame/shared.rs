@@ -63,8 +63,8 @@ impl Shared {
         let max = link.max_datagram(self.udp.max_datagram());
         let seg = super::links::lock(&link.sealer).seal(msg, max, wire);
         let to = link.dest();
-        self.udp.send_all(to, wire, seg, &self.stats);
-        if link.path_recheck_due() {
+        let news = self.udp.send_all(to, wire, seg, &link.gso, &self.stats);
+        if news.too_big || link.path_recheck_due() {
             self.follow_path_mtu(link, to);
         }
     }
@@ -73,8 +73,8 @@ impl Shared {
     /// or one an ICMP "fragmentation needed" / "packet too big" taught it), looked at once a
     /// second: smaller when the path shrinks, larger again (up to `--max-datagram`) once the
     /// kernel forgets a smaller MTU (its ICMP-learned entries expire after 10 minutes).
-    /// (quinn-udp drops a datagram too big for the known path without an error, so the path is
-    /// read rather than waited for.)
+    /// A send refused as too big for the path (the kernel learned a smaller MTU since the last
+    /// look) makes it look at once.
     fn follow_path_mtu(&self, link: &Link, to: std::net::SocketAddr) {
         let Ok(mtu) = super::udp::path_mtu(to) else {
             link.set_max_datagram(link.max_datagram(self.udp.max_datagram()), self.udp.max_datagram());

@@ -21,10 +21,13 @@ pub enum DropReason {
     UdpSend,
     /// A peer's frame of a named network this host has no routes for.
     UnknownSegment,
+    /// A datagram over the path MTU the kernel knows (refused with `EMSGSIZE`); the link's
+    /// datagrams are fitted to the path at once.
+    PathMtu,
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 27] = [
+pub const DROP_LABELS: [&str; 28] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -57,6 +60,7 @@ pub const DROP_LABELS: [&str; 27] = [
     // I/O
     "tap_write",
     "udp_send",
+    "path_mtu",
 ];
 
 impl DropReason {
@@ -69,10 +73,11 @@ impl DropReason {
             DropReason::TapWrite => "tap_write",
             DropReason::UdpSend => "udp_send",
             DropReason::UnknownSegment => "unknown_segment",
+            DropReason::PathMtu => "path_mtu",
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         let label = self.label();
         DROP_LABELS.iter().position(|l| *l == label).unwrap_or(0)
     }
@@ -139,7 +144,7 @@ mod tests {
     fn every_reason_has_its_own_counter() {
         let mut reasons: Vec<DropReason> = Reason::ALL.iter().map(|r| DropReason::Switch(*r)).collect();
         reasons.extend(SleeveError::ALL.iter().map(|e| DropReason::Sleeve(*e)));
-        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend, DropReason::UnknownSegment]);
+        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend, DropReason::UnknownSegment, DropReason::PathMtu]);
         for r in &reasons {
             assert!(DROP_LABELS.contains(&r.label()), "{r:?} has no counter");
         }
