@@ -332,3 +332,57 @@ fn a_host_whose_firewall_drops_tcp_joins_over_udp() {
     let dropped: u64 = rules.split("packets ").skip(1).filter_map(|r| r.split(' ').next()?.parse::<u64>().ok()).sum();
     assert!(dropped > 0, "the firewall did drop TCP: {rules}");
 }
+
+#[test]
+fn a_path_that_drops_big_packets_without_an_icmp_is_found_by_probing() {
+    // Host 1's NAT router has a 1400-byte link to the outside, and its "fragmentation needed"
+    // messages are filtered (a black hole: big packets vanish without a word). The kernels on
+    // both ends keep believing 1500; the sleeves' probes find what gets through, and full-size
+    // packets between containers cross again.
+    let Some(mut lab) = nat_lab("a_path_that_drops_big_packets_without_an_icmp_is_found_by_probing", &[(1, Nat::Filtering)], 2) else {
+        return;
+    };
+    let nat = lab.nat_ns(1).expect("nat ns").to_owned();
+    for cmd in [
+        "add table inet weft_test_bh",
+        "add chain inet weft_test_bh out { type filter hook output priority 0; policy accept; }",
+        "add rule inet weft_test_bh out icmp type 3 icmp code 4 counter drop",
+    ] {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        let out = lab.exec(&nat, &args).expect("nft");
+        assert!(out.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    lab.set_mtu(&nat, weft_lab::nat::NAT_OUTSIDE_IF, 1400).expect("mtu");
+    start_star(&mut lab);
+    lab.wait_established(0, 1, Duration::from_secs(30)).expect("mesh up");
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    assert!(ping_until(&lab, &c1, &c0.ip.to_string(), &[], Duration::from_secs(20)), "small pings");
+    let conn = |lab: &Lab, i: usize| status(lab, i)["connections"][0].clone();
+    let t0 = std::time::Instant::now();
+    let found = wait_for(Duration::from_secs(40), || {
+        (0..2).all(|i| {
+            let c = conn(&lab, i);
+            c["path_mtu_probing"].as_str().unwrap_or_default().starts_with("confirmed")
+        })
+    });
+    eprintln!("probing settled {:.1} s after the first ping", t0.elapsed().as_secs_f64());
+    assert!(found, "h0: {}\nh1: {}", conn(&lab, 0), conn(&lab, 1));
+    for i in 0..2 {
+        let c = conn(&lab, i);
+        // Within a few bytes of 1400 (a veth takes a few bytes over its MTU on receive, so
+        // towards host 1 up to 1404 get through).
+        assert!(c["path_mtu"].as_u64().is_some_and(|m| (1388..=1404).contains(&m)), "found to within a few bytes: {c}");
+        assert!(c["path_mtu_probing"].as_str().unwrap_or_default().contains("black hole"), "{c}");
+    }
+    for (from, to) in [(&c1, &c0), (&c0, &c1)] {
+        assert!(
+            ping_until(&lab, from, &to.ip.to_string(), &["-s", "1348", "-M", "do"], Duration::from_secs(10)),
+            "a full-size ping {} -> {} crosses the black hole\nh0: {}\nh1: {}",
+            from.ns,
+            to.ip,
+            conn(&lab, 0),
+            conn(&lab, 1)
+        );
+    }
+}

@@ -14,6 +14,7 @@ pub mod announce;
 pub mod fastpath;
 pub mod identity;
 pub mod name;
+pub mod pmtu;
 pub mod replay;
 pub mod router;
 pub mod sleeve;

@@ -61,6 +61,13 @@ const REC_FRAME: u8 = 1;
 const REC_HEARTBEAT: u8 = 2;
 /// A frame of a named network: a frame record followed by the network's segment (u32).
 const REC_SEGMENT_FRAME: u8 = 3;
+/// A path MTU probe: `[4][u16 size][u32 id]` and padding to the end of the message (see
+/// [`crate::pmtu`]).
+const REC_PROBE: u8 = 4;
+/// A probe's acknowledgement: `[5][u16 size][u32 id]`.
+const REC_PROBE_ACK: u8 = 5;
+/// Bytes of a probe or acknowledgement record before any padding.
+const PROBE_RECORD_LEN: usize = 1 + 2 + 4;
 /// Frame record flag: the frame goes to every peer.
 pub const FLAG_BROADCAST: u8 = 1;
 /// Hops a frame may take before it is dropped (guards against transient loops).
@@ -604,6 +611,20 @@ pub enum Record<'a> {
     Frame(FrameMeta, &'a [u8]),
     /// A sleeve heartbeat (proves the UDP path works in this direction).
     Heartbeat,
+    /// A path MTU probe of `size` bytes (the datagram it came in), to acknowledge.
+    Probe {
+        /// The prober's id for it.
+        id: u32,
+        /// The datagram size it tests.
+        size: u16,
+    },
+    /// The peer received our probe `id` of `size` bytes.
+    ProbeAck {
+        /// The probe's id.
+        id: u32,
+        /// Its size.
+        size: u16,
+    },
 }
 
 /// Appends records to a message body.
@@ -631,6 +652,24 @@ impl MessageBuilder {
         msg.push(REC_HEARTBEAT);
     }
 
+    /// Makes `msg` a probe of `size` bytes: a message that [`Sealer::seal`] turns into exactly
+    /// one datagram of `size` bytes, sealed `encrypted` or not (the record, padded).
+    pub fn probe(msg: &mut Vec<u8>, encrypted: bool, id: u32, size: u16) {
+        let body = usize::from(size).saturating_sub(HEADER_LEN + if encrypted { TAG_LEN } else { 0 });
+        msg.clear();
+        msg.push(REC_PROBE);
+        msg.extend_from_slice(&size.to_be_bytes());
+        msg.extend_from_slice(&id.to_be_bytes());
+        msg.resize(body.max(PROBE_RECORD_LEN), 0);
+    }
+
+    /// Appends the acknowledgement of probe `id` of `size` bytes.
+    pub fn push_probe_ack(msg: &mut Vec<u8>, id: u32, size: u16) {
+        msg.push(REC_PROBE_ACK);
+        msg.extend_from_slice(&size.to_be_bytes());
+        msg.extend_from_slice(&id.to_be_bytes());
+    }
+
     /// Bytes the record of a frame of `frame_len` with `meta` takes.
     pub fn frame_cost(meta: &FrameMeta, frame_len: usize) -> usize {
         1 + FRAME_RECORD_LEN + if meta.segment == 0 { 0 } else { 4 } + frame_len
@@ -647,6 +686,18 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
             REC_HEARTBEAT => {
                 rest = after;
                 Some(Ok(Record::Heartbeat))
+            }
+            REC_PROBE | REC_PROBE_ACK if after.len() >= PROBE_RECORD_LEN - 1 => {
+                let size = u16::from_be_bytes([after[0], after[1]]);
+                let id = u32::from_be_bytes([after[2], after[3], after[4], after[5]]);
+                if ty == REC_PROBE {
+                    // The padding is the rest of the message.
+                    rest = &[];
+                    Some(Ok(Record::Probe { id, size }))
+                } else {
+                    rest = &after[PROBE_RECORD_LEN - 1..];
+                    Some(Ok(Record::ProbeAck { id, size }))
+                }
             }
             REC_FRAME | REC_SEGMENT_FRAME if after.len() >= FRAME_RECORD_LEN + if ty == REC_SEGMENT_FRAME { 4 } else { 0 } => {
                 let f = &after[..FRAME_RECORD_LEN];
@@ -989,6 +1040,31 @@ mod tests {
         let mut wire = Vec::new();
         s.seal(&mut msg, 1472, &mut wire);
         wire
+    }
+
+    #[test]
+    fn a_probe_is_one_datagram_of_its_size_and_its_ack_comes_back() {
+        for encrypted in [true, false] {
+            let (mut s, mut o) = pair(encrypted);
+            for size in [1200u16, 1372, 1472] {
+                let mut msg = Vec::new();
+                MessageBuilder::probe(&mut msg, s.encrypted(), 77, size);
+                let mut wire = Vec::new();
+                let seg = s.seal(&mut msg, usize::from(size), &mut wire);
+                assert_eq!((seg, wire.len()), (usize::from(size), usize::from(size)), "encrypted {encrypted}");
+                let (h, body) = Header::parse(&wire).expect("header");
+                let opened = o.open(h, body, Instant::now()).expect("opens").expect("whole");
+                let recs: Vec<_> = records(&opened).collect::<Result<_, _>>().expect("records");
+                assert_eq!(recs, vec![Record::Probe { id: 77, size }]);
+            }
+        }
+        let mut msg = Vec::new();
+        MessageBuilder::push_probe_ack(&mut msg, 9, 1400);
+        MessageBuilder::push_heartbeat(&mut msg);
+        let recs: Vec<_> = records(&msg).collect::<Result<_, _>>().expect("records");
+        assert_eq!(recs, vec![Record::ProbeAck { id: 9, size: 1400 }, Record::Heartbeat]);
+        // Cut short: refused, not read past the end.
+        assert!(records(&msg[..4]).any(|r| r.is_err()));
     }
 
     #[test]

@@ -387,6 +387,7 @@ mod tests {
             Sealer::new(sec.sleeve_send, peer_index),
             weft_proto::sleeve::Opener::new(sec.sleeve_recv),
             t0,
+            1472,
         ));
         let stats = Arc::new(ControlStats::default());
         let root = sec.rekey_root.expect("encrypted connections have a rekey root");

@@ -46,6 +46,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             let encrypted = h.is_some_and(|h| h.encrypted);
             let path = h.and_then(|h| h.paths.active()).unwrap_or("none");
             let transport = h.map_or("tcp", |h| h.carrier.label());
+            let e = endpoints.get(&c.peer);
             let paths: Vec<Value> = h
                 .map(|h| h.paths.report())
                 .unwrap_or_default()
@@ -62,13 +63,15 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
                 // Where the sleeve sends, and how often the peer's datagrams came from a new
                 // address (a NAT mapping it).
-                "udp_endpoint": endpoints.get(&c.peer).map(|(a, _, _, _)| a.to_string()),
-                "udp_endpoint_moves": endpoints.get(&c.peer).map_or(0, |(_, m, _, _)| *m),
-                // The largest sleeve datagram the path takes, and the path MTU that makes.
-                "max_datagram": endpoints.get(&c.peer).map(|(_, _, d, _)| *d),
-                "path_mtu": endpoints.get(&c.peer).map(|(a, _, d, _)| d + if a.is_ipv4() { 28 } else { 48 }),
+                "udp_endpoint": e.map(|e| e.dest.to_string()),
+                "udp_endpoint_moves": e.map_or(0, |e| e.moves),
+                // The largest sleeve datagram the path takes, the path MTU that makes, and
+                // what probing found.
+                "max_datagram": e.map(|e| e.max_datagram),
+                "path_mtu": e.map(|e| e.max_datagram + if e.dest.is_ipv4() { 28 } else { 48 }),
+                "path_mtu_probing": e.map(|e| e.probing.clone()),
                 // Whether the sleeve's sends to it use GSO (off for this peer alone after a failure).
-                "gso": endpoints.get(&c.peer).is_some_and(|(_, _, _, g)| *g),
+                "gso": e.is_some_and(|e| e.gso),
             })
         })
         .collect();

@@ -59,4 +59,10 @@ impl Batch {
         MessageBuilder::push_heartbeat(&mut msg);
         sh.seal_and_send(link, &mut msg, &mut self.wire);
     }
+
+    /// Sends a path MTU probe on `link` if its prober wants one now.
+    pub fn probe(&mut self, sh: &Shared, link: &Arc<Link>) {
+        let mut msg = Vec::new();
+        sh.probe_if_due(link, &mut msg, &mut self.wire);
+    }
 }

@@ -37,6 +37,9 @@ pub struct Link {
     path_recheck_at: AtomicU64,
     /// Whether sends to this peer use GSO (turned off for this link alone when it fails).
     pub gso: AtomicBool,
+    /// Path MTU probing towards this peer (the TAP thread sends probes with the heartbeats;
+    /// the UDP thread takes the acknowledgements).
+    pub prober: Mutex<weft_proto::pmtu::Prober>,
     /// Our receive index for this link.
     pub index: u32,
     /// Holds `index` for this link while it lives.
@@ -58,7 +61,7 @@ pub struct Link {
 
 impl Link {
     /// A new link; `epoch` is the frame path's start.
-    pub fn new(peer: PeerName, addr: SocketAddr, lease: IndexLease, sealer: Sealer, opener: Opener, epoch: Instant) -> Self {
+    pub fn new(peer: PeerName, addr: SocketAddr, lease: IndexLease, sealer: Sealer, opener: Opener, epoch: Instant, max_datagram: usize) -> Self {
         Link {
             peer,
             addr,
@@ -69,6 +72,7 @@ impl Link {
             max_datagram: AtomicU64::new(0),
             path_recheck_at: AtomicU64::new(0),
             gso: AtomicBool::new(true),
+            prober: Mutex::new(weft_proto::pmtu::Prober::new(max_datagram)),
             index: lease.index(),
             _lease: lease,
             encrypted: sealer.encrypted(),
@@ -365,6 +369,7 @@ mod tests {
             Sealer::new(weft_proto::sleeve::Cipher::Plain, 1),
             Opener::new(weft_proto::sleeve::Cipher::Plain),
             epoch,
+            1472,
         );
         assert_eq!(l.heartbeat_age(), None);
         l.heard();
@@ -381,6 +386,7 @@ mod tests {
             Sealer::new(weft_proto::sleeve::Cipher::Plain, 1),
             Opener::new(weft_proto::sleeve::Cipher::Plain),
             Instant::now(),
+            1472,
         );
         assert_eq!(l.dest(), said);
         assert!(!l.came_from(said), "from where it said: nothing moves");

@@ -23,6 +23,21 @@ use super::{rx, tx};
 /// MAC announcements the UDP thread may queue for the TAP thread.
 const LEARN_QUEUE: usize = 4096;
 
+/// The sleeve's path to a peer, for status.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Where the sleeve sends (where the peer's datagrams come from).
+    pub dest: SocketAddr,
+    /// How often that moved.
+    pub moves: u64,
+    /// The largest datagram the path takes.
+    pub max_datagram: usize,
+    /// Whether sends use GSO.
+    pub gso: bool,
+    /// What path MTU probing found, in words.
+    pub probing: String,
+}
+
 /// The running frame path. Stopping it (or dropping it) stops its threads.
 pub struct FramePath {
     sh: Arc<Shared>,
@@ -105,7 +120,7 @@ impl FramePath {
     /// The link holds `lease` (its receive index) until it is dropped.
     pub fn add_link(&self, peer: PeerName, addr: SocketAddr, lease: IndexLease, sealer: Sealer, opener: Opener) -> Arc<Link> {
         let index = lease.index();
-        let link = Arc::new(Link::new(peer, addr, lease, sealer, opener, self.sh.epoch));
+        let link = Arc::new(Link::new(peer, addr, lease, sealer, opener, self.sh.epoch, self.sh.udp.max_datagram()));
         let l = link.clone();
         self.sh.snapshot.update(move |cur| {
             let mut s = cur.clone();
@@ -160,12 +175,24 @@ impl FramePath {
         });
     }
 
-    /// Where the sleeve sends to each linked peer, how often that moved, the largest datagram
-    /// the path takes, and whether sends to it use GSO.
-    pub fn endpoints(&self) -> HashMap<PeerName, (std::net::SocketAddr, u64, usize, bool)> {
+    /// The sleeve's path to each linked peer.
+    pub fn endpoints(&self) -> HashMap<PeerName, Endpoint> {
         let snap = self.sh.snapshot.reader();
         let max = self.sh.udp.max_datagram();
-        snap.get().links.iter().map(|(p, l)| (*p, (l.dest(), l.moves.load(Relaxed), l.max_datagram(max), l.gso.load(Relaxed)))).collect()
+        snap.get()
+            .links
+            .iter()
+            .map(|(p, l)| {
+                let e = Endpoint {
+                    dest: l.dest(),
+                    moves: l.moves.load(Relaxed),
+                    max_datagram: l.max_datagram(max),
+                    gso: l.gso.load(Relaxed),
+                    probing: lock(&l.prober).describe(),
+                };
+                (*p, e)
+            })
+            .collect()
     }
 
     /// Frames from each linked peer dropped for an unannounced source MAC.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use quinn_udp::RecvMeta;
-use weft_proto::sleeve::{records, FrameMeta, Header, Record, SleeveError};
+use weft_proto::sleeve::{records, FrameMeta, Header, MessageBuilder, Record, SleeveError};
 use weft_proto::switch::{Inbound, Mac, Reason, Relay};
 use weft_proto::PeerName;
 
@@ -151,6 +151,13 @@ impl Rx<'_> {
         for rec in records(&msg) {
             match rec? {
                 Record::Heartbeat => link.heard(),
+                Record::Probe { id, size } => {
+                    // Answered on its own: a probe is rare (once a second at most per link).
+                    let mut ack = Vec::with_capacity(16);
+                    MessageBuilder::push_probe_ack(&mut ack, id, size);
+                    self.sh.seal_and_send(link, &mut ack, &mut Vec::new());
+                }
+                Record::ProbeAck { id, size } => self.sh.probe_acked(link, id, usize::from(size)),
                 Record::Frame(meta, frame) => self.frame(snap, inbound, now, link, meta, frame),
             }
         }

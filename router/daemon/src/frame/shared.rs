@@ -69,20 +69,65 @@ impl Shared {
         }
     }
 
+    /// Sends the path MTU probe the link's prober wants now, if any.
+    pub fn probe_if_due(&self, link: &Arc<Link>, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
+        let probe = super::links::lock(&link.prober).poll_probe(Instant::now());
+        if let Some((id, size)) = probe {
+            self.send_probe(link, id, size, msg, wire);
+        }
+    }
+
+    /// Sends path MTU probe `id`: one datagram of exactly `size` bytes, with DF like every
+    /// sleeve datagram.
+    fn send_probe(&self, link: &Arc<Link>, id: u32, size: usize, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
+        let size16 = u16::try_from(size).unwrap_or(u16::MAX);
+        weft_proto::sleeve::MessageBuilder::probe(msg, link.encrypted, id, size16);
+        let seg = super::links::lock(&link.sealer).seal(msg, size, wire);
+        let news = self.udp.send_all(link.dest(), wire, seg, &link.gso, &self.stats);
+        if news.too_big {
+            // The kernel learned a smaller path since the ceiling was set: look again.
+            self.follow_path_mtu(link, link.dest());
+        }
+    }
+
+    /// The peer acknowledged probe `id` of `size` bytes: the link's datagrams follow what
+    /// probing found, and the next probe of a search goes at once.
+    pub fn probe_acked(&self, link: &Arc<Link>, id: u32, size: usize) {
+        let limit = {
+            let mut p = super::links::lock(&link.prober);
+            p.on_ack(id, size, Instant::now());
+            p.limit()
+        };
+        self.use_datagram(link, limit, "a path MTU probe got through");
+        self.probe_if_due(link, &mut Vec::new(), &mut Vec::new());
+    }
+
+    fn use_datagram(&self, link: &Link, fits: usize, why: &'static str) {
+        if let Some(was) = link.set_max_datagram(fits, self.udp.max_datagram()) {
+            tracing::info!(peer = %link.peer, datagram = fits, was, why, "fitting the sleeve's datagrams to the path");
+        }
+    }
+
     /// Fits the link's datagrams to the path MTU the kernel knows towards `to` (its route's,
     /// or one an ICMP "fragmentation needed" / "packet too big" taught it), looked at once a
     /// second: smaller when the path shrinks, larger again (up to `--max-datagram`) once the
     /// kernel forgets a smaller MTU (its ICMP-learned entries expire after 10 minutes).
     /// A send refused as too big for the path (the kernel learned a smaller MTU since the last
     /// look) makes it look at once.
+    ///
+    /// The kernel's figure is the ceiling of the link's prober ([`weft_proto::pmtu`]), which
+    /// may find that less gets through (a path that drops big packets without an ICMP).
     fn follow_path_mtu(&self, link: &Link, to: std::net::SocketAddr) {
         let Ok(mtu) = super::udp::path_mtu(to) else {
             link.set_max_datagram(link.max_datagram(self.udp.max_datagram()), self.udp.max_datagram());
             return;
         };
         let fits = super::udp::datagram_for_mtu(mtu, to).clamp(super::links::MIN_DATAGRAM, self.udp.max_datagram());
-        if let Some(was) = link.set_max_datagram(fits, self.udp.max_datagram()) {
-            tracing::info!(peer = %link.peer, %to, path_mtu = mtu, datagram = fits, was, "the path to the peer takes other datagrams: fitting the sleeve's to it");
-        }
+        let limit = {
+            let mut p = super::links::lock(&link.prober);
+            p.set_ceiling(fits, Instant::now());
+            p.limit()
+        };
+        self.use_datagram(link, limit, "the kernel's path MTU changed");
     }
 }

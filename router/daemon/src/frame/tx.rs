@@ -28,6 +28,9 @@ const READ_BATCH: usize = 64;
 const LEARN_BATCH: usize = 4096;
 /// Sleeve heartbeat period.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the links' path MTU probers are asked whether a probe is due (a lost probe is
+/// noticed this much after its time-out at most).
+const PROBE_CHECK: Duration = Duration::from_millis(250);
 /// Longest poll(2) wait, so the stop flag is noticed.
 const POLL_MS: i32 = 500;
 
@@ -43,10 +46,11 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
     let mut buf = vec![0u8; 65536 + VNET_LEN + 256];
     let mut batch = Batch::default();
     let mut next_heartbeat = Instant::now();
+    let mut next_probe = Instant::now();
     let mut moves = 0;
     while !sh.stop.load(Relaxed) {
         let now = Instant::now();
-        let wait = next_heartbeat.saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
+        let wait = next_heartbeat.min(next_probe).saturating_duration_since(now).as_millis().min(POLL_MS as u128) as i32;
         let ready = wait_fds(&mut polled.fds, wait.max(1));
         let refreshed = view.refresh(&sh.snapshot);
         if refreshed {
@@ -101,6 +105,12 @@ pub fn run(sh: Arc<Shared>, learned: Receiver<(u32, Mac, PeerName)>) {
             sh.moves_to_local.store(moves, Relaxed);
         }
         let now = Instant::now();
+        if now >= next_probe {
+            next_probe = now + PROBE_CHECK;
+            for link in view.get().links.values() {
+                batch.probe(&sh, link);
+            }
+        }
         if now >= next_heartbeat {
             next_heartbeat = now + HEARTBEAT;
             for link in view.get().links.values() {
