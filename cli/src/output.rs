@@ -101,7 +101,7 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
         for c in conns {
             writeln!(
                 out,
-                "  {} {:<21} {:<4} {:<11} {:<11} {:<8} mtu {:<5} {} ({})  {}",
+                "  {} {:<21} {:<4} {:<11} {:<11} {:<8} mtu {:<5} rtt {:<8} {} ({})  {}",
                 if c["outbound"] == true { "->" } else { "<-" },
                 s(&c["address"]),
                 s(&c["transport"]),
@@ -109,6 +109,7 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
                 if c["encrypted"] == true && c["path"] != "fastpath" { "encrypted" } else { "PLAINTEXT" },
                 s(&c["path"]),
                 c["path_mtu"],
+                c["rtt_ms"].as_f64().map_or("-".to_string(), |r| format!("{r:.1}ms")),
                 s(&c["peer_name"]),
                 s(&c["peer_nickname"]),
                 s(&c["info"])

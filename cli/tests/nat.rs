@@ -323,6 +323,8 @@ fn a_host_whose_firewall_drops_tcp_joins_over_udp() {
     lab.wait_established(1, 1, Duration::from_secs(30)).expect("h1 joins");
     let c = conn_to(&lab, 1, "h0").expect("h1's connection");
     assert_eq!(c["transport"], "quic", "{c}");
+    // QUIC's round-trip estimate reaches the routes' costs.
+    assert!(wait_for(Duration::from_secs(15), || conn_to(&lab, 1, "h0").is_some_and(|c| c["rtt_ms"].as_f64().is_some_and(|r| r > 0.0))), "{:?}", conn_to(&lab, 1, "h0"));
     let c0 = lab.add_container_auto(0, "c0").expect("c0");
     let c1 = lab.add_container_auto(1, "c1").expect("c1");
     assert!(ping_until(&lab, &c1, &c0.ip.to_string(), &[], Duration::from_secs(20)), "c1 -> c0");

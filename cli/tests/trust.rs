@@ -140,7 +140,7 @@ fn forged_gossip_is_dropped_counted_and_changes_nothing() {
         nickname: "owned".into(),
         uid: victim_before["uid"].as_u64().expect("uid"),
         version: u64::MAX,
-        connections: [(rogue_name, ConnectionInfo { addr: None, outbound: true, established: true })].into(),
+        connections: [(rogue_name, ConnectionInfo { addr: None, outbound: true, established: true, rtt_us: None })].into(),
         addrs: vec!["192.168.77.99:6783".parse().expect("addr")],
         udp: Vec::new(),
         sig: Signature([0; 64]),

@@ -321,6 +321,8 @@ pub struct Connection {
     pub established: bool,
     /// When it came up.
     pub since: Instant,
+    /// Its round-trip time as last announced (see [`Router::handle_rtt`]).
+    pub rtt: Option<Duration>,
 }
 
 /// State of an address we want a connection to.
@@ -833,6 +835,7 @@ impl Router {
                 target,
                 established: false,
                 since: now,
+                rtt: None,
             },
         );
         // A new neighbour starts with our digest and gets back what we lack;
@@ -853,6 +856,24 @@ impl Router {
                 c.established = established;
                 self.own_entry_changed(now);
             }
+        }
+    }
+
+    /// The shell measured connection `conn`'s round-trip time. It is announced (and routes
+    /// follow it) when it is the first figure or differs from the announced one by more than a
+    /// quarter and a millisecond, so a jittery path does not keep the mesh gossiping.
+    pub fn handle_rtt(&mut self, now: Instant, conn: ConnId, rtt: Duration) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let moved = match c.rtt {
+            None => true,
+            Some(was) => {
+                let diff = rtt.abs_diff(was);
+                diff > was / 4 && diff > Duration::from_millis(1)
+            }
+        };
+        if moved {
+            c.rtt = Some(rtt);
+            self.own_entry_changed(now);
         }
     }
 
@@ -1164,7 +1185,8 @@ impl Router {
             .conns
             .values()
             .map(|c| {
-                (c.peer, ConnectionInfo { addr: Some(c.listen_addr), outbound: c.outbound, established: c.established })
+                let rtt_us = c.rtt.map(|r| u32::try_from(r.as_micros()).unwrap_or(u32::MAX));
+                (c.peer, ConnectionInfo { addr: Some(c.listen_addr), outbound: c.outbound, established: c.established, rtt_us })
             })
             .collect();
         let port = self.cfg.listen_port;
@@ -1482,7 +1504,7 @@ mod tests {
             nickname: "p3".into(),
             uid: 300,
             version: u64::MAX,
-            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true })]),
+            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true, rtt_us: None })]),
             addrs: vec![addr(77)],
             udp: Vec::new(),
             sig: Signature([0; 64]),
@@ -1500,7 +1522,7 @@ mod tests {
             nickname: "p3".into(),
             uid: 300,
             version: 1,
-            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: None, outbound: false, established: true })]),
+            connections: BTreeMap::from([(n(2), ConnectionInfo { addr: None, outbound: false, established: true, rtt_us: None })]),
             addrs: vec![addr(3)],
             udp: Vec::new(),
             sig: Signature([0; 64]),
@@ -1512,8 +1534,8 @@ mod tests {
             uid: 200,
             version: 5,
             connections: BTreeMap::from([
-                (n(1), ConnectionInfo { addr: None, outbound: false, established: true }),
-                (n(3), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true }),
+                (n(1), ConnectionInfo { addr: None, outbound: false, established: true, rtt_us: None }),
+                (n(3), ConnectionInfo { addr: Some(addr(77)), outbound: true, established: true, rtt_us: None }),
             ]),
             addrs: vec![addr(2)],
             udp: Vec::new(),
@@ -1563,7 +1585,7 @@ mod tests {
                 nickname: "p2".into(),
                 uid: 200,
                 version: 3,
-                connections: conns.iter().map(|i| (n(*i), ConnectionInfo { addr: None, outbound: false, established: true })).collect(),
+                connections: conns.iter().map(|i| (n(*i), ConnectionInfo { addr: None, outbound: false, established: true, rtt_us: None })).collect(),
                 addrs: vec![addr(2)],
                 udp: Vec::new(),
                 sig: Signature([0; 64]),
@@ -1611,6 +1633,30 @@ mod tests {
         // When 2's connection to 1 goes, so does what 2 saw.
         a.handle_connection_down(now, ConnId(1), "gone");
         assert!(a.topology().my_info().udp.is_empty());
+    }
+
+    #[test]
+    fn round_trip_times_are_announced_when_they_move_enough() {
+        let now = Instant::now();
+        let mut a = router(1, now);
+        a.handle_connection_up(now, ConnId(1), addr(2), None, hello(2, 200), session()).expect("up");
+        let announced = |a: &Router| a.topology().my_info().connections[&n(2)].rtt_us;
+        assert_eq!(announced(&a), None);
+        let v0 = a.topology().my_info().version;
+        a.handle_rtt(now, ConnId(1), Duration::from_micros(4000));
+        assert_eq!(announced(&a), Some(4000));
+        // Jitter of a fifth, or of under a millisecond, is not news.
+        a.handle_rtt(now, ConnId(1), Duration::from_micros(4800));
+        a.handle_rtt(now, ConnId(1), Duration::from_micros(3300));
+        assert_eq!(announced(&a), Some(4000));
+        let v1 = a.topology().my_info().version;
+        assert!(v1 > v0);
+        a.handle_rtt(now, ConnId(1), Duration::from_micros(9000));
+        assert_eq!(announced(&a), Some(9000));
+        assert!(a.topology().my_info().version > v1);
+        // Unknown connections are ignored.
+        a.handle_rtt(now, ConnId(9), Duration::from_micros(1));
+        assert_eq!(announced(&a), Some(9000));
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub const MAX_CONNECTIONS_PER_PEER: usize = 4096;
 pub const MAX_NICKNAME: usize = 64;
 /// Upper bound on the addresses one peer announces for itself.
 pub const MAX_ADDRS: usize = 16;
+/// The cost a connection without a measured round-trip time counts as, in microseconds.
+pub const UNKNOWN_RTT_US: u32 = 50_000;
+/// What each hop adds to a route's cost, in microseconds (relaying costs the relay).
+pub const HOP_COST_US: u64 = 200;
 
 /// One peer's own view of itself, as gossiped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +58,9 @@ pub struct ConnectionInfo {
     pub outbound: bool,
     /// Whether the data path (sleeve heartbeats) works both ways.
     pub established: bool,
+    /// The connection's round-trip time as this end measures it, in microseconds (`None`:
+    /// not measured yet). Unicast routes prefer the lowest total.
+    pub rtt_us: Option<u32>,
 }
 
 impl PeerInfo {
@@ -392,6 +399,43 @@ impl Topology {
         (names, adj)
     }
 
+    /// The cost of the confirmed connection `a`–`b` for unicast routes, in microseconds: the
+    /// larger of the two ends' round-trip times (both ends announce theirs, so every peer
+    /// computes the same figure), or [`UNKNOWN_RTT_US`] while neither is known, plus
+    /// [`HOP_COST_US`] so that of paths about as fast the one with fewer hops wins.
+    pub fn link_cost(&self, a: PeerName, b: PeerName) -> u64 {
+        let rtt = |x: PeerName, y: PeerName| self.peers.get(&x).and_then(|i| i.connections.get(&y)).and_then(|c| c.rtt_us);
+        let known = rtt(a, b).into_iter().chain(rtt(b, a)).max();
+        u64::from(known.unwrap_or(UNKNOWN_RTT_US)) + HOP_COST_US
+    }
+
+    /// Least-cost tree from `root` ([`Topology::link_cost`], Dijkstra): the parent of each
+    /// reached peer (`usize::MAX` for unreached; the root is its own parent). Ties go to the
+    /// lower index, so every peer holding the same topology computes the same tree; each hop
+    /// along a route is strictly closer to the destination, so routes have no loops.
+    fn cheapest_tree(&self, names: &[PeerName], adj: &[Vec<usize>], root: usize) -> Vec<usize> {
+        let mut parent = vec![usize::MAX; adj.len()];
+        let mut dist = vec![u64::MAX; adj.len()];
+        let mut heap = std::collections::BinaryHeap::new();
+        dist[root] = 0;
+        parent[root] = root;
+        heap.push(std::cmp::Reverse((0u64, root)));
+        while let Some(std::cmp::Reverse((d, p))) = heap.pop() {
+            if d > dist[p] {
+                continue;
+            }
+            for &n in &adj[p] {
+                let nd = d.saturating_add(self.link_cost(names[p], names[n]));
+                if nd < dist[n] || (nd == dist[n] && p < parent[n]) {
+                    dist[n] = nd;
+                    parent[n] = p;
+                    heap.push(std::cmp::Reverse((nd, n)));
+                }
+            }
+        }
+        parent
+    }
+
     /// Breadth-first tree from `root` over the graph: the parent of each reached
     /// peer (`usize::MAX` for unreached; the root is its own parent). Neighbours
     /// are visited in name order so every peer holding the same topology
@@ -427,16 +471,18 @@ impl Topology {
     fn routes_within(&self, members: Option<&BTreeSet<PeerName>>) -> Routes {
         let (names, adj) = self.confirmed_graph();
         let Some(me) = names.iter().position(|n| *n == self.me) else { return Routes { me: self.me, ..Routes::default() } };
+        // Unicast: the cheapest path by round-trip time; broadcast: hop-count trees per source.
+        let cheapest = self.cheapest_tree(&names, &adj, me);
         let tree = Self::bfs_tree(&adj, me);
         let mut unicast = BTreeMap::new();
         for dest in 0..names.len() {
-            if dest == me || tree[dest] == usize::MAX {
+            if dest == me || cheapest[dest] == usize::MAX {
                 continue;
             }
             // Walk up to the child of the root on the path to `dest`.
             let mut hop = dest;
-            while tree[hop] != me {
-                hop = tree[hop];
+            while cheapest[hop] != me {
+                hop = cheapest[hop];
             }
             unicast.insert(names[dest], names[hop]);
         }
@@ -548,7 +594,7 @@ mod tests {
             version,
             connections: conns
                 .iter()
-                .map(|c| (n(*c), ConnectionInfo { addr: None, outbound: true, established: true }))
+                .map(|c| (n(*c), ConnectionInfo { addr: None, outbound: true, established: true, rtt_us: None }))
                 .collect(),
             addrs: Vec::new(),
             udp: Vec::new(),

@@ -310,6 +310,34 @@ impl Sim {
         self.nodes[a].side == self.nodes[b].side
     }
 
+    /// Sets the one-way latency between hosts `a` and `b` (else random, 1-20 ms), for
+    /// connections made after this.
+    pub fn set_latency(&mut self, a: usize, b: usize, latency: Duration) {
+        self.latencies.insert((a.min(b), a.max(b)), latency);
+    }
+
+    /// Total round trip of the route from `src` to `dst` as the routers' next hops take it,
+    /// or `None` when there is none (or it loops).
+    pub fn route_rtt(&mut self, src: usize, dst: usize) -> Option<Duration> {
+        let (mut at, mut total, mut hops) = (src, Duration::ZERO, 0);
+        while at != dst {
+            let hop = self.router(at)?.routes().next_hop(Self::name(dst))?;
+            let next = usize::try_from(hop.as_u64()).ok()?.checked_sub(1)?;
+            total += self.latency(at, next) * 2;
+            at = next;
+            hops += 1;
+            if hops > self.nodes.len() {
+                return None;
+            }
+        }
+        Some(total)
+    }
+
+    /// Round trip of the direct connection between `a` and `b`.
+    pub fn route_rtt_direct(&mut self, a: usize, b: usize) -> Duration {
+        self.latency(a, b) * 2
+    }
+
     fn latency(&mut self, a: usize, b: usize) -> Duration {
         let key = (a.min(b), a.max(b));
         if let Some(l) = self.latencies.get(&key) {
@@ -512,6 +540,8 @@ impl Sim {
                 }
                 if let Some(r) = self.nodes[end.node].router.as_mut() {
                     r.handle_sleeve_state(now, conn, true);
+                    // What the shell measures on a live connection: the link's round trip.
+                    r.handle_rtt(now, conn, end.latency * 2);
                     self.dirty.insert(end.node);
                 }
             }
@@ -590,13 +620,14 @@ impl Sim {
     }
 
     /// Whether every pair of live nodes in `group` has an established
-    /// connection (both ends' sleeves up) and routes to each other directly.
+    /// connection (both ends' sleeves up).
     pub fn full_mesh(&self, group: &[usize]) -> bool {
         group.iter().all(|&i| {
             let Some(r) = self.router(i) else { return false };
             group.iter().filter(|&&j| j != i).all(|&j| {
+                // (The route may go through another peer when that is faster: see
+                // `all_routes` and `route_rtt`.)
                 r.connections().values().any(|c| c.peer == Self::name(j) && c.established)
-                    && r.routes().next_hop(Self::name(j)) == Some(Self::name(j))
             })
         })
     }

@@ -202,7 +202,9 @@ fn kill_and_restart() {
             let r = sim.router(i).expect("alive");
             let p = r.topology().get(Sim::name(victim)).expect("knows the restarted node");
             assert_eq!(p.uid, new_uid, "seed={seed}: node {i} has a stale uid for {victim}");
-            assert_eq!(r.routes().next_hop(Sim::name(victim)), Some(Sim::name(victim)), "seed={seed}");
+            // Routed directly, or through a peer when that is faster.
+            let via = sim.route_rtt(i, victim).unwrap_or_else(|| panic!("seed={seed}: no route {i} -> {victim}"));
+            assert!(via <= sim.route_rtt_direct(i, victim), "seed={seed}");
         }
         eprintln!("seed={seed}: dropped in {:?}, back in {back:?}", dropped.expect("checked"));
     }
@@ -321,6 +323,47 @@ fn dead_peer_entry_dies_out() {
         for i in sim.live() {
             let sent = sim.sent(i) - before[i];
             assert!(sent <= 80, "seed={seed}: node {i} sent {sent} messages in 10 quiet gossip intervals");
+        }
+    }
+}
+
+/// Unicast routes follow the lowest round-trip time once the routers know it, not the fewest
+/// hops: a triangle whose direct edge is slow routes around it; in a mesh with random link
+/// latencies every route is no slower than the direct connection and routes stay loop-free
+/// (checked as the sim runs).
+#[test]
+fn routes_follow_the_lowest_round_trip_time() {
+    let mut sim = Sim::new(7);
+    sim.add_hosts(3);
+    sim.set_latency(0, 2, Duration::from_millis(40));
+    sim.set_latency(0, 1, Duration::from_millis(2));
+    sim.set_latency(1, 2, Duration::from_millis(3));
+    sim.launch(0, &[]);
+    sim.launch(1, &[0]);
+    sim.launch(2, &[0, 1]);
+    converge(&mut sim, secs(60), "triangle");
+    assert!(sim.full_mesh(&[0, 1, 2]), "all three connected directly");
+    sim.run_for(secs(10));
+    assert_eq!(sim.router(0).and_then(|r| r.routes().next_hop(Sim::name(2))), Some(Sim::name(1)), "0 reaches 2 through 1 (10 ms) rather than directly (80 ms)");
+    assert_eq!(sim.router(2).and_then(|r| r.routes().next_hop(Sim::name(0))), Some(Sim::name(1)), "and back");
+    assert_eq!(sim.route_rtt(0, 2), Some(Duration::from_millis(10)));
+    assert_eq!(sim.router(0).and_then(|r| r.routes().next_hop(Sim::name(1))), Some(Sim::name(1)));
+
+    for seed in seeds(4) {
+        let _g = SeedGuard(seed);
+        let n = 12;
+        let (mut sim, _, _) = join_random(seed, n, secs(5));
+        converge(&mut sim, secs(300), "random latencies");
+        sim.run_for(secs(20));
+        sim.assert_loop_free();
+        for src in 0..n {
+            for dst in (0..n).filter(|d| *d != src) {
+                let via = sim.route_rtt(src, dst).unwrap_or_else(|| panic!("seed={seed}: no route {src} -> {dst}"));
+                if sim.router(src).is_some_and(|r| r.connections().values().any(|c| c.peer == Sim::name(dst))) {
+                    let direct = sim.route_rtt_direct(src, dst);
+                    assert!(via <= direct, "seed={seed}: {src} -> {dst} takes {via:?}, the direct connection {direct:?}");
+                }
+            }
         }
     }
 }

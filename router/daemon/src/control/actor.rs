@@ -164,6 +164,7 @@ impl Actor {
                     self.core.handle_connection_down(now, id, &reason);
                 }
             }
+            Input::Rtt { id, rtt } => self.core.handle_rtt(now, id, rtt),
             Input::ConnectFailed { addr, error } => {
                 debug!(%addr, %error, "dial failed");
                 self.core.handle_connect_failed(now, addr, error);

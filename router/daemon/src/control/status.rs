@@ -60,6 +60,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
                 "peer_name": c.peer.to_string(), "peer_nickname": c.nickname, "address": c.remote.to_string(),
                 "outbound": c.outbound, "transport": transport, "state": state, "encrypted": encrypted, "path": path, "paths": paths, "info": why,
                 "up_seconds": now.duration_since(c.since).as_secs(),
+                "rtt_ms": c.rtt.map(|r| r.as_secs_f64() * 1000.0),
                 "unannounced_frames": unannounced.get(&c.peer).copied().unwrap_or(0),
                 // Where the sleeve sends, and how often the peer's datagrams came from a new
                 // address (a NAT mapping it).
