@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use weft_lab::{Lab, LabConfig, Nat};
+use weft_lab::{Lab, LabConfig, Nat, Stack};
 
 fn nat_lab(test: &str, nats: &[(usize, Nat)], hosts: usize) -> Option<Lab> {
     if !weft_lab::require_root(test) {
@@ -387,4 +387,36 @@ fn a_path_that_drops_big_packets_without_an_icmp_is_found_by_probing() {
             conn(&lab, 1)
         );
     }
+}
+
+#[test]
+fn an_ipv6_underlay_and_a_dual_stack_host_relaying_between_families() {
+    // h0 has IPv4 and IPv6, h1 IPv4 only, h2 IPv6 only. h2 joins h0 over IPv6; h1 and h2
+    // share no address family, so h0 relays between them.
+    if !weft_lab::require_root("an_ipv6_underlay_and_a_dual_stack_host_relaying_between_families") {
+        return;
+    }
+    let _ = weft_lab::cleanup_stale();
+    let mut cfg = LabConfig::new(3, env!("CARGO_BIN_EXE_weft")).with_stack(0, Stack::Dual).with_stack(2, Stack::V6);
+    cfg.password = Some("nat-test-password".into());
+    let mut lab = Lab::new(cfg).expect("building the lab");
+    start_star(&mut lab);
+    lab.wait_established(0, 2, Duration::from_secs(30)).expect("h0 has both");
+    let to_h0 = conn_to(&lab, 2, "h0").expect("h2's connection");
+    assert!(to_h0["address"].as_str().unwrap_or_default().starts_with("[fd77::1]:"), "over IPv6: {to_h0}");
+    assert!(to_h0["udp_endpoint"].as_str().unwrap_or_default().starts_with("[fd77::1]:"), "{to_h0}");
+    let to_h1 = conn_to(&lab, 0, "h1").expect("h0's connection to h1");
+    assert!(to_h1["address"].as_str().unwrap_or_default().starts_with("192.168.77.2:"), "IPv4 peers of a dual-stack host are plain IPv4: {to_h1}");
+    let c0 = lab.add_container_auto(0, "c0").expect("c0");
+    let c1 = lab.add_container_auto(1, "c1").expect("c1");
+    let c2 = lab.add_container_auto(2, "c2").expect("c2");
+    assert!(ping_until(&lab, &c2, &c0.ip.to_string(), &[], Duration::from_secs(20)), "c2 -> c0 over IPv6");
+    // Full-size frames over IPv6, whose headers are 20 bytes longer.
+    assert!(ping_until(&lab, &c2, &c0.ip.to_string(), &["-s", "1348", "-M", "do"], Duration::from_secs(10)), "full size over IPv6");
+    assert_eq!(conn_to(&lab, 2, "h0").expect("conn")["path_mtu"], 1500);
+    assert!(ping_until(&lab, &c1, &c2.ip.to_string(), &[], Duration::from_secs(20)), "c1 -> c2 through h0");
+    let s1 = status(&lab, 1);
+    let h2 = s1["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["nickname"] == "h2").cloned()).unwrap_or_default();
+    assert_eq!(h2["via"]["nickname"], "h0", "{h2}");
+    assert!(conn_to(&lab, 1, "h2").is_none(), "no direct connection across families");
 }

@@ -114,6 +114,29 @@ pub struct LabConfig {
     /// Hosts behind a NAT router: (host index, kind), each host at most once; see [`nat`] and
     /// [`LabConfig::behind_nat`]. Empty: every host sits on the switch.
     pub nat: Vec<(usize, Nat)>,
+    /// Hosts whose underlay is not IPv4 only: (host index, stack); see [`Stack`].
+    pub stacks: Vec<(usize, Stack)>,
+}
+
+/// The address families of a host's underlay link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// `192.168.77.<i+1>/24` only (the default).
+    V4,
+    /// `fd77::<i+1>/64` only; its router listens on `[::]:6783`.
+    V6,
+    /// Both; its router listens on `[::]:6783` (dual-stack).
+    Dual,
+}
+
+impl Stack {
+    fn v4(self) -> bool {
+        self != Stack::V6
+    }
+
+    fn v6(self) -> bool {
+        self != Stack::V4
+    }
 }
 
 impl LabConfig {
@@ -127,6 +150,7 @@ impl LabConfig {
             router_env: Vec::new(),
             keep: false,
             nat: Vec::new(),
+            stacks: Vec::new(),
         }
     }
 }
@@ -144,6 +168,10 @@ pub struct Host {
     /// The address other hosts see this one as: `underlay_ip`, or behind a NAT the NAT
     /// router's outside address `192.168.77.<index+1>`.
     pub public_ip: Ipv4Addr,
+    /// The underlay's address families ([`Stack::V6`]: `underlay_ip` is not configured).
+    pub stack: Stack,
+    /// Its IPv6 underlay address, `fd77::<index+1>`, unless [`Stack::V4`].
+    pub underlay_v6: Option<std::net::Ipv6Addr>,
     /// The kind of NAT this host sits behind, if any.
     pub nat: Option<Nat>,
     /// The NAT router's namespace (`<id>-n<index>`), if behind a NAT.
@@ -259,11 +287,15 @@ impl Lab {
             let state_dir = hdir.join("state");
             fs::create_dir_all(&state_dir)
                 .with_context(|| format!("cannot create {}", state_dir.display()))?;
+            let stack = self.cfg.stack_of(i);
+            let underlay_v6 = stack.v6().then(|| std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i as u16 + 1));
             self.hosts.push(Host {
                 index: i,
                 ns,
                 underlay_ip,
                 public_ip,
+                stack,
+                underlay_v6,
                 nat: self.cfg.nat_of(i),
                 nat_ns,
                 api_socket: hdir.join("weft.sock"),
@@ -289,15 +321,15 @@ impl Lab {
         ])?;
         ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
         let underlay_ip = Ipv4Addr::new(192, 168, 77, i as u8 + 1);
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{underlay_ip}/24"),
-            "dev",
-            "ul0",
-        ])?;
+        let stack = self.cfg.stack_of(i);
+        if stack.v4() {
+            ip(&["-n", ns, "addr", "add", &format!("{underlay_ip}/24"), "dev", "ul0"])?;
+        }
+        if stack.v6() {
+            // No duplicate address detection: the address is usable at once.
+            let v6 = std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i as u16 + 1);
+            ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", "ul0", "nodad"])?;
+        }
         ip(&["-n", ns, "link", "set", "ul0", "up"])?;
         Ok(underlay_ip)
     }
@@ -367,11 +399,19 @@ impl Lab {
     /// Returns once its API answers. Fails if a router is already running there, or if it exits
     /// before its API answers, or that takes over 30 s.
     pub fn start_router(&mut self, i: usize, peers: &[usize]) -> Result<()> {
+        let me = self.checked_host(i)?.stack;
+        // Each peer by an address family both hosts have, IPv4 first.
         let peer_ips = peers
             .iter()
-            .map(|&p| self.checked_host(p).map(|h| h.underlay_ip.to_string()))
+            .map(|&p| {
+                let h = self.checked_host(p)?;
+                match (h.underlay_v6, me.v4() && h.stack.v4()) {
+                    (_, true) => Ok(h.underlay_ip.to_string()),
+                    (Some(v6), false) if me.v6() => Ok(format!("[{v6}]:6783")),
+                    _ => Err(anyhow!("hosts {i} and {p} share no address family")),
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
-        self.checked_host(i)?;
         if !self.cfg.weft_bin.is_file() {
             bail!(
                 "weft binary {} not found (build it with `cargo build -p weft`)",
@@ -400,6 +440,9 @@ impl Lab {
             cmd.arg("--password").arg(pw);
         }
         cmd.args(&self.cfg.router_args).args(&host.extra_args);
+        if host.stack != Stack::V4 && !self.cfg.router_args.iter().chain(&host.extra_args).any(|a| a.starts_with("--listen")) {
+            cmd.args(["--listen", "[::]:6783"]);
+        }
         // Every lab host takes part in starting the address ring, unless told otherwise.
         let n_hosts = self.hosts.len();
         let host = &mut self.hosts[i];

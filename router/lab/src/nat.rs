@@ -212,6 +212,17 @@ impl LabConfig {
         self
     }
 
+    /// Gives host `host` an underlay of `stack` (IPv4 only by default).
+    pub fn with_stack(mut self, host: usize, stack: crate::Stack) -> LabConfig {
+        self.stacks.push((host, stack));
+        self
+    }
+
+    /// The address families of host `host`'s underlay.
+    pub fn stack_of(&self, host: usize) -> crate::Stack {
+        self.stacks.iter().find(|(h, _)| *h == host).map_or(crate::Stack::V4, |&(_, s)| s)
+    }
+
     /// The NAT kind host `host` sits behind, if any.
     pub fn nat_of(&self, host: usize) -> Option<Nat> {
         self.nat.iter().find(|(h, _)| *h == host).map(|&(_, k)| k)

@@ -66,6 +66,10 @@ const REC_SEGMENT_FRAME: u8 = 3;
 const REC_PROBE: u8 = 4;
 /// A probe's acknowledgement: `[5][u16 size][u32 id]`.
 const REC_PROBE_ACK: u8 = 5;
+/// An echo request for the round trip: `[6][u64 stamp]`, the sender's clock in microseconds.
+const REC_PING: u8 = 6;
+/// Its answer: `[7][u64 stamp]`, the request's stamp.
+const REC_PONG: u8 = 7;
 /// Bytes of a probe or acknowledgement record before any padding.
 const PROBE_RECORD_LEN: usize = 1 + 2 + 4;
 /// Frame record flag: the frame goes to every peer.
@@ -618,6 +622,10 @@ pub enum Record<'a> {
         /// The datagram size it tests.
         size: u16,
     },
+    /// A round-trip echo request: answer with a [`Record::Pong`] of the same stamp.
+    Ping(u64),
+    /// The answer to our [`Record::Ping`] of this stamp.
+    Pong(u64),
     /// The peer received our probe `id` of `size` bytes.
     ProbeAck {
         /// The probe's id.
@@ -663,6 +671,12 @@ impl MessageBuilder {
         msg.resize(body.max(PROBE_RECORD_LEN), 0);
     }
 
+    /// Appends a round-trip echo request (`ping`) or its answer.
+    pub fn push_echo(msg: &mut Vec<u8>, ping: bool, stamp: u64) {
+        msg.push(if ping { REC_PING } else { REC_PONG });
+        msg.extend_from_slice(&stamp.to_be_bytes());
+    }
+
     /// Appends the acknowledgement of probe `id` of `size` bytes.
     pub fn push_probe_ack(msg: &mut Vec<u8>, id: u32, size: u16) {
         msg.push(REC_PROBE_ACK);
@@ -686,6 +700,13 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
             REC_HEARTBEAT => {
                 rest = after;
                 Some(Ok(Record::Heartbeat))
+            }
+            REC_PING | REC_PONG if after.len() >= 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&after[..8]);
+                rest = &after[8..];
+                let stamp = u64::from_be_bytes(b);
+                Some(Ok(if ty == REC_PING { Record::Ping(stamp) } else { Record::Pong(stamp) }))
             }
             REC_PROBE | REC_PROBE_ACK if after.len() >= PROBE_RECORD_LEN - 1 => {
                 let size = u16::from_be_bytes([after[0], after[1]]);
@@ -1061,8 +1082,10 @@ mod tests {
         let mut msg = Vec::new();
         MessageBuilder::push_probe_ack(&mut msg, 9, 1400);
         MessageBuilder::push_heartbeat(&mut msg);
+        MessageBuilder::push_echo(&mut msg, true, 12345);
+        MessageBuilder::push_echo(&mut msg, false, u64::MAX);
         let recs: Vec<_> = records(&msg).collect::<Result<_, _>>().expect("records");
-        assert_eq!(recs, vec![Record::ProbeAck { id: 9, size: 1400 }, Record::Heartbeat]);
+        assert_eq!(recs, vec![Record::ProbeAck { id: 9, size: 1400 }, Record::Heartbeat, Record::Ping(12345), Record::Pong(u64::MAX)]);
         // Cut short: refused, not read past the end.
         assert!(records(&msg[..4]).any(|r| r.is_err()));
     }

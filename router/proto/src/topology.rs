@@ -26,6 +26,9 @@ pub const MAX_ADDRS: usize = 16;
 pub const UNKNOWN_RTT_US: u32 = 50_000;
 /// What each hop adds to a route's cost, in microseconds (relaying costs the relay).
 pub const HOP_COST_US: u64 = 200;
+/// Round trips below this count as this much: on a fast LAN the differences are noise, and
+/// the route with fewer hops should win.
+pub const RTT_FLOOR_US: u32 = 1_000;
 
 /// One peer's own view of itself, as gossiped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,12 +404,13 @@ impl Topology {
 
     /// The cost of the confirmed connection `a`–`b` for unicast routes, in microseconds: the
     /// larger of the two ends' round-trip times (both ends announce theirs, so every peer
-    /// computes the same figure), or [`UNKNOWN_RTT_US`] while neither is known, plus
-    /// [`HOP_COST_US`] so that of paths about as fast the one with fewer hops wins.
+    /// computes the same figure, and neither end can make a link look faster than the other
+    /// measures it), or [`UNKNOWN_RTT_US`] while neither is known, at least [`RTT_FLOOR_US`],
+    /// plus [`HOP_COST_US`] so that of paths about as fast the one with fewer hops wins.
     pub fn link_cost(&self, a: PeerName, b: PeerName) -> u64 {
         let rtt = |x: PeerName, y: PeerName| self.peers.get(&x).and_then(|i| i.connections.get(&y)).and_then(|c| c.rtt_us);
         let known = rtt(a, b).into_iter().chain(rtt(b, a)).max();
-        u64::from(known.unwrap_or(UNKNOWN_RTT_US)) + HOP_COST_US
+        u64::from(known.unwrap_or(UNKNOWN_RTT_US).max(RTT_FLOOR_US)) + HOP_COST_US
     }
 
     /// Least-cost tree from `root` ([`Topology::link_cost`], Dijkstra): the parent of each

@@ -164,7 +164,6 @@ impl Actor {
                     self.core.handle_connection_down(now, id, &reason);
                 }
             }
-            Input::Rtt { id, rtt } => self.core.handle_rtt(now, id, rtt),
             Input::ConnectFailed { addr, error } => {
                 debug!(%addr, %error, "dial failed");
                 self.core.handle_connect_failed(now, addr, error);
@@ -386,6 +385,10 @@ impl Actor {
             let (reports, changed) = c.paths.tick();
             for r in reports {
                 let _ = c.tx.try_send(r);
+            }
+            // The sleeve's round trip to the peer (its heartbeats' echoes): routes prefer fast paths.
+            if let Some(rtt) = c.link.rtt() {
+                self.core.handle_rtt(now, id, rtt);
             }
             // Tell the peer where its sleeve datagrams come from, once they have been heard
             // (so the address is one an authenticated datagram came from) and when it moves.

@@ -27,6 +27,7 @@ use super::records::{ReadError, RecordReader, RecordWriter, MAX_HELLO};
 use super::rekey::{self, Incoming, RekeyMsg, Rekeyer};
 use super::stats::ControlStats;
 use crate::frame::links::Indices;
+use crate::frame::udp::canonical;
 
 /// The weft port (TCP control, UDP sleeve).
 pub const DEFAULT_PORT: u16 = 6783;
@@ -38,8 +39,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// With `--transport auto`, how long a TCP dial goes alone before QUIC is tried beside it.
 const TCP_HEAD_START: Duration = Duration::from_secs(1);
-/// How often a connection's round-trip time is reported to the actor (at most).
-const RTT_EVERY: Duration = Duration::from_secs(5);
 /// Messages queued for one connection before it counts as stuck.
 pub const SEND_QUEUE: usize = 1024;
 
@@ -104,8 +103,6 @@ impl std::str::FromStr for TransportChoice {
 struct Stream {
     rd: Box<dyn AsyncRead + Unpin + Send>,
     wr: Box<dyn AsyncWrite + Unpin + Send>,
-    /// Reads the connection's smoothed round-trip time.
-    rtt: Box<dyn Fn() -> Option<Duration> + Send>,
     /// Our end's address.
     local: SocketAddr,
     carrier: Carrier,
@@ -116,29 +113,15 @@ struct Stream {
 impl Stream {
     fn tcp(s: TcpStream) -> Result<Stream, String> {
         let _ = s.set_nodelay(true);
-        let local = s.local_addr().map_err(|e| format!("reading the connection's local address: {e}"))?;
-        // The descriptor stays open while either half lives; the closure is called only while
-        // the connection's tasks hold them.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&s);
+        let local = canonical(s.local_addr().map_err(|e| format!("reading the connection's local address: {e}"))?);
         let (rd, wr) = s.into_split();
-        Ok(Stream { rd: Box::new(rd), wr: Box::new(wr), rtt: Box::new(move || tcp_rtt(fd)), local, carrier: Carrier::Tcp, quic: None })
+        Ok(Stream { rd: Box::new(rd), wr: Box::new(wr), local, carrier: Carrier::Tcp, quic: None })
     }
 
     fn quic(q: QuicStream, remote: SocketAddr, port: u16) -> Result<Stream, String> {
         let local = quic::source_towards(remote, port).map_err(|e| format!("finding our address towards {remote}: {e}"))?;
-        let conn = q.conn.clone();
-        Ok(Stream { rd: Box::new(q.recv), wr: Box::new(q.send), rtt: Box::new(move || Some(conn.rtt())), local, carrier: Carrier::Quic, quic: Some(q.conn) })
+        Ok(Stream { rd: Box::new(q.recv), wr: Box::new(q.send), local, carrier: Carrier::Quic, quic: Some(q.conn) })
     }
-}
-
-/// The kernel's smoothed round-trip time of TCP socket `fd` (`TCP_INFO`).
-fn tcp_rtt(fd: std::os::fd::RawFd) -> Option<Duration> {
-    // SAFETY: all-zero is a valid tcp_info.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: getsockopt into a tcp_info of the size given.
-    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len) };
-    (r == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(u64::from(info.tcpi_rtt)))
 }
 
 impl Dialer {
@@ -220,6 +203,7 @@ async fn accept_within(dialer: Arc<Dialer>, listener: TcpListener, limits: Limit
     loop {
         match listener.accept().await {
             Ok((s, remote)) => {
+                let remote = canonical(remote);
                 let Some(permit) = Permit::ask(&admission, &dialer.stats, remote) else {
                     drop(s);
                     continue;
@@ -248,7 +232,7 @@ async fn accept_within(dialer: Arc<Dialer>, listener: TcpListener, limits: Limit
 pub async fn accept_quic(dialer: Arc<Dialer>, quic: Arc<Quic>) {
     let admission = Arc::new(Mutex::new(Admission { gate: Gate::new(Limits::default()), evict: HashMap::new(), crowded: false }));
     while let Some(incoming) = quic.accept().await {
-        let remote = incoming.remote_address();
+        let remote = canonical(incoming.remote_address());
         let Some(mut permit) = Permit::ask(&admission, &dialer.stats, remote) else {
             incoming.refuse();
             continue;
@@ -495,7 +479,7 @@ async fn connection(
         Err(Cut::Evicted) => return Err("closed during its handshake to make room for a newer one".into()),
     };
     let session = Session { local: s.local, binding: secured.binding };
-    let Stream { rd, wr, rtt: mut rtt_of, .. } = s;
+    let Stream { rd, wr, .. } = s;
     let mut reader = RecordReader::new(rd, secured.transport.clone());
     let mut writer = RecordWriter::new(wr, secured.transport.clone());
     let lease = d.indices.lease();
@@ -557,19 +541,8 @@ async fn connection(
         .map(|root| Arc::new(Mutex::new(Rekeyer::new(link, root, outbound, d.rekey_interval, Instant::now(), d.stats.clone()))));
     let (rekey_tx, mut rekey_rx) = mpsc::channel::<RekeyMsg>(4);
     let mut rekey_timer = tokio::spawn(rekey::drive(rekeyer.clone(), rekey_tx.clone()));
-    let (inputs, rtt) = (d.inputs.clone(), std::mem::replace(&mut rtt_of, Box::new(|| None)));
     let writer_task = tokio::spawn(async move {
-        let mut reported: Option<Instant> = None;
         loop {
-            // The connection's round trip, as its transport measures it (TCP_INFO, QUIC's
-            // estimate), for routes that prefer fast paths; read in this task because its
-            // waits are safe to interrupt.
-            if reported.is_none_or(|t| t.elapsed() >= RTT_EVERY) {
-                if let Some(rtt) = rtt() {
-                    let _ = inputs.try_send(Input::Rtt { id, rtt });
-                    reported = Some(Instant::now());
-                }
-            }
             let sent = tokio::select! {
                 m = tokio::time::timeout(CONTROL_KEEPALIVE, rx.recv()) => match m {
                     Ok(Some(m)) => writer.send(&m).await,

@@ -68,13 +68,6 @@ impl Carrier {
 pub enum Input {
     /// See [`ConnUp`].
     ConnUp(Box<ConnUp>),
-    /// A connection's round-trip time, as its transport measures it.
-    Rtt {
-        /// Which.
-        id: ConnId,
-        /// Its smoothed round trip.
-        rtt: std::time::Duration,
-    },
     /// A connection ended.
     ConnDown {
         /// Which.

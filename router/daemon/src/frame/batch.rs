@@ -57,6 +57,8 @@ impl Batch {
     pub fn heartbeat(&mut self, sh: &Shared, link: &Arc<Link>) {
         let mut msg = Vec::with_capacity(64);
         MessageBuilder::push_heartbeat(&mut msg);
+        // With an echo request: the answer gives the sleeve's round trip.
+        MessageBuilder::push_echo(&mut msg, true, sh.micros());
         sh.seal_and_send(link, &mut msg, &mut self.wire);
     }
 

@@ -53,6 +53,8 @@ pub struct Link {
     pub opener: Mutex<Opener>,
     /// Milliseconds after `epoch` of the last heartbeat received, 0 = never.
     last_heartbeat: AtomicU64,
+    /// The sleeve's smoothed round trip in microseconds (from heartbeat echoes), 0 = none yet.
+    srtt_us: AtomicU64,
     epoch: Instant,
     /// Frames from this link dropped because their source MAC was not announced by their
     /// source peer.
@@ -79,6 +81,7 @@ impl Link {
             sealer: Mutex::new(sealer),
             opener: Mutex::new(opener),
             last_heartbeat: AtomicU64::new(0),
+            srtt_us: AtomicU64::new(0),
             epoch,
             unannounced: AtomicU64::new(0),
         }
@@ -140,6 +143,23 @@ impl Link {
     /// the kernel learns a smaller one from ICMP, or forgets it, at any time).
     pub fn path_recheck_due(&self) -> bool {
         self.epoch.elapsed().as_millis() as u64 >= self.path_recheck_at.load(Relaxed)
+    }
+
+    /// One round-trip sample from a heartbeat echo; smoothed as TCP does (RFC 6298: 7/8 of
+    /// the old, 1/8 of the new). Only the UDP thread writes it.
+    pub fn rtt_sample(&self, rtt: Duration) {
+        let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.srtt_us.load(Relaxed);
+        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+        self.srtt_us.store(new, Relaxed);
+    }
+
+    /// The sleeve's smoothed round trip to the peer, once measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.srtt_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// A heartbeat arrived now.

@@ -87,7 +87,7 @@ impl FramePath {
     }
 
     /// Sends one datagram from the sleeve port without waiting (see [`SleeveSocket::send_one`]).
-    pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<usize> {
+    pub fn send_datagram(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
         self.sh.udp.send_one(to, datagram)
     }
 

@@ -78,10 +78,11 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
                     if super::shared::is_quic(dgram) {
+                        // As the socket reports it: QUIC keeps its own view of addresses.
                         rx.quic(dgram, meta.addr);
                         continue;
                     }
-                    if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram, meta.addr) {
+                    if let Err(e) = rx.datagram(snap, &mut inbound, now, dgram, super::udp::canonical(meta.addr)) {
                         rx.sh.stats.drop(DropReason::Sleeve(e));
                         tracing::trace!(error = %e, from = %meta.addr, "dropped sleeve datagram");
                     }
@@ -158,6 +159,18 @@ impl Rx<'_> {
                     self.sh.seal_and_send(link, &mut ack, &mut Vec::new());
                 }
                 Record::ProbeAck { id, size } => self.sh.probe_acked(link, id, usize::from(size)),
+                Record::Ping(stamp) => {
+                    let mut pong = Vec::with_capacity(16);
+                    MessageBuilder::push_echo(&mut pong, false, stamp);
+                    self.sh.seal_and_send(link, &mut pong, &mut Vec::new());
+                }
+                Record::Pong(stamp) => {
+                    // Our own stamp back (authenticated by the link's keys): a stamp from the
+                    // future is refused.
+                    if let Some(rtt) = self.sh.micros().checked_sub(stamp) {
+                        link.rtt_sample(std::time::Duration::from_micros(rtt));
+                    }
+                }
                 Record::Frame(meta, frame) => self.frame(snap, inbound, now, link, meta, frame),
             }
         }

@@ -69,6 +69,11 @@ impl Shared {
         }
     }
 
+    /// Microseconds since the frame path started: the stamp of round-trip echoes.
+    pub fn micros(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// Sends the path MTU probe the link's prober wants now, if any.
     pub fn probe_if_due(&self, link: &Arc<Link>, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
         let probe = super::links::lock(&link.prober).poll_probe(Instant::now());

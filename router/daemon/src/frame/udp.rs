@@ -39,6 +39,22 @@ pub struct SleeveSocket {
     sock: UdpSocket,
     state: UdpSocketState,
     max_datagram: usize,
+    /// Bound to an IPv6 address (`[::]`: dual-stack, IPv4 peers as mapped addresses).
+    v6: bool,
+}
+
+/// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports for an IPv4 peer)
+/// written as the IPv4 address it is, so that one peer has one address whatever the socket.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// `a` as a socket of family `v6` takes it: an IPv4 address mapped for an IPv6 socket.
+fn for_socket(a: SocketAddr, v6: bool) -> SocketAddr {
+    match a {
+        SocketAddr::V4(v4) if v6 => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        other => other,
+    }
 }
 
 impl SleeveSocket {
@@ -54,7 +70,8 @@ impl SleeveSocket {
                 tracing::warn!(error = %e, what, "could not force the UDP socket buffer size; bursts may be dropped");
             }
         }
-        Ok(SleeveSocket { sock, state, max_datagram })
+        let v6 = sock.local_addr()?.is_ipv6();
+        Ok(SleeveSocket { sock, state, max_datagram, v6 })
     }
 
     /// The largest UDP payload sent.
@@ -84,8 +101,8 @@ impl SleeveSocket {
 
     /// Sends one datagram now, never waiting (the socket does not block): for the control
     /// channel's QUIC packets, whose losses QUIC repairs.
-    pub fn send_one(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<usize> {
-        self.sock.send_to(datagram, to)
+    pub fn send_one(&self, to: SocketAddr, datagram: &[u8]) -> std::io::Result<()> {
+        sendmsg(self.sock.as_raw_fd(), for_socket(to, self.v6), datagram, None)
     }
 
     /// Receives a batch; `Ok(0)` when nothing is waiting.
@@ -146,6 +163,7 @@ impl SleeveSocket {
     /// [`SEND_TRIES`] × 10 ms) while the socket buffer is full.
     fn send(&self, destination: SocketAddr, contents: &[u8], seg: usize, stats: &Stats, sendmsg: &SendMsg<'_>) -> std::io::Result<()> {
         let gso = (contents.len() > seg).then(|| u16::try_from(seg).unwrap_or(u16::MAX));
+        let destination = for_socket(destination, self.v6);
         let mut tries = 0;
         loop {
             match sendmsg(self.sock.as_raw_fd(), destination, contents, gso) {
