@@ -47,6 +47,14 @@ pub(crate) fn status(out: &mut impl Write, v: &Value, what: Option<&str>) -> Res
             "      Sleeve: UDP {}, offload {}, max datagram {}, bridge {} (mtu {})",
             sl["port"], sl["offload"], sl["max_datagram"], s(&v["bridge"]), v["mtu"]
         )?;
+        let outside: Vec<&str> = v["outside"].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+        let quic = conns.iter().filter(|c| c["transport"] == "quic").count();
+        writeln!(
+            out,
+            "   Transport: {} ({quic} connection(s) over QUIC); {}",
+            s(&v["transport"]),
+            if outside.is_empty() { "peers see us at our own address".to_string() } else { format!("behind a NAT: peers see us at {}", outside.join(", ")) }
+        )?;
         let fp = &v["fastpath"];
         if fp["enabled"] == true {
             let on = conns.iter().filter(|c| c["path"] == "fastpath").count();

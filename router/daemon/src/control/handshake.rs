@@ -17,10 +17,13 @@ use weft_proto::Hello;
 /// Oldest and newest control protocol versions this build speaks. Version 2 added the nonce to
 /// the preamble and made both preambles the Noise prologue; version 3 added the fastpath (the
 /// hello's offer, `ControlMsg::FastpathState`); version 4 the `macs` channel, whose lists a
-/// version-4 router needs before it takes a peer's frames. Nothing speaks 1 to 3 any more.
-pub const PROTOCOL_MIN: u16 = 4;
+/// version-4 router needs before it takes a peer's frames; version 5 the outside addresses and
+/// round trips in topology entries, `ControlMsg::Observed`, and the sleeve's probe and echo
+/// records, which a version-4 router would refuse (dropping the heartbeats they ride with).
+/// Nothing speaks 1 to 4 any more.
+pub const PROTOCOL_MIN: u16 = 5;
 /// See [`PROTOCOL_MIN`].
-pub const PROTOCOL_MAX: u16 = 4;
+pub const PROTOCOL_MAX: u16 = 5;
 /// The Noise protocol: mutual static keys (XX), the password as PSK mixed in last.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_AESGCM_SHA256";
 const MAGIC: &[u8; 4] = b"weft";
@@ -443,7 +446,7 @@ mod tests {
     /// fail.
     #[tokio::test]
     async fn a_preamble_changed_on_the_way_fails_the_handshake() {
-        // Lowest version 4 -> 0 (still compatible), the reserved byte, an unknown flag bit, a nonce byte.
+        // Lowest version 5 -> 0 (still compatible), the reserved byte, an unknown flag bit, a nonce byte.
         fn min_version(at: usize, b: u8) -> u8 {
             if at == 5 { 0 } else { b }
         }
@@ -480,10 +483,10 @@ mod tests {
         c.write_all(b"weft\x00\x01\x00\x01\x01\x00").await.expect("write");
         let mut ours = [0u8; PREAMBLE_HEAD];
         c.read_exact(&mut ours).await.expect("read");
-        assert_eq!(&ours[4..8], &[0, 4, 0, 4], "what an old peer reads says 4..=4");
+        assert_eq!(&ours[4..8], &[0, 5, 0, 5], "what an old peer reads says 5..=5");
         let r = tokio::time::timeout(Duration::from_secs(5), server).await.expect("no stall").expect("join");
         assert!(
-            matches!(r, Err(HandshakeError::Version { their_min: 1, their_max: 1, our_min: 4, our_max: 4 })),
+            matches!(r, Err(HandshakeError::Version { their_min: 1, their_max: 1, our_min: 5, our_max: 5 })),
             "{:?}",
             r.err()
         );
