@@ -68,7 +68,8 @@ const REC_PROBE: u8 = 4;
 const REC_PROBE_ACK: u8 = 5;
 /// An echo request for the round trip: `[6][u64 stamp]`, the sender's clock in microseconds.
 const REC_PING: u8 = 6;
-/// Its answer: `[7][u64 stamp]`, the request's stamp.
+/// Its answer, carried by the answerer's next heartbeat message: `[7][u64 stamp][u32 held]`,
+/// the request's stamp and how long the answerer held it, in microseconds.
 const REC_PONG: u8 = 7;
 /// Bytes of a probe or acknowledgement record before any padding.
 const PROBE_RECORD_LEN: usize = 1 + 2 + 4;
@@ -624,8 +625,14 @@ pub enum Record<'a> {
     },
     /// A round-trip echo request: answer with a [`Record::Pong`] of the same stamp.
     Ping(u64),
-    /// The answer to our [`Record::Ping`] of this stamp.
-    Pong(u64),
+    /// The answer to our [`Record::Ping`]: its stamp, and how long the peer held it (microseconds)
+    /// before the message that answers it left.
+    Pong {
+        /// The request's stamp.
+        stamp: u64,
+        /// Time between the request's arrival and the answer's sending.
+        held_us: u32,
+    },
     /// The peer received our probe `id` of `size` bytes.
     ProbeAck {
         /// The probe's id.
@@ -671,10 +678,17 @@ impl MessageBuilder {
         msg.resize(body.max(PROBE_RECORD_LEN), 0);
     }
 
-    /// Appends a round-trip echo request (`ping`) or its answer.
-    pub fn push_echo(msg: &mut Vec<u8>, ping: bool, stamp: u64) {
-        msg.push(if ping { REC_PING } else { REC_PONG });
+    /// Appends a round-trip echo request stamped with the sender's clock (microseconds).
+    pub fn push_ping(msg: &mut Vec<u8>, stamp: u64) {
+        msg.push(REC_PING);
         msg.extend_from_slice(&stamp.to_be_bytes());
+    }
+
+    /// Appends the answer to an echo request of `stamp`, held `held_us` microseconds.
+    pub fn push_pong(msg: &mut Vec<u8>, stamp: u64, held_us: u32) {
+        msg.push(REC_PONG);
+        msg.extend_from_slice(&stamp.to_be_bytes());
+        msg.extend_from_slice(&held_us.to_be_bytes());
     }
 
     /// Appends the acknowledgement of probe `id` of `size` bytes.
@@ -701,12 +715,18 @@ pub fn records(msg: &[u8]) -> impl Iterator<Item = Result<Record<'_>, SleeveErro
                 rest = after;
                 Some(Ok(Record::Heartbeat))
             }
-            REC_PING | REC_PONG if after.len() >= 8 => {
+            REC_PING if after.len() >= 8 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&after[..8]);
                 rest = &after[8..];
-                let stamp = u64::from_be_bytes(b);
-                Some(Ok(if ty == REC_PING { Record::Ping(stamp) } else { Record::Pong(stamp) }))
+                Some(Ok(Record::Ping(u64::from_be_bytes(b))))
+            }
+            REC_PONG if after.len() >= 12 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&after[..8]);
+                let held_us = u32::from_be_bytes([after[8], after[9], after[10], after[11]]);
+                rest = &after[12..];
+                Some(Ok(Record::Pong { stamp: u64::from_be_bytes(b), held_us }))
             }
             REC_PROBE | REC_PROBE_ACK if after.len() >= PROBE_RECORD_LEN - 1 => {
                 let size = u16::from_be_bytes([after[0], after[1]]);
@@ -1082,10 +1102,15 @@ mod tests {
         let mut msg = Vec::new();
         MessageBuilder::push_probe_ack(&mut msg, 9, 1400);
         MessageBuilder::push_heartbeat(&mut msg);
-        MessageBuilder::push_echo(&mut msg, true, 12345);
-        MessageBuilder::push_echo(&mut msg, false, u64::MAX);
+        MessageBuilder::push_ping(&mut msg, 12345);
+        MessageBuilder::push_pong(&mut msg, u64::MAX, 777);
         let recs: Vec<_> = records(&msg).collect::<Result<_, _>>().expect("records");
-        assert_eq!(recs, vec![Record::ProbeAck { id: 9, size: 1400 }, Record::Heartbeat, Record::Ping(12345), Record::Pong(u64::MAX)]);
+        assert_eq!(
+            recs,
+            vec![Record::ProbeAck { id: 9, size: 1400 }, Record::Heartbeat, Record::Ping(12345), Record::Pong { stamp: u64::MAX, held_us: 777 }]
+        );
+        // A pong cut short is refused.
+        assert!(records(&msg[..msg.len() - 2]).any(|r| r.is_err()));
         // Cut short: refused, not read past the end.
         assert!(records(&msg[..4]).any(|r| r.is_err()));
     }

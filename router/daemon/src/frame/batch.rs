@@ -57,8 +57,13 @@ impl Batch {
     pub fn heartbeat(&mut self, sh: &Shared, link: &Arc<Link>) {
         let mut msg = Vec::with_capacity(64);
         MessageBuilder::push_heartbeat(&mut msg);
-        // With an echo request: the answer gives the sleeve's round trip.
-        MessageBuilder::push_echo(&mut msg, true, sh.micros());
+        // With an echo request (the peer's next heartbeat answers it: the sleeve's round trip),
+        // and the answer to the peer's last one.
+        let now = sh.micros();
+        MessageBuilder::push_ping(&mut msg, now);
+        if let Some((stamp, held)) = link.take_echo(now) {
+            MessageBuilder::push_pong(&mut msg, stamp, held);
+        }
         sh.seal_and_send(link, &mut msg, &mut self.wire);
     }
 

@@ -55,6 +55,9 @@ pub struct Link {
     last_heartbeat: AtomicU64,
     /// The sleeve's smoothed round trip in microseconds (from heartbeat echoes), 0 = none yet.
     srtt_us: AtomicU64,
+    /// The peer's last echo request not answered yet: its stamp and when it came (our
+    /// microseconds), answered by our next heartbeat.
+    echo: Mutex<Option<(u64, u64)>>,
     epoch: Instant,
     /// Frames from this link dropped because their source MAC was not announced by their
     /// source peer.
@@ -82,6 +85,7 @@ impl Link {
             opener: Mutex::new(opener),
             last_heartbeat: AtomicU64::new(0),
             srtt_us: AtomicU64::new(0),
+            echo: Mutex::new(None),
             epoch,
             unannounced: AtomicU64::new(0),
         }
@@ -152,6 +156,18 @@ impl Link {
         let old = self.srtt_us.load(Relaxed);
         let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
         self.srtt_us.store(new, Relaxed);
+    }
+
+    /// The peer asked for an echo of `stamp`, which arrived at `now` (our microseconds).
+    pub fn echo_requested(&self, stamp: u64, now: u64) {
+        *lock(&self.echo) = Some((stamp, now));
+    }
+
+    /// The echo to answer in the heartbeat going out at `now`: the stamp and how long it was
+    /// held (microseconds).
+    pub fn take_echo(&self, now: u64) -> Option<(u64, u32)> {
+        let (stamp, at) = lock(&self.echo).take()?;
+        Some((stamp, u32::try_from(now.saturating_sub(at)).unwrap_or(u32::MAX)))
     }
 
     /// The sleeve's smoothed round trip to the peer, once measured.

@@ -159,15 +159,11 @@ impl Rx<'_> {
                     self.sh.seal_and_send(link, &mut ack, &mut Vec::new());
                 }
                 Record::ProbeAck { id, size } => self.sh.probe_acked(link, id, usize::from(size)),
-                Record::Ping(stamp) => {
-                    let mut pong = Vec::with_capacity(16);
-                    MessageBuilder::push_echo(&mut pong, false, stamp);
-                    self.sh.seal_and_send(link, &mut pong, &mut Vec::new());
-                }
-                Record::Pong(stamp) => {
-                    // Our own stamp back (authenticated by the link's keys): a stamp from the
-                    // future is refused.
-                    if let Some(rtt) = self.sh.micros().checked_sub(stamp) {
+                Record::Ping(stamp) => link.echo_requested(stamp, self.sh.micros()),
+                Record::Pong { stamp, held_us } => {
+                    // Our own stamp back (authenticated by the link's keys), less the time the
+                    // peer held it; a stamp from the future is ignored.
+                    if let Some(rtt) = self.sh.micros().checked_sub(stamp).and_then(|d| d.checked_sub(u64::from(held_us))) {
                         link.rtt_sample(std::time::Duration::from_micros(rtt));
                     }
                 }
