@@ -99,7 +99,7 @@ impl Prober {
 
     /// The kernel's figure changed (or was read again): the ceiling. A new one is validated
     /// afresh (used meanwhile); the same one changes nothing.
-    pub fn set_ceiling(&mut self, ceiling: usize, now: Instant) {
+    pub fn set_ceiling(&mut self, ceiling: usize) {
         if ceiling == self.ceiling {
             return;
         }
@@ -113,7 +113,6 @@ impl Prober {
             Phase::Base | Phase::Unanswered { .. } => Phase::Base,
             _ => Phase::Validate,
         };
-        let _ = now;
     }
 
     /// The probe to send now, if any: `(id, size)`. Call it about once a
@@ -323,7 +322,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Prober::new(1472);
         settle(&mut p, 1472, t0);
-        p.set_ceiling(1372, t0);
+        p.set_ceiling(1372);
         assert_eq!(p.limit(), 1372);
         assert_eq!(p.phase(), Phase::Validate);
         settle(&mut p, 1472, t0);

@@ -130,7 +130,7 @@ impl Shared {
         let fits = super::udp::datagram_for_mtu(mtu, to).clamp(super::links::MIN_DATAGRAM, self.udp.max_datagram());
         let limit = {
             let mut p = super::links::lock(&link.prober);
-            p.set_ceiling(fits, Instant::now());
+            p.set_ceiling(fits);
             p.limit()
         };
         self.use_datagram(link, limit, "the kernel's path MTU changed");
