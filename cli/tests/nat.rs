@@ -71,7 +71,14 @@ fn hosts_behind_nats_carry_traffic_through_a_public_host() {
     }
     assert!(ping_until(&lab, &c1, &ip(&c0), &[], Duration::from_secs(10)), "h1 recovers after its NAT forgot the mapping");
     assert!(ping_until(&lab, &c2, &ip(&c0), &[], Duration::from_secs(10)), "h2 recovers after its NAT forgot the mapping");
-    assert!(ping_until(&lab, &c1, &ip(&c2), &[], Duration::from_secs(10)), "and through the public host again");
+    // (On failure, the three hosts' views, to tell a lost control connection from a lost path.)
+    assert!(
+        ping_until(&lab, &c1, &ip(&c2), &[], Duration::from_secs(10)),
+        "and through the public host again\nh1 {}\nh2 {}\nh0 {}",
+        status(&lab, 1)["connections"],
+        status(&lab, 2)["peers"],
+        status(&lab, 0)["connections"]
+    );
 }
 
 #[test]
