@@ -218,6 +218,16 @@ fn conn_to(lab: &Lab, i: usize, peer: &str) -> Option<serde_json::Value> {
     status(lab, i)["connections"].as_array().and_then(|cs| cs.iter().find(|c| c["peer_nickname"] == peer).cloned())
 }
 
+/// Runs each `nft` command (words split on spaces) in namespace `ns`; panics with nft's message
+/// if one fails.
+fn nft(lab: &Lab, ns: &str, cmds: &[&str]) {
+    for cmd in cmds {
+        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
+        let out = lab.exec(ns, &args).expect("nft");
+        assert!(out.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// Bytes received on the public host's underlay link.
 fn public_rx_bytes(lab: &Lab) -> u64 {
     // /proc/net/dev is the reader's namespace's (sysfs would be the mount's).
@@ -315,22 +325,22 @@ fn a_host_whose_firewall_drops_tcp_joins_over_udp() {
         return;
     };
     let ns = lab.host(1).ns.clone();
-    for cmd in [
-        "add table inet weft_test_fw",
-        "add chain inet weft_test_fw input { type filter hook input priority 0; policy accept; }",
-        "add chain inet weft_test_fw output { type filter hook output priority 0; policy accept; }",
-        "add rule inet weft_test_fw input tcp dport 6783 counter drop",
-        "add rule inet weft_test_fw output tcp dport 6783 counter drop",
-    ] {
-        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
-        let out = lab.exec(&ns, &args).expect("nft");
-        assert!(out.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    nft(
+        &lab,
+        &ns,
+        &[
+            "add table inet weft_test_fw",
+            "add chain inet weft_test_fw input { type filter hook input priority 0; policy accept; }",
+            "add chain inet weft_test_fw output { type filter hook output priority 0; policy accept; }",
+            "add rule inet weft_test_fw input tcp dport 6783 counter drop",
+            "add rule inet weft_test_fw output tcp dport 6783 counter drop",
+        ],
+    );
     start_star(&mut lab);
     lab.wait_established(1, 1, Duration::from_secs(30)).expect("h1 joins");
     let c = conn_to(&lab, 1, "h0").expect("h1's connection");
     assert_eq!(c["transport"], "quic", "{c}");
-    // QUIC's round-trip estimate reaches the routes' costs.
+    // The sleeve's round trip (heartbeat echoes) reaches the routes' costs.
     assert!(wait_for(Duration::from_secs(15), || conn_to(&lab, 1, "h0").is_some_and(|c| c["rtt_ms"].as_f64().is_some_and(|r| r > 0.0))), "{:?}", conn_to(&lab, 1, "h0"));
     let c0 = lab.add_container_auto(0, "c0").expect("c0");
     let c1 = lab.add_container_auto(1, "c1").expect("c1");
@@ -352,15 +362,15 @@ fn a_path_that_drops_big_packets_without_an_icmp_is_found_by_probing() {
         return;
     };
     let nat = lab.nat_ns(1).expect("nat ns").to_owned();
-    for cmd in [
-        "add table inet weft_test_bh",
-        "add chain inet weft_test_bh out { type filter hook output priority 0; policy accept; }",
-        "add rule inet weft_test_bh out icmp type 3 icmp code 4 counter drop",
-    ] {
-        let args: Vec<&str> = std::iter::once("nft").chain(cmd.split(' ')).collect();
-        let out = lab.exec(&nat, &args).expect("nft");
-        assert!(out.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    nft(
+        &lab,
+        &nat,
+        &[
+            "add table inet weft_test_bh",
+            "add chain inet weft_test_bh out { type filter hook output priority 0; policy accept; }",
+            "add rule inet weft_test_bh out icmp type 3 icmp code 4 counter drop",
+        ],
+    );
     lab.set_mtu(&nat, weft_lab::nat::NAT_OUTSIDE_IF, 1400).expect("mtu");
     start_star(&mut lab);
     lab.wait_established(0, 1, Duration::from_secs(30)).expect("mesh up");

@@ -225,30 +225,27 @@ impl Topology {
 
     /// Replaces the addresses we announce for ourselves, bumping the version when they
     /// changed (at most [`MAX_ADDRS`] are kept). Returns whether anything changed.
-    pub fn set_my_addrs(&mut self, mut addrs: Vec<SocketAddr>) -> bool {
-        addrs.sort();
-        addrs.dedup();
-        addrs.truncate(MAX_ADDRS);
-        let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
-        if me.addrs == addrs {
-            return false;
-        }
-        me.addrs = addrs;
-        self.bump_mine();
-        true
+    pub fn set_my_addrs(&mut self, addrs: Vec<SocketAddr>) -> bool {
+        self.set_my_list(|p| &mut p.addrs, addrs)
     }
 
     /// Replaces the outside UDP addresses we announce (see [`PeerInfo::udp`]; at most
     /// [`MAX_ADDRS`]). Returns whether anything changed.
-    pub fn set_my_udp(&mut self, mut udp: Vec<SocketAddr>) -> bool {
-        udp.sort();
-        udp.dedup();
-        udp.truncate(MAX_ADDRS);
+    pub fn set_my_udp(&mut self, udp: Vec<SocketAddr>) -> bool {
+        self.set_my_list(|p| &mut p.udp, udp)
+    }
+
+    /// Sets one address list of our entry (sorted, without repeats, at most [`MAX_ADDRS`]),
+    /// bumping the version when it changed.
+    fn set_my_list(&mut self, list: fn(&mut PeerInfo) -> &mut Vec<SocketAddr>, mut addrs: Vec<SocketAddr>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        addrs.truncate(MAX_ADDRS);
         let me = self.peers.entry(self.me).or_insert_with(|| unreachable_entry(self.me));
-        if me.udp == udp {
+        if *list(me) == addrs {
             return false;
         }
-        me.udp = udp;
+        *list(me) = addrs;
         self.bump_mine();
         true
     }
