@@ -61,10 +61,16 @@ impl Shared {
     /// Seals and sends one message on `link`, using `wire` as scratch space.
     pub fn seal_and_send(&self, link: &Arc<Link>, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
         let max = link.max_datagram(self.udp.max_datagram());
+        self.seal_and_send_at(link, msg, wire, max, link.path_recheck_due());
+    }
+
+    /// Seals `msg` into datagrams of at most `max` bytes and sends them; looks at the path MTU
+    /// again when a send was refused as too big, or when `recheck`.
+    fn seal_and_send_at(&self, link: &Link, msg: &mut Vec<u8>, wire: &mut Vec<u8>, max: usize, recheck: bool) {
         let seg = super::links::lock(&link.sealer).seal(msg, max, wire);
         let to = link.dest();
         let news = self.udp.send_all(to, wire, seg, &link.gso, &self.stats);
-        if news.too_big || link.path_recheck_due() {
+        if news.too_big || recheck {
             self.follow_path_mtu(link, to);
         }
     }
@@ -87,12 +93,8 @@ impl Shared {
     fn send_probe(&self, link: &Arc<Link>, id: u32, size: usize, msg: &mut Vec<u8>, wire: &mut Vec<u8>) {
         let size16 = u16::try_from(size).unwrap_or(u16::MAX);
         weft_proto::sleeve::MessageBuilder::probe(msg, link.encrypted, id, size16);
-        let seg = super::links::lock(&link.sealer).seal(msg, size, wire);
-        let news = self.udp.send_all(link.dest(), wire, seg, &link.gso, &self.stats);
-        if news.too_big {
-            // The kernel learned a smaller path since the ceiling was set: look again.
-            self.follow_path_mtu(link, link.dest());
-        }
+        // Refused as too big: the kernel learned a smaller path since the ceiling was set.
+        self.seal_and_send_at(link, msg, wire, size, false);
     }
 
     /// The peer acknowledged probe `id` of `size` bytes: the link's datagrams follow what
