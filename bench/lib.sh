@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2034  # (it sets variables for the scripts that source it)
-# Shared by the iperf3 benchmarks (sleeve-throughput.sh, fastpath-throughput.sh); sourced, not run.
+# Shared by the iperf3 benchmarks (sleeve-throughput.sh, data-path.sh); sourced, not run.
 #
 # The topology: two "host" network namespaces joined by a veth underlay (u1/u2, 192.168.50.1/.2,
 # MTU 1500), each with one "container" namespace (wired by the case). Every namespace is named
@@ -174,7 +174,11 @@ task_report() {
 # run_iperf <server-ns> <client-ns> <server-ip> <case> [extra client args]
 # CPU is sampled over the middle of the transfer (0.3 s after the start until ~0.7 s before the end):
 # whole-VM busy %, and per thread of every "label:pid" in WATCH plus the two iperf3 processes.
-# Sets G_GBPS G_RETR G_CPU G_PROCS.
+# With PING_DURING set (to an address), the client namespace pings it every 20 ms over the same
+# middle of the transfer.
+# Sets G_GBPS G_RETR G_CPU G_PROCS, G_WATCH_CORES (the WATCH processes' CPU, in cores), G_VM_CORES
+# (the whole VM's busy cores), G_PING (average round trip in ms, with PING_DURING, else "-"), and for
+# UDP (-u) G_PPS (datagrams delivered per second) and G_LOSS (iperf3's lost %), else "-".
 run_iperf() {
   local sns=$1 cns=$2 ip=$3 name=$4; shift 4
   nsenter --net="/run/netns/$sns" iperf3 -s -1 -p 5201 >"$WORK/$name.iperf-s.log" 2>&1 &
@@ -182,13 +186,19 @@ run_iperf() {
   local k; for k in $(seq 40); do
     nsx "$sns" ss -Hltn 'sport = :5201' 2>/dev/null | grep -q . && break; sleep 0.1
   done
-  local b0 t0 b1 t1 s0 s1
+  local b0 t0 b1 t1 s0 s1 mid ppid=""
+  mid=$(awk -v t="$T" 'BEGIN{print (t>2 ? t-1 : t/2)}')
   nsenter --net="/run/netns/$cns" iperf3 -c "$ip" -p 5201 -t "$T" -J "$@" >"$WORK/$name.json" 2>&1 &
   local cpid=$!; PIDS+=("$cpid")
   sleep 0.3
+  if [ -n "${PING_DURING:-}" ]; then
+    nsenter --net="/run/netns/$cns" ping -q -n -i 0.02 -w "$(awk -v m="$mid" 'BEGIN{printf "%d", (m<1?1:m)}')" "$PING_DURING" \
+      >"$WORK/$name.ping" 2>&1 &
+    ppid=$!; PIDS+=("$ppid")
+  fi
   read -r b0 t0 < <(cpu_snap); s0=$(date +%s.%N)
   task_snap "iperf-s:$spid" "iperf-c:$cpid" "${WATCH[@]}" >"$WORK/$name.ts0"
-  sleep "$(awk -v t="$T" 'BEGIN{print (t>2 ? t-1 : t/2)}')"
+  sleep "$mid"
   task_snap "iperf-s:$spid" "iperf-c:$cpid" "${WATCH[@]}" >"$WORK/$name.ts1"
   read -r b1 t1 < <(cpu_snap); s1=$(date +%s.%N)
   for k in $(seq $((10 * (T + 20)))); do kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
@@ -197,15 +207,41 @@ run_iperf() {
   for k in $(seq 50); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
   kill -TERM "$spid" 2>/dev/null || true
   wait "$spid" 2>/dev/null || true
+  G_PING=-
+  if [ -n "$ppid" ]; then
+    wait "$ppid" 2>/dev/null || true
+    G_PING=$(ping_avg "$WORK/$name.ping")
+  fi
+  local secs; secs=$(awk -v a="$s0" -v b="$s1" 'BEGIN{print b-a}')
   G_CPU=$(awk -v b=$((b1 - b0)) -v t=$((t1 - t0)) 'BEGIN{printf "%.0f", (t>0?100*b/t:0)}')
-  G_PROCS=$(task_report "$WORK/$name.ts0" "$WORK/$name.ts1" "$(awk -v a="$s0" -v b="$s1" 'BEGIN{print b-a}')")
-  if jq -e '.end.sum_received.bits_per_second' "$WORK/$name.json" >/dev/null 2>&1; then
+  G_VM_CORES=$(awk -v c="$G_CPU" -v n="$(nproc)" 'BEGIN{printf "%.3f", c*n/100}')
+  G_PROCS=$(task_report "$WORK/$name.ts0" "$WORK/$name.ts1" "$secs")
+  G_WATCH_CORES=$(awk -v secs="$secs" -v hz="$CLK_TCK" '
+    NR==FNR { b[$1" "$2]=$4; next }
+    $1 !~ /^iperf-/ { d+=$4-b[$1" "$2] }
+    END { printf "%.3f", d/hz/secs }' "$WORK/$name.ts0" "$WORK/$name.ts1")
+  G_PPS=-; G_LOSS=-
+  if jq -e '.start.test_start.protocol == "UDP" and .end.sum_received.packets != null' "$WORK/$name.json" >/dev/null 2>&1; then
+    # UDP: what the server got (datagrams sent less those it counted lost)
+    G_PPS=$(jq -r '.end.sum_received | ((.packets - .lost_packets) / .seconds) | round' "$WORK/$name.json")
+    G_LOSS=$(jq -r '.end.sum_received.lost_percent*100|round/100' "$WORK/$name.json")
+    G_GBPS=$(jq -r '.end.sum_received.bits_per_second/1e9*1000|round/1000' "$WORK/$name.json")
+    G_RETR=n/a
+  elif jq -e '.end.sum_received.bits_per_second' "$WORK/$name.json" >/dev/null 2>&1; then
     G_GBPS=$(jq -r '.end.sum_received.bits_per_second/1e9*100|round/100' "$WORK/$name.json")
     G_RETR=$(jq -r '.end.sum_sent.retransmits // "n/a"' "$WORK/$name.json")
   else
     G_GBPS=0; G_RETR=n/a
     echo "   iperf3 failed: $(jq -r '.error // empty' "$WORK/$name.json" 2>/dev/null || head -c 300 "$WORK/$name.json")" >&2
   fi
+}
+
+# ping_avg <ping -q output file> -> the average round trip in ms, or "-" when none came back
+ping_avg() { awk -F/ '/^rtt|^round-trip/ { split($0, a, "= "); split(a[2], v, "/"); print v[2]; f=1 } END { if (!f) print "-" }' "$1"; }
+# ping_idle <ns> <ip> -> the average round trip in ms of 50 pings 20 ms apart, or "-"
+ping_idle() {
+  nsx "$1" ping -q -n -i 0.02 -c 50 -w 5 "$2" >"$WORK/ping-idle.out" 2>&1 || true
+  ping_avg "$WORK/ping-idle.out"
 }
 
 # machine_busy: prints how busy the machine is over one second (warning above 15 %); sets IDLE_BUSY.

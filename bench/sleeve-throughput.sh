@@ -34,7 +34,7 @@
 #
 # Traffic only flows between namespaces this script creates (and their loopbacks). Every process it
 # starts is stopped by PID and every namespace it creates is deleted on exit, also on failure or ^C.
-# The setup, measuring and clean-up helpers are in bench/lib.sh (shared with fastpath-throughput.sh).
+# The setup, measuring and clean-up helpers are in bench/lib.sh (shared with data-path.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

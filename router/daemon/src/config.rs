@@ -48,6 +48,8 @@ pub struct Options {
     pub transport: crate::control::conn::TransportChoice,
     /// Ask the kernel for TAP segmentation offload.
     pub offload: bool,
+    /// Niceness of the frame path's threads (`--data-nice`; 0 leaves them alone).
+    pub data_nice: i32,
     /// Use the kernel VXLAN fastpath where it works and the policy allows it.
     pub fastpath: bool,
     /// Its UDP port.

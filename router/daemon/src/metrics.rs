@@ -71,6 +71,9 @@ impl Collector for WeftCollector {
         ])?;
         let drops = by_reason(&DROP_LABELS, &s.drops);
         family(&mut enc, "weft_drops", "Frames or datagrams dropped, by reason", MetricType::Counter, drops)?;
+        family(&mut enc, "weft_ecn_marked", "Bulk frames marked Congestion Experienced because the sleeve's receive queue stood too long", MetricType::Counter, vec![
+            (vec![], s.ecn_marked.load(Relaxed)),
+        ])?;
         family(&mut enc, "weft_tap_filtered", "Kernel chatter from the TAP's own address, ignored", MetricType::Counter, vec![
             (vec![], s.filtered.load(Relaxed)),
         ])?;

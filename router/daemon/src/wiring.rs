@@ -161,7 +161,7 @@ impl Start {
         let offload = tap.offload;
 
         // The frame path.
-        let frames = Arc::new(FramePath::start(id_name, tap, tap_mac, udp, opts.max_datagram, Limits::default())?);
+        let frames = Arc::new(FramePath::start(id_name, tap, tap_mac, udp, opts.max_datagram, Limits::default(), opts.data_nice)?);
         let stats = Arc::new(ControlStats::default());
 
         // The kernel fastpath beside it: the VXLAN device on the bridge (or why there is none).

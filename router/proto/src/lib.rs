@@ -11,6 +11,7 @@
 //! shell around it.
 
 pub mod announce;
+pub mod aqm;
 pub mod fastpath;
 pub mod identity;
 pub mod name;

@@ -179,6 +179,7 @@ pub fn status(core: &Router, conns: &Conns, frames: &FramePath, ctl: &ControlSta
             "sleeve_rekeys": ctl.sleeve_rekeys.load(Relaxed),
             "sleeve_rekey_failures": ctl.sleeve_rekey_failures.load(Relaxed),
             "quic_in": s.quic_in.load(Relaxed), "quic_dropped": s.quic_dropped.load(Relaxed),
+            "ecn_marked": s.ecn_marked.load(Relaxed),
             "punches_sent": st.punches_sent, "punches_answered": st.punches_answered,
             "observed_refused": st.observed_refused,
         },

@@ -38,6 +38,25 @@ pub struct Endpoint {
     pub probing: String,
 }
 
+/// The frame path threads' default niceness (`--data-nice`): ahead of ordinary processes, as
+/// the kernel's packet processing (softirq) is, so a frame does not wait for a busy host's
+/// applications to give up the CPU. Measured in docs/benchmarks.md (data path).
+pub const DATA_NICE: i32 = -10;
+
+/// Sets the calling thread's niceness; says so and goes on when it may not (no CAP_SYS_NICE).
+fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority(2) with who = 0 changes the calling thread only (Linux: per thread).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(nice, error = %e, "could not raise the frame path's scheduling priority (CAP_SYS_NICE?); frames may wait longer on a busy host");
+    } else {
+        tracing::debug!(nice, thread = ?std::thread::current().name(), "frame path thread niceness set");
+    }
+}
+
 /// The running frame path. Stopping it (or dropping it) stops its threads.
 pub struct FramePath {
     sh: Arc<Shared>,
@@ -46,7 +65,8 @@ pub struct FramePath {
 
 impl FramePath {
     /// Starts the TAP and UDP threads on an open TAP and a bound sleeve socket.
-    pub fn start(me: PeerName, tap: Tap, tap_mac: [u8; 6], sock: UdpSocket, max_datagram: usize, limits: Limits) -> Result<Self> {
+    /// `nice` is the threads' scheduling niceness (0: left as they start).
+    pub fn start(me: PeerName, tap: Tap, tap_mac: [u8; 6], sock: UdpSocket, max_datagram: usize, limits: Limits, nice: i32) -> Result<Self> {
         let sh = Arc::new(Shared {
             me,
             tap,
@@ -63,9 +83,15 @@ impl FramePath {
         });
         let (learn_tx, learn_rx) = std::sync::mpsc::sync_channel(LEARN_QUEUE);
         let a = sh.clone();
-        let t1 = std::thread::Builder::new().name("weft-tap".into()).spawn(move || tx::run(a, learn_rx)).context("starting the TAP thread")?;
+        let t1 = std::thread::Builder::new().name("weft-tap".into()).spawn(move || {
+            set_nice(nice);
+            tx::run(a, learn_rx)
+        }).context("starting the TAP thread")?;
         let b = sh.clone();
-        let t2 = match std::thread::Builder::new().name("weft-udp".into()).spawn(move || rx::run(b, learn_tx)) {
+        let t2 = match std::thread::Builder::new().name("weft-udp".into()).spawn(move || {
+            set_nice(nice);
+            rx::run(b, learn_tx)
+        }) {
             Ok(t) => t,
             Err(e) => {
                 sh.stop.store(true, Relaxed);

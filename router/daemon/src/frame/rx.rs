@@ -5,6 +5,11 @@
 //! the receive side of the switch (`weft_proto::switch::Inbound`) decide: deliver to our TAP,
 //! relay, or drop. What it learns about remote MACs goes to the TAP thread over a bounded queue;
 //! a full queue loses the announcement, which is repeated with the MAC's next frame.
+//!
+//! How long each datagram waited in the socket's queue (the kernel's receive timestamp against
+//! the clock when it is taken) drives CoDel (`weft_proto::aqm`): while the queue stands too
+//! long, bulk frames are marked Congestion Experienced, or dropped when their flow does not
+//! understand ECN, so TCP senders shrink their windows and the queue stays short.
 
 use std::net::SocketAddr;
 use std::collections::HashMap;
@@ -12,11 +17,12 @@ use std::io::IoSliceMut;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn_udp::RecvMeta;
 use weft_proto::sleeve::{records, FrameMeta, Header, MessageBuilder, Record, SleeveError};
 use weft_proto::switch::{Inbound, Mac, Reason, Relay};
+use weft_proto::aqm::{congestion_mark, Codel, Mark, BULK_FRAME};
 use weft_proto::PeerName;
 
 use super::batch::Batch;
@@ -41,7 +47,7 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
     let mut storage: Vec<Vec<u8>> = (0..n_bufs).map(|_| vec![0u8; buf_len]).collect();
     let mut metas = vec![RecvMeta::default(); n_bufs];
     let mut batch = Batch::default();
-    let mut rx = Rx { sh: &sh, learned: &learned, batch: &mut batch };
+    let mut rx = Rx { sh: &sh, learned: &learned, batch: &mut batch, codel: Codel::default(), sojourn: Duration::ZERO, marked: Vec::new() };
     while !rx.sh.stop.load(Relaxed) {
         let readable = wait_fd(rx.sh.udp.raw_fd(), libc::POLLIN, POLL_MS);
         if view.refresh(&rx.sh.snapshot) {
@@ -73,7 +79,10 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
                 }
             };
             drop(slices);
+            // The wall clock, as the kernel's receive timestamps are.
+            let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
             for (meta, buf) in metas.iter().zip(storage.iter()).take(n) {
+                rx.sojourn = meta.timestamp.map_or(Duration::ZERO, |t| wall.saturating_sub(t));
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
@@ -125,6 +134,12 @@ struct Rx<'a> {
     sh: &'a Shared,
     learned: &'a SyncSender<(u32, Mac, PeerName)>,
     batch: &'a mut Batch,
+    /// Congestion control of the socket's receive queue.
+    codel: Codel,
+    /// How long the datagrams being handled waited in the socket's queue.
+    sojourn: Duration,
+    /// A frame marked Congestion Experienced (a copy: the received message is not changed).
+    marked: Vec<u8>,
 }
 
 impl Rx<'_> {
@@ -175,6 +190,21 @@ impl Rx<'_> {
 
     fn frame(&mut self, snap: &Snapshot, inbounds: &mut Inbounds, now: Instant, link: &Arc<Link>, meta: FrameMeta, frame: &[u8]) {
         let sh = self.sh;
+        // The queue stands too long: this bulk frame carries the news to its sender.
+        let mut signal = frame.len() >= BULK_FRAME && self.codel.signal(now, self.sojourn);
+        let mut frame = frame;
+        if signal {
+            self.marked.clear();
+            self.marked.extend_from_slice(frame);
+            match congestion_mark(&mut self.marked) {
+                Mark::Marked | Mark::AlreadyMarked => {
+                    sh.stats.ecn_marked.fetch_add(1, Relaxed);
+                    frame = &self.marked;
+                    signal = false;
+                }
+                Mark::NotEcnCapable => sh.stats.drop(DropReason::QueueDelay),
+            }
+        }
         let Some(inbound) = inbounds.get(meta.segment) else {
             sh.stats.drop(DropReason::UnknownSegment);
             return;
@@ -190,7 +220,7 @@ impl Rx<'_> {
         let announce = d.announce;
         // A named network's frames go to its TAP; a host that only relays them has none.
         let tap = if meta.segment == 0 { Some(&sh.tap) } else { snap.taps.get(&meta.segment).map(|t| &*t.tap) };
-        if let (true, Some(tap)) = (d.deliver, tap) {
+        if let (true, Some(tap), false) = (d.deliver, tap, signal) {
             // The peer's offload metadata goes to our kernel only as checked against the frame
             // and rebuilt; relays pass it on as it came (the next hop checks it).
             match weft_proto::vnet::check(&meta.vnet, frame) {
@@ -211,7 +241,8 @@ impl Rx<'_> {
             }
         }
         let next = FrameMeta { ttl: d.ttl, ..meta };
-        match d.relay {
+        let relay = if signal { Relay::None } else { d.relay };
+        match relay {
             Relay::None => {}
             Relay::One(hop) => {
                 if self.batch.push(sh, snap, hop, &next, frame) {

@@ -24,10 +24,13 @@ pub enum DropReason {
     /// A datagram over the path MTU the kernel knows (refused with `EMSGSIZE`); the link's
     /// datagrams are fitted to the path at once.
     PathMtu,
+    /// A bulk frame dropped to tell its sender that the sleeve's receive queue stands too long
+    /// (see `weft_proto::aqm`); frames whose flow understands ECN are marked instead.
+    QueueDelay,
 }
 
 /// Labels of every drop reason, in counter order.
-pub const DROP_LABELS: [&str; 28] = [
+pub const DROP_LABELS: [&str; 29] = [
     // sleeve
     "malformed",
     "unknown_kind",
@@ -61,6 +64,8 @@ pub const DROP_LABELS: [&str; 28] = [
     "tap_write",
     "udp_send",
     "path_mtu",
+    // congestion
+    "queue_delay",
 ];
 
 impl DropReason {
@@ -74,6 +79,7 @@ impl DropReason {
             DropReason::UdpSend => "udp_send",
             DropReason::UnknownSegment => "unknown_segment",
             DropReason::PathMtu => "path_mtu",
+            DropReason::QueueDelay => "queue_delay",
         }
     }
 
@@ -115,6 +121,9 @@ pub struct Stats {
     pub quic_in: AtomicU64,
     /// QUIC packets dropped: no QUIC endpoint (`--transport tcp`), or its queue was full.
     pub quic_dropped: AtomicU64,
+    /// Bulk frames marked Congestion Experienced because the sleeve's receive queue stood too
+    /// long (those of flows without ECN are dropped, as `queue_delay`).
+    pub ecn_marked: AtomicU64,
 }
 
 impl Stats {
@@ -144,7 +153,7 @@ mod tests {
     fn every_reason_has_its_own_counter() {
         let mut reasons: Vec<DropReason> = Reason::ALL.iter().map(|r| DropReason::Switch(*r)).collect();
         reasons.extend(SleeveError::ALL.iter().map(|e| DropReason::Sleeve(*e)));
-        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend, DropReason::UnknownSegment, DropReason::PathMtu]);
+        reasons.extend([DropReason::VnetHeader, DropReason::TapWrite, DropReason::UdpSend, DropReason::UnknownSegment, DropReason::PathMtu, DropReason::QueueDelay]);
         for r in &reasons {
             assert!(DROP_LABELS.contains(&r.label()), "{r:?} has no counter");
         }
