@@ -374,7 +374,13 @@ struct Partial {
     chunk: Option<usize>,
     /// The size of the last fragment, once it arrived.
     last: Option<usize>,
-    chunks: Vec<Vec<u8>>,
+    /// The fragments but the last, each at `index * chunk` (written in place as they come: no
+    /// copy per fragment and none to join them).
+    body: Vec<u8>,
+    /// The last fragment.
+    tail: Vec<u8>,
+    /// Which fragments arrived (bit `index`).
+    have: [u64; 4],
 }
 
 impl Partial {
@@ -551,7 +557,9 @@ impl Opener {
                     started: now,
                     chunk: None,
                     last: None,
-                    chunks: vec![Vec::new(); usize::from(head.frag_count)],
+                    body: Vec::new(),
+                    tail: Vec::new(),
+                    have: [0; 4],
                 };
                 // Checked before it takes a place, so a refused fragment evicts nothing.
                 p.fits(head.frag_index, body.len())?;
@@ -568,20 +576,36 @@ impl Opener {
         };
         let p = &mut self.partials[at];
         let slot = usize::from(head.frag_index);
-        if !p.chunks[slot].is_empty() {
+        let bit = 1u64 << (slot % 64);
+        if p.have[slot / 64] & bit != 0 {
             // A duplicate: the first copy stays (the tag decides whether it was the real one).
             return Ok(None);
         }
         let (chunk, last) = p.fits(head.frag_index, body.len())?;
         p.chunk = chunk;
         p.last = last;
-        p.chunks[slot].extend_from_slice(body);
+        p.have[slot / 64] |= bit;
+        if slot + 1 == usize::from(p.count) {
+            p.tail.extend_from_slice(body);
+        } else {
+            // `fits` made every fragment but the last `chunk` long.
+            let at = slot * body.len();
+            if p.body.len() == at {
+                p.body.extend_from_slice(body);
+            } else {
+                if p.body.len() < at + body.len() {
+                    p.body.resize(at + body.len(), 0);
+                }
+                p.body[at..at + body.len()].copy_from_slice(body);
+            }
+        }
         p.got += 1;
         if p.got < usize::from(p.count) {
             return Ok(None);
         }
-        let done = self.partials.swap_remove(at);
-        Ok(Some(done.chunks.concat()))
+        let mut done = self.partials.swap_remove(at);
+        done.body.extend_from_slice(&done.tail);
+        Ok(Some(done.body))
     }
 }
 
@@ -879,6 +903,31 @@ mod tests {
         let out = out.expect("complete");
         let recs: Vec<_> = records(&out).collect();
         assert_eq!(recs, vec![Ok(Record::Frame(meta(), &frame[..]))]);
+        // Fragments are written in place where they belong: odd ones first, the last in the
+        // middle, every one twice (a copy changed in flight after its first copy is ignored).
+        let mut msg = Vec::new();
+        MessageBuilder::push_frame(&mut msg, &meta(), &frame);
+        let seg = s.seal(&mut msg, 1200, &mut wire);
+        let frags: Vec<&[u8]> = wire.chunks(seg).collect();
+        let n = frags.len();
+        let order = (0..n).filter(|i| i % 2 == 1).chain([n - 1]).chain((0..n - 1).filter(|i| i % 2 == 0));
+        let mut out = None;
+        for i in order {
+            let (h, b) = Header::parse(frags[i]).expect("parse");
+            let mut bad = b.to_vec();
+            bad[0] ^= 0xff;
+            for body in [b, &bad[..]] {
+                match o.open(h, body, t0()) {
+                    Ok(Some(m)) => assert!(out.replace(m).is_none(), "completed twice"),
+                    Ok(None) => {}
+                    // The copy of the fragment that completed it: the message was taken.
+                    Err(SleeveError::Replay) if out.is_some() => {}
+                    Err(e) => panic!("fragment {i}: {e}"),
+                }
+            }
+        }
+        let out = out.expect("complete");
+        assert_eq!(records(&out).collect::<Vec<_>>(), vec![Ok(Record::Frame(meta(), &frame[..]))]);
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct Endpoint {
 /// The frame path threads' default niceness (`--data-nice`): ahead of ordinary processes, as
 /// the kernel's packet processing (softirq) is, so a frame does not wait for a busy host's
 /// applications to give up the CPU. Measured in docs/benchmarks.md (data path).
-pub const DATA_NICE: i32 = -10;
+pub const DATA_NICE: i32 = -20;
 
 /// Sets the calling thread's niceness; says so and goes on when it may not (no CAP_SYS_NICE).
 fn set_nice(nice: i32) {
