@@ -590,6 +590,10 @@ impl Opener {
         } else {
             // `fits` made every fragment but the last `chunk` long.
             let at = slot * body.len();
+            if p.body.capacity() == 0 {
+                // Room for the whole message at once: no growing (each growth is a copy).
+                p.body.reserve_exact(usize::from(p.count) * body.len());
+            }
             if p.body.len() == at {
                 p.body.extend_from_slice(body);
             } else {

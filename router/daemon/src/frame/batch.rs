@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use weft_proto::sleeve::{FrameMeta, MessageBuilder};
+use weft_proto::sleeve::{FrameMeta, MessageBuilder, TAG_LEN};
 use weft_proto::switch::Reason;
 use weft_proto::PeerName;
 
@@ -14,12 +14,17 @@ use super::stats::DropReason;
 
 /// A message is sent once it holds this much (one TSO super-frame fits alone).
 const BATCH_BYTES: usize = 64 * 1024;
+/// Message buffers kept for reuse after a flush.
+const SPARE_BUFFERS: usize = 8;
 
 /// See the module docs.
 #[derive(Default)]
 pub struct Batch {
     msgs: Vec<(Arc<Link>, Vec<u8>)>,
     wire: Vec<u8>,
+    /// Emptied message buffers, reused (allocating and growing one per message cost a copy of
+    /// each super-frame).
+    spare: Vec<Vec<u8>>,
 }
 
 impl Batch {
@@ -33,7 +38,10 @@ impl Batch {
         let i = match self.msgs.iter().position(|(l, _)| Arc::ptr_eq(l, link)) {
             Some(i) => i,
             None => {
-                self.msgs.push((link.clone(), Vec::with_capacity(cost.max(2048))));
+                let mut m = self.spare.pop().unwrap_or_default();
+                // With room for the AEAD tag, which sealing appends.
+                m.reserve(cost.max(2048) + TAG_LEN);
+                self.msgs.push((link.clone(), m));
                 self.msgs.len() - 1
             }
         };
@@ -41,6 +49,7 @@ impl Batch {
         if !m.is_empty() && m.len() + cost > BATCH_BYTES {
             sh.seal_and_send(l, m, &mut self.wire);
             m.clear();
+            m.reserve(cost + TAG_LEN);
         }
         MessageBuilder::push_frame(m, meta, frame);
         true
@@ -50,6 +59,10 @@ impl Batch {
     pub fn flush(&mut self, sh: &Shared) {
         for (link, mut msg) in self.msgs.drain(..) {
             sh.seal_and_send(&link, &mut msg, &mut self.wire);
+            if self.spare.len() < SPARE_BUFFERS {
+                msg.clear();
+                self.spare.push(msg);
+            }
         }
     }
 
