@@ -147,7 +147,7 @@ fn a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through() {
     // Bulk TCP both ways with default settings: it flows, and the sleeve drops nothing.
     let before: Vec<Value> = (0..2).map(|i| status(&lab, i)["stats"]["drops"].clone()).collect();
     for (from, to) in [(&c1, &c0), (&c0, &c1)] {
-        let bytes = iperf3(&lab, from, to, 3);
+        let bytes = iperf3(&lab, from, to, 3)["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
         assert!(bytes > 5 << 20, "{} -> {}: only {bytes} bytes", from.ns, to.ip);
     }
     for (i, before) in before.iter().enumerate() {
@@ -156,16 +156,6 @@ fn a_smaller_link_on_the_path_is_found_and_full_size_frames_get_through() {
             assert_eq!(after[reason], before[reason], "h{i} dropped ({reason}) during the transfers: {after}");
         }
     }
-}
-
-/// Bytes an iperf3 TCP run of `secs` seconds from `from` to `to` got across.
-fn iperf3(lab: &Lab, from: &weft_lab::Container, to: &weft_lab::Container, secs: u32) -> u64 {
-    let _server = spawn_in(&to.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
-    std::thread::sleep(Duration::from_millis(500));
-    let o = lab.exec(&from.ns, &["iperf3", "-c", &to.ip.to_string(), "-p", "5201", "-t", &secs.to_string(), "-J"]).expect("iperf3");
-    assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
-    let j: Value = serde_json::from_slice(&o.stdout).expect("iperf3 json");
-    j["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
 }
 
 #[test]

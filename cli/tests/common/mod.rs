@@ -341,3 +341,22 @@ pub fn mac_of(lab: &Lab, c: &Container) -> [u8; 6] {
     }
     m
 }
+
+/// Whether iperf3 is installed; says the test is skipped when not.
+pub fn have_iperf3(test: &str) -> bool {
+    let there = std::process::Command::new("iperf3").arg("--version").output().is_ok();
+    if !there {
+        eprintln!("skipping {test}: iperf3 not installed");
+    }
+    there
+}
+
+/// One iperf3 TCP run of `secs` seconds from container `from` to `to` (a server started in
+/// `to`'s namespace for it); its JSON report (`["end"]["sum_received"]["bytes"]`: what got across).
+pub fn iperf3(lab: &Lab, from: &weft_lab::Container, to: &weft_lab::Container, secs: u32) -> Value {
+    let _server = spawn_in(&to.ns, &["iperf3", "-s", "-1", "-p", "5201"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let o = lab.exec(&from.ns, &["iperf3", "-c", &to.ip.to_string(), "-p", "5201", "-t", &secs.to_string(), "-J"]).expect("iperf3");
+    assert!(o.status.success(), "iperf3: {}", String::from_utf8_lossy(&o.stdout));
+    serde_json::from_slice(&o.stdout).expect("iperf3 json")
+}
