@@ -79,6 +79,15 @@ impl Codel {
         }
     }
 
+    /// A frame that is never signalled (shorter than [`BULK_FRAME`]) waited `sojourn`: it still
+    /// tells whether the queue stands, so a queue that drained while only small frames came
+    /// does not count as standing when bulk frames come back.
+    pub fn observe(&mut self, now: Instant, sojourn: Duration) {
+        if !self.above_for_an_interval(now, sojourn) {
+            self.dropping = false;
+        }
+    }
+
     /// Whether it is signalling now (in CoDel's dropping state).
     pub fn dropping(&self) -> bool {
         self.dropping
@@ -242,6 +251,26 @@ mod tests {
         for i in 0..5 {
             assert!(!c.signal(later + ms(i), Duration::from_micros(50)));
         }
+    }
+
+    #[test]
+    fn small_frames_in_a_drained_queue_reset_the_clock() {
+        let t0 = Instant::now();
+        let mut c = Codel::default();
+        // Bulk frames above target for most of an interval, then only small frames, the queue
+        // drained; bulk again above target: a new interval starts, no signal at once.
+        for i in 0..8 {
+            assert!(!c.signal(t0 + ms(i), ms(2)));
+        }
+        c.observe(t0 + ms(9), Duration::from_micros(20));
+        assert!(!c.signal(t0 + ms(30), ms(2)), "the old interval was not forgotten");
+        assert!(!c.signal(t0 + ms(35), ms(2)));
+        assert!(c.signal(t0 + ms(41), ms(2)), "a new interval above target signals");
+        // Small frames seeing a standing queue keep the state; seeing it drained end it.
+        c.observe(t0 + ms(42), ms(2));
+        assert!(c.dropping());
+        c.observe(t0 + ms(43), Duration::from_micros(20));
+        assert!(!c.dropping());
     }
 
     fn ipv4_frame(tos: u8) -> Vec<u8> {

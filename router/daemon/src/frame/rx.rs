@@ -191,7 +191,12 @@ impl Rx<'_> {
     fn frame(&mut self, snap: &Snapshot, inbounds: &mut Inbounds, now: Instant, link: &Arc<Link>, meta: FrameMeta, frame: &[u8]) {
         let sh = self.sh;
         // The queue stands too long: this bulk frame carries the news to its sender.
-        let mut signal = frame.len() >= BULK_FRAME && self.codel.signal(now, self.sojourn);
+        let mut signal = if frame.len() >= BULK_FRAME {
+            self.codel.signal(now, self.sojourn)
+        } else {
+            self.codel.observe(now, self.sojourn);
+            false
+        };
         let mut frame = frame;
         if signal {
             self.marked.clear();
