@@ -424,7 +424,18 @@ fn dns_query_a_against_a_tiny_responder() {
         assert_eq!(q, &want, "query for {name}");
     }
     assert_eq!(queries.len(), names.len());
-    // The responder is gone: h1 answers "port unreachable", which is an error at once.
-    let err = format!("{:#}", probe::dns_query_a(&h0, server, "web.weft.local", t).unwrap_err());
-    assert!(err.contains("no DNS server listens on UDP 53"), "{err}");
+    // The responder is gone: h1 answers "port unreachable", which is an error at once. The
+    // kernel sends ICMP errors best-effort (rate-limited), so a query that got no answer at all
+    // is asked again, twice at most (the full suite once saw one lost under load).
+    let mut errs = Vec::new();
+    for _ in 0..3 {
+        let err = format!("{:#}", probe::dns_query_a(&h0, server, "web.weft.local", t).unwrap_err());
+        let refused = err.contains("no DNS server listens on UDP 53");
+        let silent = err.contains("no DNS answer");
+        errs.push(err);
+        if refused || !silent {
+            break;
+        }
+    }
+    assert!(errs.last().is_some_and(|e| e.contains("no DNS server listens on UDP 53")), "{errs:?}");
 }
