@@ -482,7 +482,7 @@ impl Drop for CpuLimit {
 
 #[test]
 fn a_receiver_that_cannot_keep_up_marks_ecn_flows_and_drops_from_the_others() {
-    // The receiving router gets 10 % of a CPU, so its sleeve socket's queue stands (what a busy
+    // The receiving router gets 5 % of a CPU, so its sleeve socket's queue stands (what a busy
     // host's does). CoDel must then tell the TCP sender: with ECN by marks (its retransmissions
     // excepted), without by drops of bulk frames; the transfer goes on either way and nothing else is lost.
     if !have_iperf3("a_receiver_that_cannot_keep_up_marks_ecn_flows_and_drops_from_the_others") {
@@ -491,7 +491,7 @@ fn a_receiver_that_cannot_keep_up_marks_ecn_flows_and_drops_from_the_others() {
     let Some(mut lab) = lab("receiver_cannot_keep_up", 2, Some("pw"), &[]) else { return };
     let (a, b) = two_hosts_pinging(&mut lab);
     let pid = lab.host(1).router_pid().expect("router pid");
-    let Some(_limit) = CpuLimit::new(pid, 10) else {
+    let Some(_limit) = CpuLimit::new(pid, 5) else {
         eprintln!("skipping a_receiver_that_cannot_keep_up_marks_ecn_flows_and_drops_from_the_others: no cgroup cpu controller");
         return;
     };

@@ -81,8 +81,15 @@ pub fn run(sh: Arc<Shared>, learned: SyncSender<(u32, Mac, PeerName)>) {
             drop(slices);
             // The wall clock, as the kernel's receive timestamps are.
             let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            // A read that did not fill every buffer emptied the queue: however long those
+            // datagrams waited (the thread was not scheduled, say), nothing stands behind them,
+            // and CoDel must not act (RFC 8289 does not drop when at most one packet is queued).
+            let drained = n < metas.len();
             for (meta, buf) in metas.iter().zip(storage.iter()).take(n) {
-                rx.sojourn = meta.timestamp.map_or(Duration::ZERO, |t| wall.saturating_sub(t));
+                rx.sojourn = match meta.timestamp {
+                    Some(t) if !drained => wall.saturating_sub(t),
+                    _ => Duration::ZERO,
+                };
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks(stride) {
                     rx.sh.stats.datagrams_in.fetch_add(1, Relaxed);
