@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::vnet::{be16, ETH_IPV4, ETH_IPV6, ETH_VLAN};
+
 /// The queueing delay CoDel lets stand: above it for a whole interval, it starts acting.
 pub const TARGET: Duration = Duration::from_micros(500);
 /// How long the delay must stay above [`TARGET`] before the first mark, and the base of the
@@ -127,9 +129,6 @@ pub enum Mark {
 }
 
 const ETH_HEADER: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86DD;
-const ETHERTYPE_VLAN: u16 = 0x8100;
 const ECN_MASK: u8 = 0b11;
 const ECN_CE: u8 = 0b11;
 
@@ -137,17 +136,15 @@ const ECN_CE: u8 = 0b11;
 /// VLAN tag) if it is ECN-capable (RFC 3168 §5). One header is all there is to change in a
 /// TSO/GSO super-frame too: the kernel copies it into every segment it cuts.
 pub fn congestion_mark(frame: &mut [u8]) -> Mark {
+    let Some(mut ethertype) = be16(frame, 12) else { return Mark::NotEcnCapable };
     let mut at = ETH_HEADER;
-    let Some(mut ethertype) = frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
-        return Mark::NotEcnCapable;
-    };
-    if ethertype == ETHERTYPE_VLAN {
-        let Some(b) = frame.get(16..18) else { return Mark::NotEcnCapable };
-        ethertype = u16::from_be_bytes([b[0], b[1]]);
+    if ethertype == ETH_VLAN {
+        let Some(inner) = be16(frame, 16) else { return Mark::NotEcnCapable };
+        ethertype = inner;
         at += 4;
     }
     match ethertype {
-        ETHERTYPE_IPV4 => {
+        ETH_IPV4 => {
             let Some(ip) = frame.get_mut(at..at + 20) else { return Mark::NotEcnCapable };
             if ip[0] >> 4 != 4 {
                 return Mark::NotEcnCapable;
@@ -165,7 +162,7 @@ pub fn congestion_mark(frame: &mut [u8]) -> Mark {
                 }
             }
         }
-        ETHERTYPE_IPV6 => {
+        ETH_IPV6 => {
             // Traffic class: the low 4 bits of byte 0 and the high 4 of byte 1; ECN is its low 2.
             let Some(ip) = frame.get_mut(at..at + 40) else { return Mark::NotEcnCapable };
             if ip[0] >> 4 != 6 {
@@ -275,7 +272,7 @@ mod tests {
 
     fn ipv4_frame(tos: u8) -> Vec<u8> {
         let mut f = vec![0u8; 14 + 20 + 8];
-        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
         let ip = &mut f[14..34];
         ip[0] = 0x45;
         ip[1] = tos;
@@ -320,7 +317,7 @@ mod tests {
     #[test]
     fn ecn_capable_ipv6_and_vlan_tagged_frames_are_marked() {
         let mut f = vec![0u8; 14 + 40];
-        f[12..14].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        f[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
         f[14] = 0x6a; // version 6, traffic class high nibble 0xa
         f[15] = 0x10; // traffic class low nibble 0x1: ECN 01 (ECT(1))
         assert_eq!(congestion_mark(&mut f), Mark::Marked);
@@ -340,7 +337,7 @@ mod tests {
         }, {
             // Says IPv4 but too short for the header.
             let mut a = vec![0u8; 20];
-            a[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+            a[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());
             a[14] = 0x45;
             a[15] = 0x02;
             a

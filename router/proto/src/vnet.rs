@@ -33,9 +33,10 @@ pub const GSO_ECN: u8 = 0x80;
 /// thousands of segments.
 pub const MIN_GSO_SIZE: u16 = 48;
 
-const ETH_IPV4: u16 = 0x0800;
-const ETH_IPV6: u16 = 0x86dd;
-const ETH_VLAN: u16 = 0x8100;
+/// Ethertypes (also read by `aqm` to find a frame's IP header).
+pub(crate) const ETH_IPV4: u16 = 0x0800;
+pub(crate) const ETH_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_VLAN: u16 = 0x8100;
 const ETH_QINQ: u16 = 0x88a8;
 const IP_TCP: u8 = 6;
 const IP_UDP: u8 = 17;
@@ -84,7 +85,8 @@ struct L4 {
     end: usize,
 }
 
-fn be16(b: &[u8], at: usize) -> Option<u16> {
+/// The big-endian u16 at `at`, if `b` holds it.
+pub(crate) fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
