@@ -200,7 +200,6 @@ failed() {  # <case> <round> <why>: the whole case failed this round
   echo "$BENCH: $1 round $2 FAILED: $3" >&2
 }
 add_count() { [ "$3" = - ] || COUNT["$1 $2"]=$(( ${COUNT["$1 $2"]:-0} + $3 )); }  # <case> <counter> <delta>
-rcvbuf_errors() { nsx "$1" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}'; }   # <ns>
 tap_counters() {  # <host ns> -> "tx_packets tx_dropped" of the router's TAP (what the kernel gave weft / could not)
   ip -n "$1" -s -j link show dev "${VX%-vx}-tap" 2>/dev/null | jq -er '.[0].stats64.tx | "\(.packets) \(.dropped)"' 2>/dev/null || echo "- -"
 }

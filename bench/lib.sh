@@ -257,6 +257,9 @@ machine_busy() {
 udp_counters() {  # <ns> -> underlay counters "UdpInDatagrams=N ... TcpInSegs=N" (namespace is fresh: since its creation)
   nsx "$1" nstat -saz UdpInDatagrams UdpRcvbufErrors UdpSndbufErrors UdpInErrors TcpInSegs 2>/dev/null | awk 'NR>1{printf "%s=%s ", $1, $2}'
 }
+rcvbuf_errors() {  # <ns> -> its UdpRcvbufErrors (datagrams dropped for a full receive buffer) since its creation
+  nsx "$1" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}'
+}
 metrics() {  # <ns> -> Prometheus text from the router's metrics endpoint on that namespace's loopback
   nsx "$1" python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.request.urlopen("http://127.0.0.1:6782/metrics", timeout=3).read().decode())' 2>/dev/null || true
 }

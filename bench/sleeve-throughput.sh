@@ -107,17 +107,17 @@ case_weft() {  # <case-name> <password or empty> [weft binary]
   local st; st=$(nsx "$H1" "$WEFT_BIN" --api-socket "$s1" status --json)
   echo "$(printf '%-22s' '')   sleeve: $(echo "$st" | jq -c '.sleeve') container mtu=$(ip -n "$C1" -j link show ethwe | jq ".[0].mtu")"
   echo "$(printf '%-22s' '')   UDP h1(sender): $(udp_counters "$H1")| h2(receiver): $(udp_counters "$H2")"
-  EXTRA[$name.rcvbuf]=$(nsx "$H2" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}')
+  EXTRA[$name.rcvbuf]=$(rcvbuf_errors "$H2")
   local m; for i in 1 2; do
     local h=${hs[$((i - 1))]}
     m=$(metrics "$h")
     echo "$(printf '%-22s' '')   metrics h$i: $(echo "$m" | awk '/^weft_(frames|datagrams)_total|^weft_drops_total|^weft_sleeve_rekeys_total/ && $NF != 0 {sub(/_total/,""); printf "%s=%s ", $1, $2}')"
   done
   if [ "$REVERSE" = 1 ]; then
-    local before; before=$(nsx "$H1" nstat -saz UdpRcvbufErrors 2>/dev/null | awk 'NR>1{print $2}')
+    local before; before=$(rcvbuf_errors "$H1")
     run_iperf "$C2" "$C1" 10.99.0.2 "$name-R" -R
     record "$name (-R)"
-    echo "$(printf '%-22s' '')   UDP h1(receiver now) UdpRcvbufErrors +$(( $(nsx "$H1" nstat -saz UdpRcvbufErrors | awk 'NR>1{print $2}') - before ))"
+    echo "$(printf '%-22s' '')   UDP h1(receiver now) UdpRcvbufErrors +$(( $(rcvbuf_errors "$H1") - before ))"
   fi
   WATCH=()
   teardown
